@@ -1,0 +1,46 @@
+"""The one place in the package that talks to :mod:`torch.distributed`.
+
+Running statistics are kept per task as (value, valid) pairs. Before a module updates them it
+replaces its local values by the mean over the ranks that saw a valid value, so every rank folds
+in the same number and all ranks keep identical statistics: the result equals one process fed the
+group's mean losses. On a single process (or without an initialized process group) nothing is
+communicated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["is_distributed", "mean_over_ranks"]
+
+
+def is_distributed() -> bool:
+    """Return True when a process group with more than one rank is initialized."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    return torch.distributed.get_world_size() > 1
+
+
+def mean_over_ranks(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Average per-task values over the ranks where they are valid.
+
+    Args:
+        values: Detached per-task values, shape ``(K,)``. Invalid entries may hold anything,
+            NaN included: they are zeroed before the reduction.
+        valid: Boolean, shape ``(K,)``; which entries this rank contributes.
+
+    Returns:
+        ``(mean, any_valid)``: the mean over contributing ranks (0 where no rank contributed) and
+        whether any rank contributed. Without a multi-rank process group this is
+        ``(values, valid)`` with invalid entries zeroed.
+    """
+    zeroed = torch.where(valid, values, torch.zeros_like(values))
+    if not is_distributed():
+        return zeroed, valid
+    # One all-reduce carries the sums and the counts together.
+    packed = torch.stack([zeroed, valid.to(values.dtype)])
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+    total, count = packed[0], packed[1]
+    any_valid = count > 0
+    return total / count.clamp_min(1), any_valid

@@ -1,0 +1,190 @@
+"""LossNormalizer: running-mean normalization of loss values with a reduction-factor correction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from balanced_losses.functional import Correction, reduction_factors
+from balanced_losses.weighting.base import Weighting
+
+__all__ = ["LossNormalizer"]
+
+
+def _check_momentum(momentum: float) -> float:
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+    return float(momentum)
+
+
+def _check_eps(eps: float) -> float:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_task_weights(tasks: tuple[str, ...], weights: Mapping[str, float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * len(tasks)
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise KeyError(f"unknown task(s) {unknown} in `weights`; expected one of {list(tasks)}")
+    values = []
+    for task in tasks:
+        w = weights.get(task, 1.0)
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"weight of task `{task}` must be a finite number >= 0, got {w!r}")
+        values.append(float(w))
+    return values
+
+
+class LossNormalizer(Weighting):
+    r"""Divide each loss by its running mean and correct for its reduction size.
+
+    .. math::
+        \text{total} = \sum_k w_k\, c_k\, \frac{L_k}{\hat m_k}
+
+    where :math:`\hat m_k` is a bias-corrected exponential moving average of :math:`L_k`
+    (detached), :math:`w_k` an optional user weight and :math:`c_k` the reduction-factor
+    correction for the :math:`N_k` elements that task :math:`k`'s loss is a mean over
+    (see :func:`~balanced_losses.functional.reduction_factors`):
+    ``"none"`` (1), ``"sqrt"`` (:math:`\sqrt{N_k}`) or ``"linear"`` (:math:`N_k`).
+
+    **The factors are relative.** :math:`c_k = c(N_k) / \operatorname{mean}_j c(N_j)`, so they
+    average to 1. Balance depends only on the ratios :math:`c_k / c_j`; dividing by the mean
+    keeps the size of the total, and so the effective learning rate, the same as without the
+    correction, instead of multiplying every gradient by :math:`\sqrt{N}` of the largest head.
+
+    **The running mean does not lag at the start.** With momentum :math:`\beta`,
+    :math:`m_t = \beta m_{t-1} + (1-\beta) L_t` from :math:`m_0 = 0` and
+    :math:`\hat m_t = m_t / (1-\beta^t)` (Adam's bias correction, Kingma & Ba 2015, Sec. 3).
+    The first step is normalized by its own value exactly; an uncorrected EMA started at 0
+    would take about :math:`1/(1-\beta)` steps to settle. The statistic includes the current
+    step's loss. ``momentum`` is the weight on the *old* value (Adam's :math:`\beta`, the
+    write-up's 0.95), unlike :class:`torch.nn.BatchNorm1d`, whose momentum weighs the new one.
+
+    **What this balances, and what it does not.** Dividing by the loss value divides the
+    *gradient* by the loss value. Gradient norms w.r.t. each task's predictions become equal
+    under ``"sqrt"`` only when the tasks' per-element gradient magnitudes are equal and their
+    running means are equal. A Huber loss in its linear regime has per-element gradients capped
+    at ``delta`` however large the loss is, so dividing it by a large running mean shrinks its
+    gradient further: on the pointer/countdown problem this normalizer trains the large-loss
+    head *less* than a plain sum does. To balance what each task actually sends into shared
+    layers, measure it: see :class:`balanced_losses.GradientBalancer` and
+    :mod:`balanced_losses.diagnostics`.
+
+    Statistics update only in training mode, under ``torch.no_grad``. In eval mode the stored
+    statistics are used; a task never seen in training is normalized by its current value.
+    A non-finite loss never enters the statistics (see :class:`~balanced_losses.Weighting`).
+
+    Args:
+        output_sizes: Task name to the number of elements per sample its loss is averaged over,
+            e.g. ``{"pointer": 2, "countdown": 105}``. The order fixes the task order.
+        weights: Optional task name to a finite weight >= 0 (default 1).
+        momentum: EMA weight on the previous statistic, in ``[0, 1)``; 0 normalizes every step
+            by its own value.
+        correction: ``"none"``, ``"sqrt"`` or ``"linear"``.
+        eps: Lower bound on :math:`|\hat m_k|` that keeps tiny losses from dividing by zero.
+        allow_missing: Accept mappings without some tasks (see :class:`Weighting`).
+        check_inputs: Raise ``ValueError`` on non-finite or negative losses (syncs).
+        sync_dist: Average statistics across ranks under ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> normalizer = LossNormalizer({"pointer": 2, "countdown": 98}, correction="sqrt")
+        >>> losses = {"pointer": torch.tensor(0.2), "countdown": torch.tensor(15.7)}
+        >>> normalizer(losses)
+        tensor(2.)
+        >>> {task: round(w.item(), 4) for task, w in normalizer.weights.items()}
+        {'pointer': 1.25, 'countdown': 0.1115}
+    """
+
+    _version = 1
+
+    ema: Tensor
+    count: Tensor
+    task_weights: Tensor
+    factors: Tensor
+
+    def __init__(
+        self,
+        output_sizes: Mapping[str, int],
+        *,
+        weights: Mapping[str, float] | None = None,
+        momentum: float = 0.9,
+        correction: Correction = "sqrt",
+        eps: float = 1e-8,
+        allow_missing: bool = False,
+        check_inputs: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        factors = reduction_factors(output_sizes, correction)
+        super().__init__(
+            output_sizes,
+            allow_missing=allow_missing,
+            check_inputs=check_inputs,
+            sync_dist=sync_dist,
+        )
+        self.output_sizes = dict(output_sizes)
+        self.momentum = _check_momentum(momentum)
+        self.correction = correction
+        self.eps = _check_eps(eps)
+        k = len(self.tasks)
+        self.register_buffer("ema", torch.zeros(k))
+        self.register_buffer("count", torch.zeros(k, dtype=torch.long))
+        # Constants derived from the constructor's arguments: rebuilt, never loaded.
+        self.register_buffer(
+            "task_weights", torch.tensor(_check_task_weights(self.tasks, weights)), persistent=False
+        )
+        self.register_buffer(
+            "factors", torch.tensor([factors[t] for t in self.tasks]), persistent=False
+        )
+
+    def reset_running_stats(self) -> None:
+        """Forget the running means and step counts."""
+        self.ema.zero_()
+        self.count.zero_()
+
+    def reset(self) -> None:
+        """Forget all statistics, as if freshly constructed."""
+        super().reset()
+        self.reset_running_stats()
+
+    @property
+    def running_mean(self) -> Tensor:
+        r"""Bias-corrected running mean :math:`\hat m_k` per task, NaN where none was seen."""
+        seen = self.count > 0
+        debias = 1.0 - self.momentum ** self.count.to(self.ema.dtype)
+        return torch.where(seen, self.ema / debias.clamp_min(1e-38), torch.nan)
+
+    @torch.no_grad()
+    def _update(self, values: Tensor, present: Tensor) -> None:
+        mean, valid = self._stats_input(values, present)
+        mean = mean.to(self.ema.dtype)
+        blended = self.momentum * self.ema + (1.0 - self.momentum) * mean
+        self.ema.copy_(torch.where(valid, blended, self.ema))
+        self.count.add_(valid.to(self.count.dtype))
+
+    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
+        """Return the normalized total of ``losses`` (task name to scalar loss)."""
+        values, present = self._stack(losses)
+        if self.training:
+            self._update(values, present)
+        # The running mean is a measurement, not a function to differentiate: dividing by a
+        # detached statistic rescales the gradient of L_k instead of cancelling it.
+        current = values.detach().to(self.ema.dtype).abs()
+        scale = torch.where(self.count > 0, self.running_mean.abs(), current)
+        weights = self.task_weights * self.factors / scale.clamp_min(self.eps)
+        weights = torch.where(present, weights, torch.zeros_like(weights))
+        self._record(weights, present)
+        return (weights.to(values.dtype) * values).sum()
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        return (
+            f"output_sizes={self.output_sizes}, momentum={self.momentum}, "
+            f"correction={self.correction!r}, eps={self.eps}"
+        )
