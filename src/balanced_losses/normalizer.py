@@ -97,7 +97,7 @@ class LossNormalizer(Weighting):
         >>> normalizer = LossNormalizer({"pointer": 2, "countdown": 98}, correction="sqrt")
         >>> losses = {"pointer": torch.tensor(0.2), "countdown": torch.tensor(15.7)}
         >>> normalizer(losses)
-        tensor(2.)
+        tensor(2.0000)
         >>> {task: round(w.item(), 4) for task, w in normalizer.weights.items()}
         {'pointer': 1.25, 'countdown': 0.1115}
     """
