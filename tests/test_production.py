@@ -1,0 +1,210 @@
+"""Every weighting where users train: compile, resume, AMP, partial labels, hostile input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import balanced_losses as bl
+from tests.registry import CASES, Case, learnable
+
+TASKS = ("pointer", "countdown", "aux")
+
+
+class TwoHeads(nn.Module):
+    """A shared trunk and one head per task, each head with its own output size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(16, 1 + 13 * i) for i, t in enumerate(TASKS)})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        feats = self.trunk(x)
+        return {t: head(feats) for t, head in self.heads.items()}
+
+
+def _batch(step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(8, 4, generator=gen)
+    targets = {t: 3 * torch.randn(8, 1 + 13 * i, generator=gen) for i, t in enumerate(TASKS)}
+    return x, targets
+
+
+def _losses(model: TwoHeads, step: int) -> dict[str, Tensor]:
+    x, targets = _batch(step)
+    out = model(x)
+    return {t: bl.functional.huber_loss(out[t], targets[t]) for t in TASKS}
+
+
+def _train(
+    case: Case,
+    model: TwoHeads,
+    weighting: bl.Weighting,
+    opt: torch.optim.Optimizer,
+    steps: range,
+) -> list[Tensor]:
+    totals = []
+    for step in steps:
+        opt.zero_grad()
+        losses = _losses(model, step)
+        total = weighting(losses)
+        total.backward()
+        opt.step()
+        totals.append(total.detach())
+        if case.after_step is not None:
+            case.after_step(weighting, {t: v.detach() for t, v in _losses(model, step).items()})
+        if case.epoch_end is not None and (step + 1) % case.epoch_length == 0:
+            case.epoch_end(weighting)
+    return totals
+
+
+def _fresh(case: Case) -> tuple[TwoHeads, bl.Weighting, torch.optim.Optimizer]:
+    torch.manual_seed(1)
+    model = TwoHeads()
+    weighting = case.build(TASKS, False)
+    opt = torch.optim.Adam([*model.parameters(), *learnable(weighting)], lr=1e-2)
+    return model, weighting, opt
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_resume_from_checkpoint_is_bit_identical(case):
+    model_ref, weighting_ref, opt_ref = _fresh(case)
+    expected = _train(case, model_ref, weighting_ref, opt_ref, range(8))
+
+    model, weighting, opt = _fresh(case)
+    _train(case, model, weighting, opt, range(4))
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "w": weighting.state_dict()}, buffer
+    )
+    buffer.seek(0)
+    state = torch.load(buffer)
+    model2, weighting2, opt2 = _fresh(case)
+    model2.load_state_dict(state["model"])
+    weighting2.load_state_dict(state["w"])
+    opt2.load_state_dict(state["opt"])
+    resumed = _train(case, model2, weighting2, opt2, range(4, 8))
+
+    for got, want in zip(resumed, expected[4:], strict=True):
+        assert torch.equal(got, want)
+    for p, q in zip(model_ref.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for key, value in weighting_ref.state_dict().items():
+        assert torch.equal(weighting2.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_compile_fullgraph_equals_eager(case):
+    eager = case.build(TASKS, True)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    steps = [
+        {"pointer": 0.5, "countdown": 12.0, "aux": 3.0},
+        {"pointer": 0.4, "countdown": 11.0, "aux": 2.5},
+        {"pointer": 0.3, "aux": 2.0},
+    ]
+    for values in steps:
+        losses = {t: torch.tensor(v, requires_grad=True) for t, v in values.items()}
+        got, want = compiled(losses), eager(losses)
+        torch.testing.assert_close(got, want)
+        (g_got,) = torch.autograd.grad(got, losses["pointer"])
+        (g_want,) = torch.autograd.grad(want, losses["pointer"])
+        torch.testing.assert_close(g_got, g_want)
+    for a, b in zip(
+        compiled_module.state_dict().values(), eager.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_autocast_bf16_keeps_statistics_in_float32(case):
+    torch.manual_seed(1)
+    model = TwoHeads()
+    reference = case.build(TASKS, False)
+    weighting = copy.deepcopy(reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, targets = _batch(0)
+        out = model(x)
+        assert out["pointer"].dtype == torch.bfloat16
+        losses = {t: bl.functional.huber_loss(out[t], targets[t]) for t in TASKS}
+        total = weighting(losses)
+    assert total.dtype == torch.float32
+    for name, buf in weighting.named_buffers():
+        assert buf.dtype in (torch.float32, torch.long, torch.bool, torch.uint8), name
+    total.backward()
+    expected = reference({t: v.detach().float() for t, v in losses.items()})
+    torch.testing.assert_close(total.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+loss_values = st.one_of(
+    st.floats(1e-30, 1e30),
+    st.just(0.0),
+    st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    st.none(),
+)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(
+    steps=st.lists(
+        st.fixed_dictionaries(dict.fromkeys(TASKS, loss_values)), min_size=1, max_size=5
+    ),
+    drop=st.lists(st.sampled_from(TASKS), max_size=3),
+)
+def test_fuzz_never_corrupts_statistics(case, steps, drop):
+    weighting = case.build(TASKS, True)
+    for values in steps:
+        losses = {t: torch.tensor(v) for t, v in values.items() if v is not None and t not in drop}
+        if case.positive:
+            losses = {t: v for t, v in losses.items() if not (v == 0).item()}
+        total = weighting(losses)
+        finite_input = all(math.isfinite(v.item()) for v in losses.values())
+        if finite_input:
+            assert torch.isfinite(total), (values, total)
+            assert bool(torch.isfinite(weighting.last_weights).all())
+            assert bool((weighting.last_weights >= 0).all())
+        for name, tensor in [*weighting.named_buffers(), *weighting.named_parameters()]:
+            if tensor.is_floating_point() and name != "last_weights":
+                assert bool(torch.isfinite(tensor).all()), name
+        if case.after_step is not None and losses:
+            case.after_step(weighting, losses)
+        if case.epoch_end is not None:
+            case.epoch_end(weighting)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_one_task_and_unknown_task(case):
+    weighting = case.build(["only"], False)
+    assert torch.isfinite(weighting({"only": torch.tensor(2.0)}))
+    with pytest.raises(KeyError, match=r"unknown task `other`; expected one of \['only'\]"):
+        weighting({"only": torch.tensor(2.0), "other": torch.tensor(1.0)})
+    with pytest.raises(KeyError, match=r"missing loss for task\(s\) \['only'\]"):
+        weighting({})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_no_host_device_sync_on_cuda(case):
+    model = TwoHeads().cuda()
+    weighting = case.build(TASKS, True).cuda()
+    x, targets = _batch(0)
+    x, targets = x.cuda(), {t: v.cuda() for t, v in targets.items()}
+    for _ in range(2):  # the second step runs with statistics present
+        out = model(x)
+        losses = {t: bl.functional.huber_loss(out[t], targets[t]) for t in TASKS}
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            total = weighting(losses)
+            total.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
