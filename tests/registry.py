@@ -44,6 +44,10 @@ CASES: list[Case] = [
         "LossNormalizer-none",
         lambda t, m: bl.LossNormalizer(_sizes(t), correction="none", momentum=0.0, allow_missing=m),
     ),
+    Case(
+        "LossNormalizer-accumulate",  # resumed mid-window by the checkpoint test
+        lambda t, m: bl.LossNormalizer(_sizes(t), accumulation_steps=3, allow_missing=m),
+    ),
     Case("UncertaintyWeighting", lambda t, m: bl.UncertaintyWeighting(t, allow_missing=m)),
     Case(
         "UncertaintyWeighting-positive",

@@ -205,6 +205,42 @@ def test_reset_running_stats_forgets_everything():
     assert norm.last_weights.tolist() == [0.0]
 
 
+# ---------------------------------------------------------------------- gradient accumulation
+
+
+def test_accumulation_window_matches_one_step_on_the_full_batch():
+    sizes = {"a": 2, "b": 50}
+    full = LossNormalizer(sizes, momentum=0.7).double()
+    micro = LossNormalizer(sizes, momentum=0.7, accumulation_steps=3).double()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        parts = 0.1 + torch.rand(3, 2, generator=gen, dtype=torch.float64) * 10
+        for j in range(3):
+            micro({"a": parts[j, 0], "b": parts[j, 1]})
+            if j < 2:  # mid-window: the committed statistics have not moved yet
+                assert micro.micro_step.item() == j + 1
+        full({"a": parts[:, 0].mean(), "b": parts[:, 1].mean()})
+        torch.testing.assert_close(micro.last_weights, full.last_weights, rtol=1e-12, atol=0)
+        torch.testing.assert_close(micro.ema, full.ema, rtol=1e-12, atol=0)
+        assert torch.equal(micro.count, full.count)
+        assert micro.micro_step.item() == 0
+
+
+def test_accumulation_first_micro_batch_uses_what_it_has_seen():
+    micro = LossNormalizer({"a": 1}, accumulation_steps=2, correction="none").double()
+    micro(_losses(a=4.0))
+    torch.testing.assert_close(micro.weights["a"], torch.tensor(0.25, dtype=torch.float64))
+    assert micro.count.tolist() == [0]
+    micro(_losses(a=2.0))  # window mean 3.0 commits
+    torch.testing.assert_close(micro.running_mean, torch.tensor([3.0], dtype=torch.float64))
+    assert micro.count.tolist() == [1]
+
+
+def test_accumulation_steps_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match=r"`accumulation_steps` must be an integer >= 1, got 0"):
+        LossNormalizer({"a": 1}, accumulation_steps=0)
+
+
 # ----------------------------------------------------------------------------- partial labels
 
 
@@ -310,7 +346,13 @@ def test_state_dict_resume_is_identical():
     resumed.load_state_dict(torch.load(buffer))
     for got, want in zip(_run(resumed, range(4, 10)), expected[4:], strict=True):
         assert torch.equal(got, want)
-    assert set(first.state_dict()) == {"ema", "count"}
+    assert set(first.state_dict()) == {
+        "ema",
+        "count",
+        "pending_sum",
+        "pending_count",
+        "micro_step",
+    }
 
 
 def test_pickle_deepcopy_and_float64():

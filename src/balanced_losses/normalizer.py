@@ -76,6 +76,16 @@ class LossNormalizer(Weighting):
     layers, measure it: see :class:`balanced_losses.GradientBalancer` and
     :mod:`balanced_losses.diagnostics`.
 
+    **Gradient accumulation.** With ``accumulation_steps=n`` the statistics take one update
+    per window of ``n`` training-mode calls, from the mean of the window's losses (the
+    full-batch loss, for equal micro-batches), so the running mean moves exactly as it would
+    with one step on the full batch. Each call is weighted with the committed statistics plus
+    the window's mean so far; the last micro-batch of a window is weighted exactly as the full
+    batch would be, the earlier ones with the part of the window seen so far (a weight that
+    depends on the current loss cannot be known before the whole batch is seen). With the
+    default ``n=1`` every call is one step: accumulating ``n`` micro-batches then gives the
+    statistics ``n`` updates per optimizer step, of noisier losses.
+
     Statistics update only in training mode, under ``torch.no_grad``. In eval mode the stored
     statistics are used; a task never seen in training is normalized by its current value.
     A non-finite loss never enters the statistics (see :class:`~balanced_losses.Weighting`).
@@ -88,6 +98,8 @@ class LossNormalizer(Weighting):
             by its own value.
         correction: ``"none"``, ``"sqrt"`` or ``"linear"``.
         eps: Lower bound on :math:`|\hat m_k|` that keeps tiny losses from dividing by zero.
+        accumulation_steps: Number of micro-batches (forward calls in training mode) that make
+            one optimizer step under gradient accumulation. See "Gradient accumulation" above.
         allow_missing: Accept mappings without some tasks (see :class:`Weighting`).
         check_inputs: Raise ``ValueError`` on non-finite or negative losses (syncs).
         sync_dist: Average statistics across ranks under ``torch.distributed``.
@@ -106,6 +118,9 @@ class LossNormalizer(Weighting):
 
     ema: Tensor
     count: Tensor
+    pending_sum: Tensor
+    pending_count: Tensor
+    micro_step: Tensor
     task_weights: Tensor
     factors: Tensor
 
@@ -117,6 +132,7 @@ class LossNormalizer(Weighting):
         momentum: float = 0.9,
         correction: Correction = "sqrt",
         eps: float = 1e-8,
+        accumulation_steps: int = 1,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
@@ -132,9 +148,20 @@ class LossNormalizer(Weighting):
         self.momentum = _check_momentum(momentum)
         self.correction = correction
         self.eps = _check_eps(eps)
+        if isinstance(accumulation_steps, bool) or not (
+            isinstance(accumulation_steps, int) and accumulation_steps >= 1
+        ):
+            raise ValueError(
+                f"`accumulation_steps` must be an integer >= 1, got {accumulation_steps!r}"
+            )
+        self.accumulation_steps = accumulation_steps
         k = len(self.tasks)
         self.register_buffer("ema", torch.zeros(k))
         self.register_buffer("count", torch.zeros(k, dtype=torch.long))
+        # The partly accumulated window of micro-batches, saved so a resume mid-window is exact.
+        self.register_buffer("pending_sum", torch.zeros(k))
+        self.register_buffer("pending_count", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("micro_step", torch.zeros((), dtype=torch.long))
         # Constants derived from the constructor's arguments: rebuilt, never loaded.
         self.register_buffer(
             "task_weights", torch.tensor(_check_task_weights(self.tasks, weights)), persistent=False
@@ -144,9 +171,10 @@ class LossNormalizer(Weighting):
         )
 
     def reset_running_stats(self) -> None:
-        """Forget the running means and step counts."""
-        self.ema.zero_()
-        self.count.zero_()
+        """Forget the running means, step counts and any partly accumulated window."""
+        for buffer in (self.ema, self.count, self.pending_sum, self.pending_count):
+            buffer.zero_()
+        self.micro_step.zero_()
 
     def reset(self) -> None:
         """Forget all statistics, as if freshly constructed."""
@@ -156,27 +184,50 @@ class LossNormalizer(Weighting):
     @property
     def running_mean(self) -> Tensor:
         r"""Bias-corrected running mean :math:`\hat m_k` per task, NaN where none was seen."""
-        seen = self.count > 0
-        debias = 1.0 - self.momentum ** self.count.to(self.ema.dtype)
-        return torch.where(seen, self.ema / debias.clamp_min(1e-38), torch.nan)
+        return self._debiased(self.ema, self.count)
+
+    def _debiased(self, ema: Tensor, count: Tensor) -> Tensor:
+        debias = 1.0 - self.momentum ** count.to(ema.dtype)
+        return torch.where(count > 0, ema / debias.clamp_min(1e-38), torch.nan)
 
     @torch.no_grad()
-    def _update(self, values: Tensor, present: Tensor) -> None:
+    def _update(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Fold this call's losses into the window; commit the window once it is complete.
+
+        Returns the statistics that this call's weights use: the committed ones with the
+        window's mean so far folded in, so the last micro-batch of a window is weighted exactly
+        as one step on the full batch would be.
+        """
         mean, valid = self._stats_input(values, present)
-        mean = mean.to(self.ema.dtype)
-        blended = self.momentum * self.ema + (1.0 - self.momentum) * mean
-        self.ema.copy_(torch.where(valid, blended, self.ema))
-        self.count.add_(valid.to(self.count.dtype))
+        self.pending_sum.add_(mean.to(self.ema.dtype))
+        self.pending_count.add_(valid.to(self.pending_count.dtype))
+        self.micro_step.add_(1)
+        seen = self.pending_count > 0
+        window_mean = self.pending_sum / self.pending_count.clamp_min(1).to(self.ema.dtype)
+        blended = self.momentum * self.ema + (1.0 - self.momentum) * window_mean
+        ema = torch.where(seen, blended, self.ema)
+        count = self.count + seen.to(self.count.dtype)
+        # Tensor-valued condition, so no host sync: commit when the window is full.
+        commit = self.micro_step >= self.accumulation_steps
+        self.ema.copy_(torch.where(commit, ema, self.ema))
+        self.count.copy_(torch.where(commit, count, self.count))
+        keep = (~commit).to(self.ema.dtype)
+        self.pending_sum.mul_(keep)
+        self.pending_count.mul_(keep.to(self.pending_count.dtype))
+        self.micro_step.mul_(keep.to(self.micro_step.dtype))
+        return ema, count
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the normalized total of ``losses`` (task name to scalar loss)."""
         values, present = self._stack(losses)
         if self.training:
-            self._update(values, present)
+            ema, count = self._update(values, present)
+        else:
+            ema, count = self.ema, self.count
         # The running mean is a measurement, not a function to differentiate: dividing by a
         # detached statistic rescales the gradient of L_k instead of cancelling it.
-        current = values.detach().to(self.ema.dtype).abs()
-        scale = torch.where(self.count > 0, self.running_mean.abs(), current)
+        current = values.detach().to(ema.dtype).abs()
+        scale = torch.where(count > 0, self._debiased(ema, count).abs(), current)
         weights = self.task_weights * self.factors / scale.clamp_min(self.eps)
         weights = torch.where(present, weights, torch.zeros_like(weights))
         self._record(weights, present)
@@ -187,4 +238,9 @@ class LossNormalizer(Weighting):
         return (
             f"output_sizes={self.output_sizes}, momentum={self.momentum}, "
             f"correction={self.correction!r}, eps={self.eps}"
+            + (
+                ""
+                if self.accumulation_steps == 1
+                else f", accumulation_steps={self.accumulation_steps}"
+            )
         )
