@@ -367,6 +367,20 @@ def test_pickle_deepcopy_and_float64():
     )
 
 
+def test_version_1_checkpoint_without_accumulation_window_loads():
+    norm = LossNormalizer({"a": 1, "b": 3})
+    _run(norm, range(3))
+    old = norm.state_dict()
+    for key in ("pending_sum", "pending_count", "micro_step"):
+        del old[key]
+    old._metadata[""]["version"] = 1  # type: ignore[attr-defined]
+    resumed = LossNormalizer({"a": 1, "b": 3})
+    resumed.load_state_dict(old)  # strict: the upgrade supplies the missing window
+    assert torch.equal(resumed.ema, norm.ema)
+    assert resumed.micro_step.item() == 0
+    torch.testing.assert_close(_run(resumed, range(3, 5)), _run(norm, range(3, 5)))
+
+
 def test_state_dict_without_version_metadata_loads():
     norm = LossNormalizer({"a": 1})
     _run_state = norm.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,7 +115,8 @@ class LossNormalizer(Weighting):
         {'pointer': 1.25, 'countdown': 0.1115}
     """
 
-    _version = 1
+    # Version 2 added the gradient-accumulation window (pending_sum, pending_count, micro_step).
+    _version = 2
 
     ema: Tensor
     count: Tensor
@@ -232,6 +234,14 @@ class LossNormalizer(Weighting):
         weights = torch.where(present, weights, torch.zeros_like(weights))
         self._record(weights, present)
         return (weights.to(values.dtype) * values).sum()
+
+    def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        if version < 2:
+            # Version 1 checkpoints predate accumulation windows: start with an empty window.
+            k = len(self.tasks)
+            state_dict.setdefault(prefix + "pending_sum", torch.zeros(k))
+            state_dict.setdefault(prefix + "pending_count", torch.zeros(k, dtype=torch.long))
+            state_dict.setdefault(prefix + "micro_step", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
