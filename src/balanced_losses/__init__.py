@@ -4,7 +4,9 @@ Every weighting is an ``nn.Module`` whose ``forward`` takes a mapping from task 
 loss and returns the total to call ``.backward()`` on.
 """
 
-from balanced_losses import functional
+from balanced_losses import diagnostics, functional
+from balanced_losses.gradient import GradientBalancer
+from balanced_losses.gradnorm import GradNorm
 from balanced_losses.losses import HuberLoss
 from balanced_losses.normalizer import LossNormalizer
 from balanced_losses.uncertainty import UncertaintyWeighting
@@ -13,10 +15,13 @@ from balanced_losses.weighting.base import Weighting
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradNorm",
+    "GradientBalancer",
     "HuberLoss",
     "LossNormalizer",
     "UncertaintyWeighting",
     "Weighting",
     "__version__",
+    "diagnostics",
     "functional",
 ]

@@ -1,0 +1,93 @@
+"""Helpers shared by the modules that take gradients w.r.t. chosen tensors (no public API)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["as_tensors", "gradient_norm", "is_measuring", "measuring", "task_gradients"]
+
+# How many measurements are in progress. A process-wide counter, not a thread-local or a
+# ContextVar: autograd runs the backward of CUDA graphs on its own device threads, which would
+# not see a value set in the caller's thread.
+_measuring_depth = 0
+
+
+@contextmanager
+def measuring() -> Iterator[None]:
+    """Mark gradients taken inside as measurements, not training steps.
+
+    :class:`~balanced_losses.GradientBalancer` sees the flag in its backward: it then applies
+    its current multipliers without updating its statistics or warning about missing tasks.
+    """
+    global _measuring_depth
+    _measuring_depth += 1
+    try:
+        yield
+    finally:
+        _measuring_depth -= 1
+
+
+def is_measuring() -> bool:
+    """True inside :func:`measuring`."""
+    return _measuring_depth > 0
+
+
+def as_tensors(params: nn.Module | Tensor | Iterable[Tensor], name: str = "params") -> list[Tensor]:
+    """Return ``params`` as a list of tensors that require grad.
+
+    Accepts an ``nn.Module`` (its parameters that require grad), one tensor, or an iterable of
+    tensors (parameters or intermediate activations such as shared features).
+    """
+    tensors: list[Tensor]
+    if isinstance(params, nn.Module):
+        tensors = [p for p in params.parameters() if p.requires_grad]
+    elif isinstance(params, Tensor):
+        tensors = [params]
+    else:
+        tensors = list(params)
+    if not tensors:
+        raise ValueError(f"`{name}` must hold at least one tensor that requires grad, got none")
+    for i, tensor in enumerate(tensors):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"`{name}` must hold tensors, got {type(tensor)} at position {i}")
+        if not tensor.requires_grad:
+            raise ValueError(
+                f"`{name}` must hold tensors that require grad; the one at position {i} "
+                f"(shape {tuple(tensor.shape)}) does not"
+            )
+    return tensors
+
+
+def task_gradients(loss: Tensor, tensors: list[Tensor]) -> list[Tensor | None]:
+    """Gradient of ``loss`` w.r.t. each tensor; None where the loss does not depend on it.
+
+    Uses ``torch.autograd.grad`` with ``retain_graph=True``: the caller's ``.backward()`` still
+    works afterwards, and no ``.grad`` attribute is touched.
+    """
+    if not loss.requires_grad:
+        return [None] * len(tensors)
+    with measuring():
+        grads = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    return list(grads)
+
+
+def gradient_norm(grads: list[Tensor | None]) -> Tensor | None:
+    """L2 norm over all elements of ``grads`` (None entries count as zero), at least float32.
+
+    None when every entry is None.
+    """
+    parts: list[Tensor] = [
+        torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
+        for g in grads
+        if g is not None
+    ]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    norm: Tensor = torch.linalg.vector_norm(torch.stack([p.to(parts[0].device) for p in parts]))
+    return norm

@@ -1,0 +1,359 @@
+"""GradientBalancer: equalize the gradient each task sends into the shared features, in one pass."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from balanced_losses._autograd import gradient_norm, is_measuring
+from balanced_losses.normalizer import _check_eps, _check_momentum, _check_task_weights
+from balanced_losses.weighting.base import Weighting
+
+__all__ = ["GradientBalancer"]
+
+Target = Literal["mean", "max"]
+
+
+def _flatten(feats: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
+    """Split ``feats`` (a Tensor, a tuple/list or a mapping of Tensors) into leaves, rebuild."""
+    if isinstance(feats, Tensor):
+        return [feats], lambda leaves: leaves[0]
+    if isinstance(feats, Mapping):
+        keys = list(feats)
+        leaves = [feats[key] for key in keys]
+        rebuild: Callable[[list[Tensor]], Any] = lambda ts: dict(zip(keys, ts, strict=True))  # noqa: E731
+    elif isinstance(feats, (tuple, list)):
+        leaves = list(feats)
+        kind = type(feats)
+        # A namedtuple takes its fields positionally.
+        named = hasattr(feats, "_fields")
+        rebuild = lambda ts: kind(*ts) if named else kind(ts)  # noqa: E731
+    else:
+        raise TypeError(
+            f"`feats` must be a Tensor, a tuple/list or a dict of Tensors, got {type(feats)}"
+        )
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"every element of `feats` must be a Tensor, got {type(leaf)} at {i}")
+    return leaves, rebuild
+
+
+class _Branch(torch.autograd.Function):
+    """Identity from M shared tensors to K*M task views; rescales all K gradients in backward.
+
+    One node receives every task's gradient at once, so the per-task norms are all available
+    together: no per-task backward and no ``retain_graph``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, balancer: GradientBalancer, num_tasks: int, *tensors: Tensor) -> Any:
+        ctx.balancer = balancer
+        ctx.num_inputs = len(tensors)
+        # A view whose task used no loss arrives as None instead of a zero tensor: we can tell
+        # "no gradient" from "zero gradient" and skip the arithmetic.
+        ctx.set_materialize_grads(False)
+        # Aliases, not copies: the forward pass costs no memory.
+        return tuple(t.view_as(t) for _ in range(num_tasks) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> Any:
+        merged = ctx.balancer._rescale(grads, ctx.num_inputs)
+        return (None, None, *merged)
+
+
+class GradientBalancer(Weighting):
+    r"""Rescale each task's gradient at the shared features to a common norm, in one backward.
+
+    For a model with a shared trunk and task heads::
+
+        feats = model.encoder(x)
+        views = balancer.branch(feats)   # task -> same structure as feats, identity forward
+        out_p = model.pointer_head(views["pointer"])
+        out_c = model.countdown_head(views["countdown"])
+        loss = balancer({"pointer": lp, "countdown": lc})   # the plain sum
+        loss.backward()
+
+    **What is equalized.** During the one backward pass, every task's gradient w.r.t. its view
+    of the shared features, :math:`g_k = \partial L_k / \partial \text{feats}`, arrives at one
+    autograd node together. Its norm :math:`n_k = \lVert g_k \rVert_2` is taken over the batch
+    and feature elements together (over all tensors when ``feats`` is a tuple or dict),
+    accumulated in float32 even when the gradients are bf16/fp16. The trunk then receives
+
+    .. math::
+        \frac{\partial\,\text{total}}{\partial\,\text{feats}} = \sum_k s_k\, g_k,\qquad
+        s_k = w_k\, \frac{T}{\hat n_k},\qquad
+        T = \operatorname{mean}_j \hat n_j \ (\texttt{target="mean"}) \text{ or }
+        \max_j \hat n_j \ (\texttt{target="max"}),
+
+    where :math:`\hat n_k` is a bias-corrected EMA of :math:`n_k` (momentum :math:`\beta`:
+    :math:`m \leftarrow \beta m + (1-\beta) n_k`, :math:`\hat n_k = m / (1 - \beta^{c_k})` after
+    :math:`c_k` updates, Adam's correction) and :math:`w_k` an optional ratio (default 1). So
+    each task reaches the trunk with norm :math:`\approx w_k T`. With ``momentum=0``, and at the
+    very first step for any momentum (the corrected EMA then equals the current norm), the
+    norms are exactly :math:`w_k T`. The heads' own parameters get their plain, unscaled
+    gradients; the returned total is :math:`\sum_k L_k`, and the forward values are untouched.
+    ``target="max"`` scales every task up to the largest EMA norm: the gradient-magnitude half
+    of DB-MTL (Lin et al. 2023).
+
+    **Why this quantity.** :math:`g_k` is what task :math:`k` actually sends into the shared
+    layers, whatever its loss's reduction (mean over 2 or over 105 outputs), its regime
+    (a Huber loss in its linear part has gradients capped at ``delta`` however large the loss)
+    or its value. Balancing loss values (:class:`~balanced_losses.LossNormalizer`) balances
+    gradients only when those happen to agree; measuring the gradient needs no such
+    assumption, and costs no extra backward pass.
+
+    **Why a ratio of EMAs, not** :math:`T / n_k` **of the current step.** The multiplier is
+    dimensionless: numerator and denominator carry the same units, so it is invariant to a
+    constant loss scale (``torch.amp.GradScaler``: every task's norm carries the scale, so
+    :math:`s_k` does not; when the scale changes, every task's EMA weighs the steps by it
+    alike), and one noisy batch in which a task's gradient happens to be tiny is not amplified
+    by a huge factor.
+
+    **What it cannot do.** It equalizes norms, not directions: gradients that conflict still
+    partly cancel in the sum (for that, see TorchJD's ``UPGrad`` aggregator, which projects
+    per-task Jacobians). It balances at the features, not per parameter of the trunk. It needs
+    a model whose shared trunk ends in tensors that you can pass through :meth:`branch`;
+    for other models see :class:`~balanced_losses.GradNorm` or
+    :mod:`balanced_losses.diagnostics`.
+
+    **Robustness.** A measured norm enters the EMA only if it is finite and > 0, selected with
+    ``torch.where`` (no host-device sync): a task absent from the batch (zero gradient), or an
+    inf/NaN gradient from an AMP overflow step, leaves the statistics unchanged. Where a task has
+    no usable EMA yet, :math:`s_k = w_k`. A view that received no gradient at all (no loss used
+    it, or its loss does not depend on it) triggers a ``UserWarning`` naming the task, unless
+    that task was absent from the last :meth:`forward` call (``allow_missing``).
+
+    **Gradient accumulation, retain_graph.** Multipliers are computed, and statistics updated,
+    once per backward pass through :meth:`branch`: with micro-batches each micro-batch is
+    balanced on its own and the EMA advances once per micro-batch. A second backward through the
+    same graph (``retain_graph=True``) updates the statistics again. Call :meth:`branch` once per
+    forward pass.
+
+    **Other backward passes through the views.** Any backward that reaches :meth:`branch`'s
+    node counts as a training backward, your own ``torch.autograd.grad`` included. The functions
+    of :mod:`balanced_losses.diagnostics` are recognized: through them the balancer applies its
+    current multipliers without updating statistics or warning, so a report over the trunk's
+    parameters shows what each task sends *after* balancing. For the raw imbalance, measure at
+    the views: ``task_gradient_norms(losses, [views["a"], views["b"]])`` (a view unused by a
+    task counts as zero).
+
+    **Modes.** In eval mode, or with gradients disabled, :meth:`branch` returns ``feats`` itself
+    for every task and nothing is measured or rescaled. The views alias ``feats``: do not modify
+    them in place (e.g. ``nn.ReLU(inplace=True)`` as a head's first layer).
+
+    **Distributed.** With ``sync_dist`` and an initialized multi-rank process group, the norms
+    entering the EMA are averaged across ranks, so all ranks apply the same multipliers.
+
+    Logging: :attr:`weights` holds the last multipliers :math:`s_k` (0 for a task without
+    gradient) and :attr:`grad_norms` the last measured :math:`n_k`, both as tensors.
+
+    Args:
+        tasks: Task names, in order.
+        momentum: EMA weight on the previous statistic, in ``[0, 1)``; 0 uses the current norms.
+        target: ``"mean"`` (default) or ``"max"`` of the tasks' EMA norms.
+        weights: Optional task name to a finite ratio >= 0 (default 1): task :math:`k` is scaled
+            to :math:`w_k T` instead of :math:`T`.
+        eps: Lower bound on :math:`\hat n_k` in the division.
+        allow_missing: Accept loss mappings without some tasks (see :class:`Weighting`).
+        sync_dist: Average the measured norms across ranks under ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> trunk = torch.nn.Linear(3, 4)
+        >>> head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 105)
+        >>> balancer = GradientBalancer(["a", "b"])
+        >>> views = balancer.branch(trunk(torch.randn(8, 3)))
+        >>> loss_a = head_a(views["a"]).square().mean()
+        >>> loss_b = 100 * head_b(views["b"]).square().mean()
+        >>> balancer({"a": loss_a, "b": loss_b}).backward()
+        >>> n = balancer.grad_norms  # measured before rescaling
+        >>> s = balancer.last_weights
+        >>> torch.allclose(s[0] * n[0], s[1] * n[1])  # equal norms into the trunk
+        True
+
+    References:
+        Lin, Ye, Xu, Shi, Zhang, Kwok. Dual-Balancing for Multi-Task Learning.
+        arXiv:2308.12029, 2023 (the ``"max"`` target).
+    """
+
+    _version = 1
+    _loss_domain = None
+
+    ema: Tensor
+    count: Tensor
+    grad_norms: Tensor
+    task_weights: Tensor
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        momentum: float = 0.9,
+        target: Target = "mean",
+        weights: Mapping[str, float] | None = None,
+        eps: float = 1e-12,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(tasks, allow_missing=allow_missing, sync_dist=sync_dist)
+        if target not in ("mean", "max"):
+            raise ValueError(f"`target` must be 'mean' or 'max', got {target!r}")
+        self.momentum = _check_momentum(momentum)
+        self.target = target
+        self.eps = _check_eps(eps)
+        k = len(self.tasks)
+        self.register_buffer("ema", torch.zeros(k))
+        self.register_buffer("count", torch.zeros(k, dtype=torch.long))
+        # Output only, overwritten every backward: not needed to resume.
+        self.register_buffer("grad_norms", torch.zeros(k), persistent=False)
+        # Constant derived from the constructor's arguments: rebuilt, never loaded.
+        self.register_buffer(
+            "task_weights", torch.tensor(_check_task_weights(self.tasks, weights)), persistent=False
+        )
+        # Tasks given to the last forward(); None before any. A Python set: checked in backward
+        # without touching a tensor.
+        self._last_present: frozenset[str] | None = None
+
+    def reset_running_stats(self) -> None:
+        """Forget the EMA norms and their counts."""
+        self.ema.zero_()
+        self.count.zero_()
+
+    def reset(self) -> None:
+        """Forget all statistics, as if freshly constructed."""
+        super().reset()
+        self.reset_running_stats()
+        self.grad_norms.zero_()
+        self._last_present = None
+
+    @property
+    def running_norm(self) -> Tensor:
+        r"""Bias-corrected EMA :math:`\hat n_k` of each task's gradient norm, NaN where unseen."""
+        seen = self.count > 0
+        debias = 1.0 - self.momentum ** self.count.to(self.ema.dtype)
+        return torch.where(seen, self.ema / debias.clamp_min(1e-38), torch.nan)
+
+    def multipliers(self) -> Tensor:
+        r"""The factors :math:`s_k = w_k T / \hat n_k` the current statistics give, shape ``(K,)``.
+
+        :math:`s_k = w_k` where task :math:`k` has no usable EMA yet.
+        """
+        running = self.running_norm
+        available = (self.count > 0) & (running > 0)  # NaN > 0 is False
+        known = torch.where(available, running, torch.zeros_like(running))
+        if self.target == "mean":
+            target = known.sum() / available.sum().clamp_min(1).to(known.dtype)
+        else:
+            target = known.max()
+        scale = target / known.clamp_min(self.eps)
+        return self.task_weights * torch.where(available, scale, torch.ones_like(scale))
+
+    # ------------------------------------------------------------------------------ forward
+
+    def branch(self, feats: Any) -> dict[str, Any]:
+        """Return one view of ``feats`` per task: the identity forward, the balancing backward.
+
+        Args:
+            feats: The shared features: a Tensor, a tuple/list or a dict of Tensors. Tensors that
+                are not floating point or do not require grad are passed through as they are.
+
+        Returns:
+            A dict task name -> a structure like ``feats``. In eval mode or under
+            ``torch.no_grad()``, every task gets ``feats`` itself.
+        """
+        leaves, rebuild = _flatten(feats)
+        if not (self.training and torch.is_grad_enabled()):
+            return dict.fromkeys(self.tasks, feats)
+        tracked = [i for i, t in enumerate(leaves) if t.is_floating_point() and t.requires_grad]
+        if not tracked:
+            return dict.fromkeys(self.tasks, feats)
+        k, m = len(self.tasks), len(tracked)
+        outputs = _Branch.apply(self, k, *(leaves[i] for i in tracked))  # type: ignore[no-untyped-call]
+        views: dict[str, Any] = {}
+        for task_index, task in enumerate(self.tasks):
+            task_leaves = list(leaves)
+            for j, i in enumerate(tracked):
+                task_leaves[i] = outputs[task_index * m + j]
+            views[task] = rebuild(task_leaves)
+        return views
+
+    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
+        """Return the plain sum of the present losses; the balancing happens in backward."""
+        values, _ = self._stack(losses)
+        self._last_present = frozenset(name for name in self.tasks if losses.get(name) is not None)
+        return values.sum()
+
+    # ----------------------------------------------------------------------------- backward
+
+    def _rescale(self, grads: Sequence[Tensor | None], num_inputs: int) -> list[Tensor | None]:
+        """Measure, track and rescale the K tasks' gradients; return one gradient per input."""
+        k, m = len(self.tasks), num_inputs
+        per_task = [grads[i * m : (i + 1) * m] for i in range(k)]
+        if is_measuring():
+            # A diagnostic's autograd.grad (one task at a time): show what each task sends
+            # with the current multipliers, and leave statistics and logs alone.
+            with torch.no_grad():
+                scale = self.multipliers()
+        else:
+            scale = self._measure_and_track(per_task)
+        merged: list[Tensor | None] = []
+        for j in range(m):
+            total: Tensor | None = None
+            for i in range(k):
+                g = per_task[i][j]
+                if g is None:
+                    continue
+                term = g * scale[i].to(device=g.device, dtype=g.dtype)
+                total = term if total is None else total + term
+            merged.append(total)
+        return merged
+
+    def _measure_and_track(self, per_task: list[Sequence[Tensor | None]]) -> Tensor:
+        """Measure each task's norm, update the EMAs (warning about views without gradient)."""
+        got = [any(g is not None for g in task_grads) for task_grads in per_task]
+        expected = self._last_present
+        for task, has_grad in zip(self.tasks, got, strict=True):
+            if not has_grad and (expected is None or task in expected):
+                warnings.warn(
+                    f"task `{task}`'s view received no gradient: no loss used it, or its loss "
+                    "does not depend on it",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        device, dtype = self.ema.device, self.ema.dtype
+        # A measurement, not part of any graph: under create_graph=True the gradients carry
+        # history, and the norms must not.
+        with torch.no_grad():
+            zero = torch.zeros((), device=device, dtype=dtype)
+            norms = []
+            for task_grads in per_task:
+                norm = gradient_norm(list(task_grads))
+                norms.append(zero if norm is None else norm.to(device=device, dtype=dtype))
+            measured = torch.stack(norms)
+            # Statistics take only finite norms > 0: an absent task (zero gradient) or an AMP
+            # overflow step leaves them unchanged. NaN > 0 is False; _stats_input drops inf.
+            # Under sync_dist this is a collective inside backward: every rank runs the same
+            # graph, so every rank reaches this node, in the same order relative to DDP's own
+            # gradient all-reduces, and the collectives match.
+            mean, valid = self._stats_input(measured, measured > 0)
+            blended = self.momentum * self.ema + (1.0 - self.momentum) * mean
+            self.ema.copy_(torch.where(valid, blended, self.ema))
+            self.count.add_(valid.to(self.count.dtype))
+            self.grad_norms.copy_(measured)
+            scale = self.multipliers()
+            present = self._all_present.to(device)
+            if not all(got):
+                present = torch.tensor(got, device=device)
+            self._record(scale, present)
+        return scale
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        return (
+            f"tasks={list(self.tasks)}, momentum={self.momentum}, target={self.target!r}, "
+            f"eps={self.eps}"
+        )
