@@ -15,7 +15,7 @@ def test_every_public_name_imports(name):
 
 def test_all_is_sorted_and_unique():
     names = [n for n in balanced_losses.__all__ if n != "__version__"]
-    assert names == sorted(names)
+    assert names == sorted(names, key=lambda n: (not n.isupper(), not n[:1].isupper(), n))
     assert len(set(balanced_losses.__all__)) == len(balanced_losses.__all__)
 
 

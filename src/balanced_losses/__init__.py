@@ -10,11 +10,17 @@ from balanced_losses.gradnorm import GradNorm
 from balanced_losses.losses import HuberLoss
 from balanced_losses.normalizer import LossNormalizer
 from balanced_losses.uncertainty import UncertaintyWeighting
-from balanced_losses.weighting.base import Weighting
+from balanced_losses.weighting import DBMTL, DWA, FAMO, IMTLL, RLW, GeometricMean, Weighting
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DBMTL",
+    "DWA",
+    "FAMO",
+    "IMTLL",
+    "RLW",
+    "GeometricMean",
     "GradNorm",
     "GradientBalancer",
     "HuberLoss",

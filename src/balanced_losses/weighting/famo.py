@@ -1,0 +1,262 @@
+"""FAMO: Fast Adaptive Multitask Optimization (Liu et al. 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from balanced_losses.weighting._checks import check_number, check_tasks, per_task_values
+from balanced_losses.weighting.base import Weighting
+
+__all__ = ["FAMO"]
+
+
+class FAMO(Weighting):
+    r"""FAMO: decrease every task's log-loss at about the same rate, from loss values only.
+
+    .. math::
+        \text{total} = c \sum_k z_k \log(L_k - b_k + \epsilon),\qquad
+        z = \operatorname{softmax}(\xi),\qquad
+        c = \Big(\sum_k \frac{z_k}{L_k - b_k + \epsilon}\Big)^{-1}
+
+    with :math:`c` and :math:`z` held constant in the backward pass (Liu et al. 2023,
+    Algorithm 1), so the gradient is the convex combination
+    :math:`\sum_k w_k \nabla L_k` with effective weights
+    :math:`w_k = c\, z_k / (L_k - b_k + \epsilon)`, which sum to 1. :math:`b_k` is a known
+    lower bound of task :math:`k`'s loss (``min_losses``, 0 by default).
+
+    **The logits** :math:`\xi` are not learned by the model's optimizer. After the model's
+    optimizer step, call :meth:`update` with the losses recomputed on the same batch. It
+    measures each task's decrease in log-loss over the step,
+    :math:`\delta_k = \log(L_k^{\text{before}} - b_k + \epsilon) - \log(L_k^{\text{after}} - b_k
+    + \epsilon)`, and takes one Adam step on :math:`\xi` along
+    :math:`\nabla_\xi\, z(\xi)^\top \delta + \gamma \xi`: tasks that improved more lose weight.
+    Adam with learning rate 0.025 and weight decay :math:`\gamma = 10^{-3}` follow the paper's
+    practical pseudo-code (Algorithm 2, Appendix C), LibMTL and TorchJD's ``FAMO``; Algorithm 1
+    writes the same update as a plain gradient step, and the authors' code defaults to
+    :math:`\gamma = 10^{-5}` (pass ``weight_decay=1e-5`` to match it).
+    The logits and the Adam moments and step count are persistent buffers: a checkpoint holds
+    all of FAMO's state, and :meth:`parameters` is empty, so the model's optimizer cannot touch
+    the logits by accident.
+
+    **Call order.** ``famo(losses)`` (training mode), ``backward()``, ``optimizer.step()``,
+    then ``famo.update(losses_after_step)``. ``update()`` without a training-mode forward since
+    the last ``update()`` (before the first forward, or twice in a row) raises ``RuntimeError``.
+    Calling the module again before ``update()`` replaces the remembered "before" losses, as in
+    TorchJD. In eval mode the module applies the current weights and remembers nothing.
+
+    **Input domain.** Every loss must stay above its lower bound, :math:`L_k > b_k` (positive
+    losses with the default bounds): the method takes :math:`\log(L_k - b_k + \epsilon)`.
+    ``check_inputs=True`` raises ``ValueError`` naming the task otherwise.
+
+    Args:
+        tasks: Task names, in order.
+        lr: Adam learning rate of the logits (the paper's :math:`\beta`, 0.025).
+        weight_decay: Adam weight decay of the logits (the paper's :math:`\gamma`, 1e-3).
+        betas: Adam's moment coefficients.
+        adam_eps: Adam's epsilon.
+        min_losses: Optional task name to the lower bound :math:`b_k` (default 0).
+        eps: :math:`\epsilon` inside the logarithm (1e-8, as the authors' code).
+        allow_missing: Accept mappings without some tasks; absent tasks get weight 0 and
+            :math:`c` sums over the present ones. A task absent before or after the step gets
+            :math:`\delta_k = 0` in :meth:`update`.
+        check_inputs: Raise ``ValueError`` on non-finite losses or losses at or below their
+            bound (syncs).
+        sync_dist: Average the losses that :meth:`update` compares across ranks, so every rank
+            keeps the same logits.
+
+    Example:
+        >>> import torch
+        >>> famo = FAMO(["depth", "segmentation"])
+        >>> total = famo({"depth": torch.tensor(2.0), "segmentation": torch.tensor(0.5)})
+        >>> {task: round(w.item(), 4) for task, w in famo.weights.items()}  # c z_k / L_k
+        {'depth': 0.2, 'segmentation': 0.8}
+        >>> # ... total.backward(); optimizer.step(); recompute the losses on the same batch:
+        >>> famo.update({"depth": torch.tensor(1.0), "segmentation": torch.tensor(0.45)})
+        >>> famo.logits  # depth improved more, so it loses weight
+        tensor([-0.0250,  0.0250])
+
+    References:
+        Liu, Liang, Stone, Liu. FAMO: Fast Adaptive Multitask Optimization. NeurIPS 2023.
+    """
+
+    _version = 1
+    _loss_domain: str | None = "positive"
+
+    logits: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    adam_step: Tensor
+    prev_losses: Tensor
+    prev_valid: Tensor
+    min_losses: Tensor
+
+    def __init__(
+        self,
+        tasks: Iterable[str],
+        *,
+        lr: float = 0.025,
+        weight_decay: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        min_losses: Mapping[str, float] | None = None,
+        eps: float = 1e-8,
+        allow_missing: bool = False,
+        check_inputs: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            check_tasks(tasks),
+            allow_missing=allow_missing,
+            check_inputs=check_inputs,
+            sync_dist=sync_dist,
+        )
+        self.lr = check_number("lr", lr, low=0.0, strict=False)
+        self.weight_decay = check_number("weight_decay", weight_decay, low=0.0, strict=False)
+        if not (
+            isinstance(betas, tuple)
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+        ):
+            raise ValueError(f"`betas` must be a pair of numbers in [0, 1), got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.adam_eps = check_number("adam_eps", adam_eps, low=0.0, strict=True)
+        self.eps = check_number("eps", eps, low=0.0, strict=False)
+        bounds = per_task_values("min_losses", self.tasks, min_losses, 0.0)
+        self._bounds = dict(zip(self.tasks, bounds, strict=True))
+        if any(bound != 0.0 for bound in bounds):
+            # The domain is L_k > b_k, checked by _check_bounds instead of the base's L_k > 0.
+            self._loss_domain = None
+        k = len(self.tasks)
+        self.register_buffer("logits", torch.zeros(k))
+        self.register_buffer("exp_avg", torch.zeros(k))
+        self.register_buffer("exp_avg_sq", torch.zeros(k))
+        self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("prev_losses", torch.zeros(k))
+        self.register_buffer("prev_valid", torch.zeros(k, dtype=torch.bool))
+        # A constructor argument: rebuilt, never loaded.
+        self.register_buffer("min_losses", torch.tensor(bounds), persistent=False)
+        # Whether a training-mode forward awaits its update(). A Python flag, so that the
+        # ordering check costs no host-device sync; it travels in the state_dict's extra state.
+        self._pending = False
+
+    @property
+    def task_weights(self) -> Tensor:
+        r"""The current :math:`z = \operatorname{softmax}(\xi)`, shape ``(K,)``."""
+        return torch.softmax(self.logits, dim=0)
+
+    def reset(self) -> None:
+        """Set the logits to 0 and clear Adam's state and the pending step."""
+        super().reset()
+        for buffer in (self.logits, self.exp_avg, self.exp_avg_sq, self.prev_losses):
+            buffer.zero_()
+        self.adam_step.zero_()
+        self.prev_valid.zero_()
+        self._pending = False
+
+    def _check_bounds(self, values: Tensor, present: Tensor) -> None:
+        # Opt-in like the base class's checks: .tolist() syncs.
+        for name, value, ok in zip(self.tasks, values.tolist(), present.tolist(), strict=True):
+            bound = self._bounds[name]
+            if ok and not value > bound:
+                raise ValueError(
+                    f"loss of task `{name}` must be > its bound `min_losses` = {bound}, got {value}"
+                )
+
+    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
+        """Return the FAMO total of ``losses`` (task name to scalar loss)."""
+        values, present = self._stack(losses)
+        if self.check_inputs and self._loss_domain is None:
+            self._check_bounds(values, present)
+        shifted = values - self.min_losses.to(values.dtype) + self.eps
+        z = torch.softmax(self.logits.to(values.dtype), dim=0)
+        # Algorithm 1: c and z are constants of the model's backward pass, so the gradient is
+        # the convex combination sum_k c z_k / shifted_k grad L_k. Cut the path through c.
+        ratio = torch.where(present, z / shifted.detach(), torch.zeros_like(z))
+        inv_c = ratio.sum()
+        weights = ratio / inv_c
+        logs = torch.where(present, torch.log(shifted), torch.zeros_like(shifted))
+        total = (z / inv_c * logs).sum()
+        if self.training:
+            with torch.no_grad():
+                before, valid = self._stats_input(values, present)
+                self.prev_losses.copy_(before.to(self.prev_losses.dtype))
+                self.prev_valid.copy_(valid)
+            self._pending = True
+        self._record(weights, present)
+        return total
+
+    @torch.no_grad()
+    def update(self, losses: Mapping[str, Tensor | None]) -> None:
+        """Learn the logits from the change of each loss over the model's optimizer step.
+
+        Args:
+            losses: Task name to the loss recomputed on the same batch after the model's
+                optimizer step.
+
+        Raises:
+            RuntimeError: If no training-mode forward happened since the last ``update()``.
+        """
+        if not self._pending:
+            raise RuntimeError(
+                "`FAMO.update()` was called with no training-mode forward since the last "
+                "update(); expected order: total = famo(losses), total.backward(), "
+                "optimizer.step(), then famo.update(losses recomputed on the same batch)"
+            )
+        values, present = self._stack(losses)
+        if self.check_inputs and self._loss_domain is None:
+            self._check_bounds(values, present)
+        after, valid = self._stats_input(values, present)
+        dtype = self.logits.dtype
+        bounds = self.min_losses.to(dtype)
+        before = self.prev_losses - bounds + self.eps
+        after = after.to(dtype) - bounds + self.eps
+        both = valid & self.prev_valid
+        ones = torch.ones_like(before)
+        delta = torch.log(torch.where(both, before, ones)) - torch.log(
+            torch.where(both, after, ones)
+        )
+        z = torch.softmax(self.logits, dim=0)
+        # Gradient of z(xi)^T delta w.r.t. xi: the softmax Jacobian (diag(z) - z z^T) times
+        # delta, written out instead of an autograd call.
+        grad = z * (delta - (z * delta).sum())
+        self._adam_step(grad)
+        self._pending = False
+
+    def _adam_step(self, grad: Tensor) -> None:
+        # Adam (Kingma & Ba 2015, Algorithm 1) with L2 weight decay added to the gradient, as
+        # torch.optim.Adam(weight_decay=gamma) in the authors' code: the paper's gamma * xi term.
+        beta1, beta2 = self.betas
+        grad = grad + self.weight_decay * self.logits
+        self.adam_step.add_(1)
+        self.exp_avg.lerp_(grad, 1.0 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        step = self.adam_step.to(self.logits.dtype)
+        bias1 = 1.0 - beta1**step
+        bias2 = 1.0 - beta2**step
+        denom = (self.exp_avg_sq.sqrt() / bias2.sqrt()).add_(self.adam_eps)
+        self.logits.sub_(self.lr * self.exp_avg / (bias1 * denom))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Whether a forward awaits its :meth:`update` (the ordering state)."""
+        return {"pending": self._pending}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the ordering state saved by :meth:`get_extra_state`."""
+        self._pending = bool(state["pending"])
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        parts = [
+            f"tasks={list(self.tasks)}",
+            f"lr={self.lr}",
+            f"weight_decay={self.weight_decay}",
+        ]
+        if self.betas != (0.9, 0.999):
+            parts.append(f"betas={self.betas}")
+        if self._loss_domain is None:
+            parts.append(f"min_losses={self._bounds}")
+        return ", ".join(parts)

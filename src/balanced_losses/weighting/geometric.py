@@ -1,0 +1,84 @@
+"""GeometricMean: the geometric loss strategy, GLS (Chennupati et al. 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from balanced_losses.weighting._checks import check_tasks
+from balanced_losses.weighting.base import Weighting
+
+__all__ = ["GeometricMean"]
+
+
+class GeometricMean(Weighting):
+    r"""Geometric loss strategy (GLS): the total is the geometric mean of the losses.
+
+    .. math::
+        \text{total} = \Big(\prod_{k=1}^{K} L_k\Big)^{1/K}
+        = \exp\Big(\frac1K \sum_k \log L_k\Big),\qquad
+        w_k = \frac{\partial\,\text{total}}{\partial L_k} = \frac{\text{total}}{K\, L_k}
+
+    (the geometric loss strategy of Chennupati et al. 2019). The effective weight of a task is
+    inversely proportional to its loss, so rescaling one loss by a constant rescales the total
+    by a constant and leaves the balance unchanged: no task dominates by the size of its units.
+    It has no state and no hyperparameter.
+
+    **Input domain.** Every loss must be positive: the method takes :math:`\log L_k`, and a
+    zero loss would make every weight 0 or NaN. ``check_inputs=True`` raises ``ValueError``
+    naming the task on a loss :math:`\le 0`.
+
+    Args:
+        tasks: Task names, in order.
+        allow_missing: Accept mappings without some tasks; the geometric mean is then taken
+            over the present tasks (:math:`K` is their number), and is 0 if none is present.
+        check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
+        sync_dist: Accepted for a uniform interface; this module keeps no statistics.
+
+    Example:
+        >>> import torch
+        >>> gls = GeometricMean(["depth", "segmentation"])
+        >>> gls({"depth": torch.tensor(8.0), "segmentation": torch.tensor(0.5)})
+        tensor(2.)
+        >>> {task: w.item() for task, w in gls.weights.items()}  # total / (K L_k)
+        {'depth': 0.125, 'segmentation': 2.0}
+
+    References:
+        Chennupati, Sistu, Yogamani, Rawashdeh. MultiNet++: Multi-Stream Feature Aggregation
+        and Geometric Loss Strategy for Multi-Task Learning. CVPR Workshops 2019.
+    """
+
+    _version = 1
+    _loss_domain: str | None = "positive"
+
+    def __init__(
+        self,
+        tasks: Iterable[str],
+        *,
+        allow_missing: bool = False,
+        check_inputs: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            check_tasks(tasks),
+            allow_missing=allow_missing,
+            check_inputs=check_inputs,
+            sync_dist=sync_dist,
+        )
+
+    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
+        """Return the geometric mean of ``losses`` (task name to scalar loss)."""
+        values, present = self._stack(losses)
+        count = present.sum().to(values.dtype)
+        # In log space: exp(mean log L) neither overflows nor underflows where the product of
+        # K losses would.
+        ones = torch.ones_like(values)
+        logs = torch.log(torch.where(present, values, ones))
+        mean_log = logs.sum() / count.clamp_min(1.0)
+        total = torch.where(count > 0, torch.exp(mean_log), torch.zeros_like(mean_log))
+        # d total / d L_k = total / (K L_k). Logged, not differentiated: cut the graph.
+        detached = torch.where(present, values.detach(), ones)
+        self._record(total.detach() / (count.clamp_min(1.0) * detached), present)
+        return total

@@ -1,0 +1,43 @@
+"""DBMTL (loss-scale half): sum log(L + eps), weights 1 / (L + eps)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from weighting_helpers import TASKS, effective_weights, leaf_losses
+
+from balanced_losses import DBMTL
+
+
+def test_total_and_weights_by_hand() -> None:
+    values = [0.5, 2.0, 1e-9]
+    losses = leaf_losses(values)
+    total = DBMTL(TASKS)(losses)
+    torch.testing.assert_close(
+        total, torch.tensor(sum(math.log(v + 1e-8) for v in values), dtype=torch.float64)
+    )
+    expected = torch.tensor([1 / (v + 1e-8) for v in values], dtype=torch.float64)
+    torch.testing.assert_close(effective_weights(total, losses), expected)
+
+
+def test_transform_gives_the_per_task_logs_that_sum_to_the_total() -> None:
+    dbmtl = DBMTL(TASKS, eps=0.0, allow_missing=True)
+    losses = leaf_losses([0.5, 2.0, 4.0])
+    logs = dbmtl.transform(losses)
+    assert list(logs) == list(TASKS)
+    torch.testing.assert_close(logs["normals"], torch.tensor(math.log(4.0), dtype=torch.float64))
+    torch.testing.assert_close(sum(logs.values()), dbmtl(losses))
+    assert list(dbmtl.transform({"depth": losses["depth"], "normals": None})) == ["depth"]
+
+
+def test_gradient_is_scale_free() -> None:
+    # d log(c L) / d theta = d log L / d theta: the per-task gradient ignores the loss's units.
+    theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    dbmtl = DBMTL(["x"], eps=0.0)
+    grads = [
+        torch.autograd.grad(dbmtl({"x": scale * (theta**2 + 1)}), theta)[0]
+        for scale in (1e-4, 1.0, 1e4)
+    ]
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])

@@ -1,0 +1,133 @@
+"""Our weightings against TorchJD 0.18's scalarizers: same losses, same calls, same weights.
+
+Compared: ``torchjd.scalarization.UW`` (UncertaintyWeighting), ``IMTLL``, ``DWA``, ``FAMO``,
+``GeometricMean`` and ``Random`` (RLW). Effective weights are d total / d L_k by autograd on
+both sides. Where the two differ by design, the comment says how and the part that must agree is
+compared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from weighting_helpers import TASKS, effective_weights, leaf_losses, losses_at
+
+from balanced_losses import DWA, FAMO, IMTLL, RLW, GeometricMean, UncertaintyWeighting
+
+pytest.importorskip("torchjd")
+scalarization = pytest.importorskip("torchjd.scalarization")
+
+K = len(TASKS)
+
+
+def stacked(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack([losses[t] for t in TASKS])
+
+
+def both(ours, theirs, values: list[float], *, dtype=torch.float64):
+    """Totals and effective weights of both modules on the same loss values (separate leaves)."""
+    mine = leaf_losses(values, dtype=dtype)
+    other = leaf_losses(values, dtype=dtype)
+    total_ours = ours(mine)
+    total_theirs = theirs(stacked(other))
+    return (
+        total_ours,
+        total_theirs,
+        effective_weights(total_ours, mine),
+        effective_weights(total_theirs, other),
+    )
+
+
+def sgd(module: torch.nn.Module, total: torch.Tensor, lr: float = 0.2) -> None:
+    params = list(module.parameters())
+    grads = torch.autograd.grad(total, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.sub_(lr * g)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        # Kendall regression form: sum 0.5 exp(-s) L + 0.5 s, identical to TorchJD's UW.
+        (lambda: UncertaintyWeighting(TASKS), lambda: scalarization.UW(K)),
+        (lambda: IMTLL(TASKS), lambda: scalarization.IMTLL(K)),
+    ],
+    ids=["UW", "IMTLL"],
+)
+def test_learned_scales_follow_the_same_trajectory(ours, theirs) -> None:
+    a, b = ours().double(), theirs().double()
+    for step in range(10):
+        total_a, total_b, w_a, w_b = both(a, b, losses_at(step))
+        torch.testing.assert_close(total_a, total_b, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(w_a, w_b, rtol=1e-13, atol=0)
+        sgd(a, total_a)
+        sgd(b, total_b)
+    assert not torch.allclose(w_a, torch.ones_like(w_a)), "the scales never moved"
+
+
+def test_geometric_mean() -> None:
+    a, b = GeometricMean(TASKS), scalarization.GeometricMean()
+    for values in ([0.5, 2.0, 8.0], [1e-6, 3.0, 1e5], [1.0, 1.0, 1.0]):
+        total_a, total_b, w_a, w_b = both(a, b, values)
+        torch.testing.assert_close(total_a, total_b, rtol=1e-14, atol=0)
+        torch.testing.assert_close(w_a, w_b, rtol=1e-14, atol=0)
+
+
+def test_dwa_over_epochs_with_the_same_step_calls() -> None:
+    a, b = DWA(TASKS, temperature=2.0).double(), scalarization.DWA(temperature=2.0)
+    for epoch in range(5):
+        for batch in range(4):
+            values = [v * (1 + 0.1 * batch) for v in losses_at(3 * epoch + (epoch % 2) * batch)]
+            total_a, total_b, w_a, w_b = both(a, b, values)
+            torch.testing.assert_close(total_a, total_b, rtol=1e-14, atol=0)
+            torch.testing.assert_close(w_a, w_b, rtol=1e-14, atol=0)
+        a.step()
+        b.step()
+    assert not torch.allclose(w_a, torch.ones_like(w_a)), "DWA never left uniform weights"
+
+
+def test_famo_with_the_same_update_calls() -> None:
+    # TorchJD's FAMO steps its logits with torch.optim.Adam; ours writes Adam out (buffers in
+    # the state_dict). Same maths, different rounding order: compared to 1e-12.
+    a, b = FAMO(TASKS).double(), scalarization.FAMO(K).double()
+    for step in range(15):
+        values = losses_at(step)
+        after = [v * (0.9 + 0.04 * ((step + k) % 3)) for k, v in enumerate(values)]
+        total_a, total_b, w_a, w_b = both(a, b, values)
+        torch.testing.assert_close(total_a, total_b, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(w_a, w_b, rtol=1e-12, atol=0)
+        a.update(leaf_losses(after))
+        b.update(stacked(leaf_losses(after)))
+        torch.testing.assert_close(a.logits, b._w.detach(), rtol=1e-12, atol=1e-14)
+    assert a.logits.abs().max() > 0.02, "the logits never moved"
+
+
+def test_rlw_draws_the_same_stream_as_random_scaled_by_k() -> None:
+    # TorchJD's Random draws from the global RNG in the losses' dtype and its weights sum to 1
+    # (the paper's); ours draws float32 from its own generator and sums to K. Seeding the
+    # global RNG with our seed gives the same float32 stream: our weights = K * theirs.
+    seed = 2024
+    a, b = RLW(TASKS, seed=seed), scalarization.Random()
+    torch.manual_seed(seed)
+    for step in range(6):
+        total_a, total_b, w_a, w_b = both(a, b, losses_at(step), dtype=torch.float32)
+        torch.testing.assert_close(w_a, K * w_b, rtol=1e-6, atol=0)
+        torch.testing.assert_close(total_a, K * total_b, rtol=1e-6, atol=0)
+
+
+def test_imtll_is_twice_uw_at_minus_s_as_torchjd_documents() -> None:
+    imtl, uw = scalarization.IMTLL(K).double(), scalarization.UW(K).double()
+    with torch.no_grad():
+        imtl.log_scale.copy_(torch.tensor([0.2, -0.4, 1.0]))
+        uw.log_var.copy_(-imtl.log_scale)
+    values = torch.tensor(losses_at(2), dtype=torch.float64)
+    ours = IMTLL(TASKS).double()
+    with torch.no_grad():
+        ours.log_scales.copy_(imtl.log_scale)
+    total = ours({t: values[i] for i, t in enumerate(TASKS)})
+    torch.testing.assert_close(total, imtl(values))
+    torch.testing.assert_close(total, 2 * uw(values))
+    assert math.isfinite(total.item())
