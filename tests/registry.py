@@ -59,6 +59,21 @@ CASES: list[Case] = [
             allow_missing=m,
         ),
     ),
+    Case(
+        "DWA",
+        lambda t, m: bl.DWA(t, allow_missing=m),
+        epoch_end=lambda w: w.step(),  # type: ignore[operator]
+    ),
+    Case("RLW", lambda t, m: bl.RLW(t, seed=0, allow_missing=m)),
+    Case("IMTLL", lambda t, m: bl.IMTLL(t, allow_missing=m)),
+    Case(
+        "FAMO",
+        lambda t, m: bl.FAMO(t, allow_missing=m),
+        positive=True,
+        after_step=lambda w, losses: w.update(losses),  # type: ignore[operator]
+    ),
+    Case("GeometricMean", lambda t, m: bl.GeometricMean(t, allow_missing=m), positive=True),
+    Case("DBMTL", lambda t, m: bl.DBMTL(t, allow_missing=m), positive=True),
 ]
 
 

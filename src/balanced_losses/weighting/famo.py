@@ -176,7 +176,9 @@ class FAMO(Weighting):
         # Algorithm 1: c and z are constants of the model's backward pass, so the gradient is
         # the convex combination sum_k c z_k / shifted_k grad L_k. Cut the path through c.
         ratio = torch.where(present, z / shifted.detach(), torch.zeros_like(z))
+        # With no task present the ratio is all zeros: divide by 1 instead of 0 (total 0).
         inv_c = ratio.sum()
+        inv_c = torch.where(inv_c > 0, inv_c, torch.ones_like(inv_c))
         weights = ratio / inv_c
         logs = torch.where(present, torch.log(shifted), torch.zeros_like(shifted))
         total = (z / inv_c * logs).sum()
