@@ -79,3 +79,84 @@ def _no_sync_run(rank: int) -> dict[str, Any]:
 def test_sync_can_be_switched_off():
     results = _spawn(_no_sync_run)
     assert results[0]["ema"].item() != results[1]["ema"].item()
+
+
+# --------------------------------------------- DDP training: bucketing survives our backward
+
+
+class _Net(torch.nn.Module):
+    """A shared trunk and two heads; forward takes the balancer so DDP sees the whole graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+        self.head_a = torch.nn.Linear(8, 2)
+        self.head_b = torch.nn.Linear(8, 30)
+
+    def forward(self, x: torch.Tensor, balancer: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.trunk(x)
+        views = {"a": feats, "b": feats} if balancer is None else balancer.branch(feats)
+        return self.head_a(views["a"]), self.head_b(views["b"])
+
+
+def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    x = torch.randn(6, 4, generator=gen)
+    return x, torch.randn(6, 2, generator=gen), 5 * torch.randn(6, 30, generator=gen)
+
+
+def _ddp_training_run(rank: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from balanced_losses import GradientBalancer, GradNorm, HuberLoss
+
+    huber = HuberLoss()
+    results: dict[str, Any] = {}
+    for method in ("balancer", "gradnorm"):
+        torch.manual_seed(0)
+        net = _Net()
+        model = DistributedDataParallel(net)
+        balancer = GradientBalancer(["a", "b"], momentum=0.5)
+        gradnorm = GradNorm(["a", "b"], net.trunk[0].weight, lr=0.05)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        local_norms = []
+        for step in range(3):
+            x, ya, yb = _data(rank, step)
+            opt.zero_grad()
+            if method == "balancer":
+                out_a, out_b = model(x, balancer)
+                weighting: Any = balancer
+            else:
+                out_a, out_b = model(x)
+                weighting = gradnorm
+            loss = weighting({"a": huber(out_a, ya), "b": huber(out_b, yb)})
+            loss.backward()
+            if method == "balancer":
+                local_norms.append(balancer.grad_norms.clone())
+            opt.step()
+        results[method] = {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "state": {k: v.clone() for k, v in weighting.state_dict().items()},
+            "weights": weighting.last_weights.clone(),
+            "local_norms": local_norms,
+        }
+    return results
+
+
+def test_ddp_training_with_balancer_and_gradnorm_keeps_ranks_identical():
+    results = _spawn(_ddp_training_run)
+    for method in ("balancer", "gradnorm"):
+        r0, r1 = results[0][method], results[1][method]
+        for p, q in zip(r0["params"], r1["params"], strict=True):
+            assert torch.isfinite(p).all()
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+        for key, value in r0["state"].items():
+            torch.testing.assert_close(r1["state"][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)
+    # The balancer's EMA folds in, each step, the mean over ranks of the norms each rank measured.
+    norms = [results[r]["balancer"]["local_norms"] for r in range(WORLD)]
+    assert not torch.equal(norms[0][0], norms[1][0])  # the ranks really saw different data
+    ema = torch.zeros(2)
+    for step in range(3):
+        ema = 0.5 * ema + 0.5 * (norms[0][step] + norms[1][step]) / 2
+    torch.testing.assert_close(results[0]["balancer"]["state"]["ema"], ema)

@@ -219,3 +219,48 @@ def test_no_host_device_sync_on_cuda(case):
             total.backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_grad_scaler_overflow_steps_leave_gradient_statistics_finite():
+    """Norms that overflow never enter; the multipliers stay finite through skipped steps.
+
+    GradScaler skips a step when any parameter gradient overflows. Where the gradient at the
+    shared features already overflowed, the balancer records nothing; where only the trunk's
+    parameter gradients overflowed, the finite feature norms of that step do enter the EMA
+    (documented: the multipliers are ratios of norms that carry the same scale).
+    """
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Linear(4, 8)
+            self.heads = nn.ModuleDict({"a": nn.Linear(8, 2), "b": nn.Linear(8, 30)})
+
+    torch.manual_seed(0)
+    net = Net()
+    balancer = bl.GradientBalancer(["a", "b"])
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    x = torch.randn(16, 4)
+    targets = {"a": torch.randn(16, 2), "b": 10 * torch.randn(16, 30)}
+    overflowed_at_features = skipped_steps = 0
+    for _ in range(30):
+        opt.zero_grad()
+        views = balancer.branch(net.trunk(x))
+        losses = {t: bl.functional.huber_loss(net.heads[t](views[t]), targets[t]) for t in "ab"}
+        ema, count = balancer.ema.clone(), balancer.count.clone()
+        # x1e4 makes the first steps' gradients overflow at the huge initial scale.
+        scaler.scale(1e4 * balancer(losses)).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped_steps += scaler.get_scale() < scale
+        bad = ~torch.isfinite(balancer.grad_norms)
+        overflowed_at_features += int(bad.any())
+        assert torch.equal(balancer.ema[bad], ema[bad])
+        assert torch.equal(balancer.count[bad], count[bad])
+        assert bool(torch.isfinite(balancer.ema).all())
+        assert bool(torch.isfinite(balancer.multipliers()).all())
+    assert overflowed_at_features > 0
+    assert skipped_steps >= overflowed_at_features  # overflow at the features is skipped
+    assert balancer.count.min().item() > 0  # training went on once the scale came down

@@ -80,8 +80,12 @@ def gradient_norm(grads: list[Tensor | None]) -> Tensor | None:
 
     None when every entry is None.
     """
+    # Squares of float32 gradients above ~1e19 overflow float32 although the gradient itself is
+    # finite, as under a large GradScaler scale: accumulate in float64 where the device has it.
     parts: list[Tensor] = [
-        torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
+        torch.linalg.vector_norm(
+            g, dtype=torch.float32 if g.device.type == "mps" else torch.float64
+        )
         for g in grads
         if g is not None
     ]
