@@ -68,6 +68,14 @@ class GradNorm(Weighting):
     disabled, the weights are only applied. For balancing without extra passes see
     :class:`~balanced_losses.GradientBalancer`.
 
+    **torch.compile**: :meth:`forward` calls ``torch.autograd.grad`` through the model's
+    graph, so it cannot be compiled on its own; compile the whole training step with
+    ``torch._dynamo.config.trace_autograd_ops = True`` and ``fullgraph=True``. Our tests show
+    that capture equal to eager with ``backend="eager"``. With AOTAutograd backends
+    (``"aot_eager"``, ``"inductor"``) PyTorch 2.13 computed the model's gradients with the
+    weights *after* this step's in-place update, which is wrong: there, compile the model and
+    keep GradNorm outside the compiled region.
+
     **State**: weights, :math:`L_k(0)`, step count and optimizer state are buffers, so
     ``state_dict`` resumes training exactly. The weights are buffers, not ``nn.Parameter``:
     they are trained by this module's own optimizer and must not be handed to the model's.
