@@ -15,6 +15,7 @@ import torch
 from weighting_helpers import TASKS, effective_weights, leaf_losses, losses_at
 
 from balanced_losses import DWA, FAMO, IMTLL, RLW, GeometricMean, UncertaintyWeighting
+from balanced_losses.weighting.rlw import _standard_normal
 
 pytest.importorskip("torchjd")
 scalarization = pytest.importorskip("torchjd.scalarization")
@@ -105,17 +106,36 @@ def test_famo_with_the_same_update_calls() -> None:
     assert a.logits.abs().max() > 0.02, "the logits never moved"
 
 
-def test_rlw_draws_the_same_stream_as_random_scaled_by_k() -> None:
-    # TorchJD's Random draws from the global RNG in the losses' dtype and its weights sum to 1
-    # (the paper's); ours draws float32 from its own generator and sums to K. Seeding the
-    # global RNG with our seed gives the same float32 stream: our weights = K * theirs.
+def test_rlw_given_the_same_z_is_random_scaled_by_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TorchJD's Random draws z from torch's global RNG (torch.randn, in the losses' dtype) and
+    # its weights sum to 1 (the paper's); ours draws z from a Philox stream keyed by our seed and
+    # sums to K. The streams differ by design (ours must compile and stay on the device), so
+    # what can be compared is the map from z to weights: TorchJD's torch.randn is made to return
+    # the z our module draws at that step, and then our weights must be K times TorchJD's.
     seed = 2024
     a, b = RLW(TASKS, seed=seed), scalarization.Random()
-    torch.manual_seed(seed)
+    drawn: list[torch.Tensor] = []
+
+    def our_z(n: int, *, device=None, dtype=None, **_: object) -> torch.Tensor:
+        assert n == K
+        drawn.append(_standard_normal(a.seed, a.step - 1, torch.arange(K)))
+        return drawn[-1].to(device=device, dtype=dtype)
+
     for step in range(6):
-        total_a, total_b, w_a, w_b = both(a, b, losses_at(step), dtype=torch.float32)
+        values = losses_at(step)
+        mine, other = (
+            leaf_losses(values, dtype=torch.float32),
+            leaf_losses(values, dtype=torch.float32),
+        )
+        total_a = a(mine)  # advances a.step: our_z reads the draw a just made
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "randn", our_z)
+            total_b = b(stacked(other))
+        w_a, w_b = effective_weights(total_a, mine), effective_weights(total_b, other)
         torch.testing.assert_close(w_a, K * w_b, rtol=1e-6, atol=0)
         torch.testing.assert_close(total_a, K * total_b, rtol=1e-6, atol=0)
+    assert len(drawn) == 6
+    assert not torch.equal(drawn[0], drawn[1])
 
 
 def test_imtll_is_twice_uw_at_minus_s_as_torchjd_documents() -> None:
