@@ -125,7 +125,10 @@ class DWA(Weighting):
         older, newer = self.means[0], self.means[1]
         usable = (self.epochs >= 2) & (older != 0)
         safe_older = torch.where(usable, older, torch.ones_like(older))
-        return torch.where(usable, newer / safe_older, torch.ones_like(older))
+        rates = torch.where(usable, newer / safe_older, torch.ones_like(older))
+        # A ratio of finite means can still overflow (1e8 / 1e-30); an inf rate would turn the
+        # softmax into NaN. The largest finite value keeps the intended "this task gets all".
+        return rates.nan_to_num(posinf=torch.finfo(rates.dtype).max)
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the DWA total of ``losses`` (task name to scalar loss)."""
