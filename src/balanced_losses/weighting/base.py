@@ -45,6 +45,24 @@ class Weighting(nn.Module):
         check_inputs: Validate loss values, at the cost of a host-device sync per step.
         sync_dist: Average statistics' inputs across ranks when ``torch.distributed`` is
             initialized with more than one rank.
+
+    Example:
+        A plain sum written as a weighting, with partial labels:
+
+        >>> import torch
+        >>> class PlainSum(Weighting):
+        ...     def forward(self, losses):
+        ...         values, present = self._stack(losses)
+        ...         weights = present.to(values.dtype)
+        ...         self._record(weights, present)
+        ...         return (weights * values).sum()
+        >>> plain_sum = PlainSum(["pointer", "countdown"], allow_missing=True)
+        >>> plain_sum({"pointer": torch.tensor(0.5), "countdown": torch.tensor(3.0)})
+        tensor(3.5000)
+        >>> plain_sum({"pointer": torch.tensor(0.5)})  # no countdown label in this batch
+        tensor(0.5000)
+        >>> plain_sum.weights
+        {'pointer': tensor(1.), 'countdown': tensor(0.)}
     """
 
     _version: int = 1
