@@ -283,6 +283,8 @@ def _two_tasks(seed: int) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
+# Dynamo itself instantiates autograd.Function subclasses while tracing and warns about it.
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 @pytest.mark.parametrize(
     ("method", "backend"), [("GradientBalancer", "aot_eager"), ("GradNorm", "eager")]
 )
