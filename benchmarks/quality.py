@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -147,8 +148,9 @@ def write_markdown(
         )
     lines += [
         "",
-        f"Wall time of the runs made by this call: {seconds / 60:.1f} min. Per-seed values and "
-        f"curves are in `{runs_name}`.",
+        f"Wall time of the runs made by this call: {seconds / 60:.1f} min (load average at "
+        f"the end: {os.getloadavg()[1]:.1f} over 5 min on {os.cpu_count()} cores). Per-seed "
+        f"values and curves are in `{runs_name}`.",
         "",
     ]
     path.write_text("\n".join(lines))

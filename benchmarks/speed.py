@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -153,7 +154,12 @@ def to_markdown(results: dict[str, list[dict]], args: argparse.Namespace, second
                 f"| {row['alloc_ratio']:.2f} |"
             )
         lines.append("")
-    lines.append(f"Wall time {seconds:.0f} s.")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines.append(
+        f"Wall time {seconds:.0f} s; load average at the end (1/5/15 min): {load} on "
+        f"{os.cpu_count()} cores. Other processes add noise to the ratios (wider ranges) "
+        "but, interleaved, not a bias."
+    )
     lines.append("")
     return "\n".join(lines)
 

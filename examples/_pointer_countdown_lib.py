@@ -294,12 +294,14 @@ class Strategy:
         total = probe(dict(losses))
         if self.branches:
             torch.autograd.grad(total, model.shared_parameters(), allow_unused=True)
-        return {t: float(w) for t, w in probe.weights.items()}
+        # Reported numbers: a weighting may return weights that still carry a graph.
+        return {t: float(w.detach()) for t, w in probe.weights.items()}
 
     def describe_weights(self) -> dict[str, float]:
         if self.weighting is None or not hasattr(self.weighting, "weights"):
             return {}
-        return {t: float(w) for t, w in self.weighting.weights.items()}
+        # Reported numbers only: cut any graph the weights still carry.
+        return {t: float(w.detach()) for t, w in self.weighting.weights.items()}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -103,3 +104,81 @@ def test_weighted_ratio_uses_effective_weights_without_touching_state() -> None:
     # The probe ran on a copy: the strategy's own statistics have seen nothing.
     assert strategy.weighting is not None
     assert torch.equal(strategy.weighting.count, torch.zeros(2, dtype=torch.long))
+
+
+def test_strategy_hooks_branching_and_extra_parameters() -> None:
+    """The registry's plumbing for methods that are not merged yet, with stand-in weightings."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import _pointer_countdown_lib as lib
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    import torch
+    from torch import nn
+
+    calls: dict[str, list] = {"branch": [], "update": [], "step": []}
+
+    class StandIn(nn.Module):
+        """Learned weight per task, a branch that doubles the pointer's gradient, two hooks."""
+
+        def __init__(self, tasks: tuple[str, ...]) -> None:
+            super().__init__()
+            self.tasks = tasks
+            self.scale = nn.Parameter(torch.ones(len(tasks)))
+
+        def branch(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+            calls["branch"].append(feats.shape)
+            doubled = feats.detach() + 2.0 * (feats - feats.detach())  # value feats, grad x2
+            return {"pointer": doubled, "countdown": feats}
+
+        def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+            return sum(self.scale[i] * losses[t] for i, t in enumerate(self.tasks))
+
+        @property
+        def weights(self) -> dict[str, torch.Tensor]:
+            # d total / d L_k at the shared features: the branch doubles the pointer's.
+            return {"pointer": 2.0 * self.scale[0], "countdown": self.scale[1]}
+
+        def update(self, losses: dict[str, torch.Tensor]) -> None:
+            assert all(not v.requires_grad for v in losses.values())
+            calls["update"].append(sorted(losses))
+
+        def step(self) -> None:
+            calls["step"].append(True)
+
+    def factory(ctx: lib.MethodContext) -> lib.Strategy:
+        return lib.Strategy(
+            ctx.tasks,
+            StandIn(ctx.tasks),
+            optimize_weighting=True,
+            epoch_hook="step",
+            step_hook="update",
+        )
+
+    lib.REGISTRY["stand-in"] = lib.Method("stand-in", factory, "test")
+    try:
+        result = lib.train(
+            "stand-in", epochs=2, n_train=128, n_val=16, max_steps=3, probe_size=8, hidden=4
+        )
+    finally:
+        del lib.REGISTRY["stand-in"]
+    assert len(calls["update"]) == 6  # after every optimizer step
+    assert len(calls["step"]) == 2  # at every epoch's end
+    assert len(calls["branch"]) >= 6  # every training step branches
+    assert all(math.isfinite(r) for r in result.history["ratio"])
+    batch = lib.make_data(8, seed=3)
+    model = lib.PointerCountdownNet(hidden=4)
+    ctx = lib.MethodContext(lib.TASKS, dict(lib.OUTPUT_SIZES), model, 0)
+    strategy = factory(ctx)
+    optimizer = torch.optim.Adam([*model.parameters(), *strategy.extra_parameters()], lr=0.1)
+    strategy.step(model, optimizer, batch)
+    assert strategy.weighting is not None
+    # Its parameters were in the optimizer: Adam moved them away from 1.
+    assert not torch.equal(strategy.weighting.scale.detach(), torch.ones(2))
+    probe = lib.weighted_gradient_ratio(model, strategy, batch)
+    scale = strategy.weighting.scale.detach()
+    assert probe["w_pointer"] == pytest.approx(2.0 * scale[0].item(), rel=1e-6)
+    assert probe["ratio"] == pytest.approx(
+        scale[1].item() * probe["countdown"] / (2.0 * scale[0].item() * probe["pointer"]),
+        rel=1e-6,
+    )
