@@ -124,6 +124,8 @@ def write_markdown(
     seconds: float,
     smoke: bool,
     runs_name: str,
+    run_minutes: float,
+    new_runs: int,
 ) -> None:
     lines = [
         "# Training quality on the pointer/countdown problem",
@@ -148,9 +150,10 @@ def write_markdown(
         )
     lines += [
         "",
-        f"Wall time of the runs made by this call: {seconds / 60:.1f} min (load average at "
-        f"the end: {os.getloadavg()[1]:.1f} over 5 min on {os.cpu_count()} cores). Per-seed "
-        f"values and curves are in `{runs_name}`.",
+        f"Each run took {run_minutes:.1f} min on average (one torch thread; load average at "
+        f"the end: {os.getloadavg()[1]:.1f} over 5 min on {os.cpu_count()} cores); this call "
+        f"made {new_runs} of them in {seconds / 60:.1f} min. Per-seed values and curves are "
+        f"in `{runs_name}`.",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds=seconds,
         smoke=args.smoke,
         runs_name=runs_path.name,
+        run_minutes=statistics.fmean(r["seconds"] for r in runs) / 60 if runs else 0.0,
+        new_runs=len(jobs),
     )
     png_path = md_path.with_suffix(".png")
     plot(rows, runs, png_path, title=f"pointer/countdown, {epochs} epochs, seeds {seeds}")
