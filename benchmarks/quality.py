@@ -1,0 +1,274 @@
+"""Training quality of every method on the pointer/countdown problem, over several seeds.
+
+Trains the demo model of ``examples/pointer_countdown.py`` (same data generator, model,
+optimizer and budget: Adam lr 1e-3, batch 32, 2048 training samples, 20 epochs) under each
+method of the registry in ``examples/_pointer_countdown_lib.py``, plus each task alone
+(single-task baselines), for every seed. Within a seed every method starts from the same
+weights and sees the same batches.
+
+Writes ``<out>/quality.md`` (per-task validation MAE in bars, mean +- std over seeds, and
+delta_m against single-task training), ``<out>/quality.png`` and ``<out>/quality_runs.json``
+(every run, with its curves). delta_m of one seed is
+mean over tasks of (MAE_k - MAE_k(task k alone)) / MAE_k(task k alone), in %, against the
+single-task runs of the *same* seed; the table gives its mean and std over seeds.
+
+Usage (from the repository root)::
+
+    python benchmarks/quality.py --seeds 0 1 2 --jobs 2     # full run, ~10 min per method
+    python benchmarks/quality.py --reuse                    # only runs missing from the JSON
+    python benchmarks/quality.py --smoke                    # seconds, for CI
+
+Every run uses one torch thread; ``--jobs`` worker processes (2 by default: the benchmark
+targets a 2-core machine) run in parallel; ``--jobs 1`` runs in this process. Nothing here is
+tuned to any method: the budget and hyperparameters are the user's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import _pointer_countdown_lib as lib
+
+BASELINES = {"pointer": "pointer-alone", "countdown": "countdown-alone"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep runs already in quality_runs.json"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny runs, for CI")
+    return parser.parse_args(argv)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
+    result = lib.train(
+        job["method"],
+        seed=job["seed"],
+        epochs=job["epochs"],
+        n_train=job["n_train"],
+        n_val=job["n_val"],
+        max_steps=job["max_steps"],
+        probe_size=job["probe_size"],
+    )
+    out = lib.result_to_dict(result)
+    out["epochs"] = job["epochs"]
+    out["smoke"] = job["smoke"]
+    return out
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summarize(runs: list[dict[str, Any]], methods: list[str], seeds: list[int]) -> list[dict]:
+    """Per method: MAEs and delta_m per seed, paired with the same seed's single-task runs."""
+    by_key = {(r["method"], r["seed"]): r for r in runs}
+    rows = []
+    for method in methods:
+        mae: dict[str, list[float]] = {t: [] for t in lib.TASKS}
+        delta: list[float] = []
+        for seed in seeds:
+            run = by_key.get((method, seed))
+            if run is None:
+                continue
+            rels = []
+            for task in lib.TASKS:
+                base_method = BASELINES[task]
+                if method == base_method or method not in BASELINES.values():
+                    mae[task].append(run["val_mae"][task])
+                base = by_key.get((base_method, seed))
+                if base is not None and method not in BASELINES.values():
+                    single = base["val_mae"][task]
+                    rels.append((run["val_mae"][task] - single) / single)
+            if len(rels) == len(lib.TASKS):
+                delta.append(100.0 * statistics.fmean(rels))
+        rows.append({"method": method, "mae": mae, "delta": delta})
+    return rows
+
+
+def write_markdown(
+    rows: list[dict],
+    path: Path,
+    *,
+    seeds: list[int],
+    epochs: int,
+    seconds: float,
+    smoke: bool,
+    runs_name: str,
+    run_minutes: float,
+    new_runs: int,
+) -> None:
+    lines = [
+        "# Training quality on the pointer/countdown problem",
+        "",
+        "Generated by `python benchmarks/quality.py"
+        + (" --smoke" if smoke else f" --seeds {' '.join(map(str, seeds))}")
+        + "`. Validation MAE in bars after "
+        f"{epochs} epochs, mean ± std over seeds {seeds}. delta_m = mean over tasks of "
+        "(MAE - single-task MAE) / single-task MAE, paired per seed with the single-task runs "
+        "of the same seed; lower is better, <= 0 means the tasks are on average at least as "
+        "good as when trained alone.",
+        "",
+        "| method | pointer MAE | countdown MAE | delta_m (%) | description |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        method = row["method"]
+        delta = _fmt(row["delta"], 0) if row["delta"] else "-"
+        lines.append(
+            f"| {method} | {_fmt(row['mae']['pointer'])} | {_fmt(row['mae']['countdown'])} "
+            f"| {delta} | {lib.REGISTRY[method].description} |"
+        )
+    lines += [
+        "",
+        f"Each run took {run_minutes:.1f} min on average (one torch thread; load average at "
+        f"the end: {os.getloadavg()[1]:.1f} over 5 min on {os.cpu_count()} cores); this call "
+        f"made {new_runs} of them in {seconds / 60:.1f} min. Per-seed values and curves are "
+        f"in `{runs_name}`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def plot(rows: list[dict], runs: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = [row["method"] for row in rows]
+    xs = range(len(names))
+    for ax, task in zip(axes[:2], lib.TASKS, strict=False):
+        for x, row in zip(xs, rows, strict=True):
+            values = row["mae"][task]
+            if values:
+                ax.bar(x, statistics.fmean(values), color="C0", alpha=0.5)
+                ax.plot([x] * len(values), values, "k.", ms=5)
+        ax.set_title(f"{task} validation MAE (bars), seeds as dots", fontsize=10)
+        ax.set_yscale("log")
+    for x, row in zip(xs, rows, strict=True):
+        if row["delta"]:
+            mean = statistics.fmean(row["delta"])
+            ax = axes[2]
+            ax.bar(x, mean, color="C2" if mean <= 0 else "C3", alpha=0.6)
+            ax.plot([x] * len(row["delta"]), row["delta"], "k.", ms=5)
+    axes[2].axhline(0.0, color="black", lw=0.8)
+    axes[2].set_yscale("symlog", linthresh=10)
+    axes[2].set_title("delta_m vs single-task (%), seeds as dots", fontsize=10)
+    for ax in axes:
+        ax.set_xticks(list(xs), names, rotation=40, ha="right", fontsize=8)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = args.methods
+    if names is not None:
+        names = list(dict.fromkeys([*BASELINES.values(), *names]))
+    methods = lib.resolve_methods(names, baselines=True)
+    epochs = 1 if args.smoke else args.epochs
+    seeds = args.seeds[:1] if args.smoke else args.seeds
+    job_base = {
+        "epochs": epochs,
+        "n_train": 128 if args.smoke else 2048,
+        "n_val": 32 if args.smoke else 512,
+        "max_steps": 2 if args.smoke else None,
+        "probe_size": 8 if args.smoke else 128,
+        "smoke": args.smoke,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs_path = args.out / ("quality_smoke_runs.json" if args.smoke else "quality_runs.json")
+    previous: list[dict[str, Any]] = []
+    if args.reuse and runs_path.exists():
+        previous = [
+            r
+            for r in json.loads(runs_path.read_text())
+            if r["epochs"] == epochs and r["smoke"] == args.smoke
+        ]
+    done = {(r["method"], r["seed"]) for r in previous}
+    jobs = [
+        {"method": m, "seed": s, **job_base} for s in seeds for m in methods if (m, s) not in done
+    ]
+    print(f"{len(jobs)} runs ({len(done)} reused) on {args.jobs} worker(s)", flush=True)
+    started = time.perf_counter()
+    runs = list(previous)
+    # spawn: a fresh interpreter per worker, so no OpenMP state is inherited from the parent.
+    context = multiprocessing.get_context("spawn")
+    pool = None
+    if args.jobs > 1:
+        pool = ProcessPoolExecutor(
+            max_workers=args.jobs, mp_context=context, initializer=_worker_init
+        )
+    else:
+        _worker_init()
+    with pool if pool is not None else contextlib.nullcontext():
+        for run in pool.map(_run, jobs) if pool is not None else map(_run, jobs):
+            mae = run["val_mae"]
+            print(
+                f"  {run['method']:>18} seed {run['seed']}: pointer {mae['pointer']:6.2f}, "
+                f"countdown {mae['countdown']:6.2f} ({run['seconds']:.0f} s)",
+                flush=True,
+            )
+            runs.append(run)
+            runs_path.write_text(json.dumps(runs, indent=1))
+    seconds = time.perf_counter() - started
+    rows = summarize(runs, methods, seeds)
+    md_path = args.out / ("quality_smoke.md" if args.smoke else "quality.md")
+    write_markdown(
+        rows,
+        md_path,
+        seeds=seeds,
+        epochs=epochs,
+        seconds=seconds,
+        smoke=args.smoke,
+        runs_name=runs_path.name,
+        run_minutes=statistics.fmean(r["seconds"] for r in runs) / 60 if runs else 0.0,
+        new_runs=len(jobs),
+    )
+    png_path = md_path.with_suffix(".png")
+    plot(rows, runs, png_path, title=f"pointer/countdown, {epochs} epochs, seeds {seeds}")
+    print(md_path.read_text())
+    print(f"wrote {md_path}, {png_path}, {runs_path}")
+    bad = [r["method"] for r in runs if not all(math.isfinite(v) for v in r["val_mae"].values())]
+    if bad:
+        print(f"non-finite validation MAE for {sorted(set(bad))}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

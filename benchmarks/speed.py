@@ -1,0 +1,193 @@
+"""Per-step cost of every method relative to a plain ``sum(losses)``, time and memory.
+
+A step is what a training loop pays per batch: forward (encoder, heads, losses), the method's
+combination of the losses, backward, the optimizer step and the method's per-step hook (FAMO's
+``update`` recomputes the losses after the step). Per-epoch hooks (DWA's ``step``) are not
+counted.
+
+Time: every method has its own copy of the model (same initialization) and optimizer. After a
+warmup, each round runs one step of every method, in an order that rotates from round to
+round, all in one process, so that machine load drifts affect every method alike. The table
+gives the median step time and the median over rounds of (method's step time / the same
+round's ``sum`` step time), with its interquartile range.
+
+Memory: one more step of each method under ``torch.profiler`` with ``profile_memory=True``;
+the peak is the highest total of live CPU tensor bytes allocated during the step, above the
+level at its start (the step's working set: activations, gradients, temporaries).
+
+Two trunks: the demo model (bidirectional GRU, hidden 32) and a wider one (hidden 128).
+Writes ``<out>/speed.md``.
+
+Usage (from the repository root)::
+
+    python benchmarks/speed.py                 # ~2-4 min with the four methods available now
+    python benchmarks/speed.py --smoke         # seconds, for CI
+
+Runs with one torch thread by default (``--threads``) so ratios do not depend on how busy the
+other cores are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import _pointer_countdown_lib as lib
+import torch
+
+TRUNKS = {"demo (GRU hidden 32)": 32, "wide (GRU hidden 128)": 128}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--smoke", action="store_true", help="a few rounds, for CI")
+    return parser.parse_args(argv)
+
+
+class Runner:
+    """One method's model, optimizer and strategy, stepping through fixed batches."""
+
+    def __init__(self, method: str, hidden: int, batches: list[lib.Batch]) -> None:
+        torch.manual_seed(0)
+        self.model = lib.PointerCountdownNet(hidden=hidden)
+        ctx = lib.MethodContext(lib.TASKS, dict(lib.OUTPUT_SIZES), self.model, 0)
+        self.strategy = lib.REGISTRY[method].factory(ctx)
+        params = [*self.model.parameters(), *self.strategy.extra_parameters()]
+        self.optimizer = torch.optim.Adam(params, lr=1e-3)
+        self.batches = itertools.cycle(batches)
+
+    def step(self) -> float:
+        batch = next(self.batches)
+        start = time.perf_counter()
+        self.strategy.step(self.model, self.optimizer, batch)
+        return time.perf_counter() - start
+
+
+def peak_step_bytes(runner: Runner) -> tuple[int, int]:
+    """Peak live bytes above the step's starting level, and total bytes allocated, in a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    live = list(itertools.accumulate(n for _, n in events))
+    return max([0, *live]), sum(n for _, n in events if n > 0)
+
+
+def measure(methods: list[str], hidden: int, args: argparse.Namespace) -> list[dict]:
+    data = lib.make_data(8 * args.batch_size, seed=1)
+    batches = [
+        data.index(slice(i, i + args.batch_size)) for i in range(0, len(data), args.batch_size)
+    ]
+    runners = {m: Runner(m, hidden, batches) for m in methods}
+    for _ in range(args.warmup):
+        for runner in runners.values():
+            runner.step()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(args.rounds):
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
+        for m in order:
+            times[m].append(runners[m].step())
+    memory = {m: peak_step_bytes(runners[m]) for m in methods}
+    rows = []
+    for m in methods:
+        ratios = [t / s for t, s in zip(times[m], times["sum"], strict=True)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        rows.append(
+            {
+                "method": m,
+                "ms": 1e3 * statistics.median(times[m]),
+                "ratio": statistics.median(ratios),
+                "iqr": (q1, q3),
+                "peak": memory[m][0],
+                "peak_ratio": memory[m][0] / max(memory["sum"][0], 1),
+                "alloc": memory[m][1],
+                "alloc_ratio": memory[m][1] / max(memory["sum"][1], 1),
+            }
+        )
+    return rows
+
+
+def to_markdown(results: dict[str, list[dict]], args: argparse.Namespace, seconds: float) -> str:
+    lines = [
+        "# Per-step cost relative to a plain sum",
+        "",
+        "Generated by `python benchmarks/speed.py"
+        + (" --smoke" if args.smoke else "")
+        + f"` ({args.rounds} interleaved rounds after {args.warmup} warmup rounds, batch "
+        f"{args.batch_size}, {args.threads} torch thread(s), CPU, torch {torch.__version__}). "
+        "Time ratio: median over rounds of the method's step time divided by the same round's "
+        "`sum` step time [interquartile range]. Peak: highest live CPU tensor bytes during one "
+        "step above its starting level (torch.profiler); allocated: all bytes allocated in the "
+        "step.",
+        "",
+    ]
+    for trunk, rows in results.items():
+        lines += [
+            f"## {trunk}",
+            "",
+            "| method | step (ms) | time / sum | peak (MB) | peak / sum | allocated / sum |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            q1, q3 = row["iqr"]
+            lines.append(
+                f"| {row['method']} | {row['ms']:.1f} | {row['ratio']:.3f} [{q1:.3f}, {q3:.3f}] "
+                f"| {row['peak'] / 2**20:.1f} | {row['peak_ratio']:.2f} "
+                f"| {row['alloc_ratio']:.2f} |"
+            )
+        lines.append("")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines.append(
+        f"Wall time {seconds:.0f} s; load average at the end (1/5/15 min): {load} on "
+        f"{os.cpu_count()} cores. Other processes add noise to the ratios (wider ranges) "
+        "but, interleaved, not a bias."
+    )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.rounds, args.warmup, args.batch_size = 3, 1, 4
+    names = args.methods
+    if names is not None:
+        names = list(dict.fromkeys(["sum", *names]))
+    methods = lib.resolve_methods(names)
+    if "sum" not in methods:
+        methods.insert(0, "sum")
+    started = time.perf_counter()
+    results = {}
+    for trunk, hidden in TRUNKS.items():
+        print(f"{trunk}: {len(methods)} methods, {args.rounds} rounds", flush=True)
+        results[trunk] = measure(methods, hidden, args)
+    text = to_markdown(results, args, time.perf_counter() - started)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("speed_smoke.md" if args.smoke else "speed.md")
+    path.write_text(text)
+    print(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
