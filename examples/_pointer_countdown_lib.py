@@ -295,7 +295,11 @@ class Strategy:
         if self.branches:
             torch.autograd.grad(total, model.shared_parameters(), allow_unused=True)
         # Reported numbers: a weighting may return weights that still carry a graph.
-        return {t: float(w.detach()) for t, w in probe.weights.items()}
+        weights = {t: float(w.detach()) for t, w in probe.weights.items()}
+        inner = getattr(probe, "balancer", None)  # DBMTL: its gradient half scales on top
+        if self.branches and inner is not None:
+            weights = {t: w * float(inner.weights[t]) for t, w in weights.items()}
+        return weights
 
     def describe_weights(self) -> dict[str, float]:
         if self.weighting is None or not hasattr(self.weighting, "weights"):

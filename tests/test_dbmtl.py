@@ -41,3 +41,32 @@ def test_gradient_is_scale_free() -> None:
     ]
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0])
+
+
+def test_both_halves_scale_each_log_loss_gradient_to_the_largest_norm() -> None:
+    torch.manual_seed(0)
+    feats = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    heads = {
+        "a": torch.randn(5, 2, dtype=torch.float64),
+        "b": torch.randn(5, 40, dtype=torch.float64),
+    }
+    targets = {
+        "a": torch.randn(6, 2, dtype=torch.float64),
+        "b": 9 * torch.randn(6, 40, dtype=torch.float64),
+    }
+
+    def losses(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {t: (views[t] @ heads[t] - targets[t]).square().mean() for t in heads}
+
+    # Reference: per-task gradients of log L_k at the features, scaled to the largest norm.
+    plain = losses({"a": feats, "b": feats})
+    grads = {t: torch.autograd.grad(torch.log(plain[t] + 1e-8), feats)[0] for t in heads}
+    largest = max(g.norm() for g in grads.values())
+    expected = sum(g * (largest / g.norm()) for g in grads.values())
+
+    dbmtl = DBMTL(["a", "b"], momentum=0.0).double()
+    total = dbmtl(losses(dbmtl.branch(feats)))
+    (got,) = torch.autograd.grad(total, feats)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(total, sum(torch.log(v + 1e-8) for v in plain.values()))
+    assert set(dbmtl.state_dict()) == {"balancer.ema", "balancer.count"}

@@ -182,7 +182,9 @@ def test_fuzz_never_corrupts_statistics(case, steps, drop):
         finite_input = all(math.isfinite(v.item()) for v in losses.values())
         if finite_input:
             assert torch.isfinite(total), (values, total)
-            assert bool(torch.isfinite(weighting.last_weights).all())
+            # A logged weight may overflow where the true derivative does (GeometricMean's
+            # G / (K L_k) at L_k = 1e-30), but it is never NaN or negative.
+            assert not bool(torch.isnan(weighting.last_weights).any())
             assert bool((weighting.last_weights >= 0).all())
         for name, tensor in [*weighting.named_buffers(), *weighting.named_parameters()]:
             if tensor.is_floating_point() and name != "last_weights":

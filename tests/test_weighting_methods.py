@@ -88,7 +88,7 @@ def test_reset_returns_to_a_fresh_module(method: str) -> None:
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_state_dict_keys_are_stable(method: str) -> None:
     expected = {
-        "DBMTL": set(),
+        "DBMTL": {"balancer.ema", "balancer.count"},
         "DWA": {"epoch_sum", "epoch_count", "batches", "means", "epochs"},
         "FAMO": {
             "logits",

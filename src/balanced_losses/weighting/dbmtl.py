@@ -1,8 +1,9 @@
-"""DBMTL: the loss-scale half of Dual-Balancing Multi-Task Learning (Lin et al. 2023)."""
+"""DBMTL: Dual-Balancing Multi-Task Learning (Lin et al. 2023), both halves."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,18 +28,21 @@ class DBMTL(Weighting):
     IMTL-L (:class:`IMTLL`) converges to. The total is negative when the losses are below 1,
     which is expected: only its gradient matters.
 
-    **The other half.** DB-MTL also rescales each task's gradient on the shared parameters to
-    the largest task's gradient norm, smoothed by a moving average. That half is
-    :class:`balanced_losses.GradientBalancer` with ``target="max"`` and ``momentum=beta``;
-    use both by feeding it the log-transformed losses from :meth:`transform`::
+    **The other half: gradient magnitudes.** DB-MTL also rescales each task's gradient on the
+    shared representation to the largest task's gradient norm, smoothed by a moving average.
+    This module holds that half as a :class:`balanced_losses.GradientBalancer` with
+    ``target="max"`` and ``momentum`` (attribute ``balancer``; its statistics are in this
+    module's ``state_dict``). Route the shared features through :meth:`branch` to use it::
 
-        dbmtl = DBMTL(tasks)
-        balancer = GradientBalancer(tasks, target="max", momentum=beta)
-        log_losses = dbmtl.transform(losses)  # task name -> log(L_k + eps)
-        # ... and give `log_losses` to `balancer` as its per-task losses.
+        dbmtl = DBMTL(["pointer", "countdown"])
+        views = dbmtl.branch(model.encoder(x))      # as with GradientBalancer
+        loss = dbmtl({"pointer": head_p(views["pointer"]), ...})
+        loss.backward()  # log-losses, each task's feature gradient scaled to the largest
 
-    The authors' code smooths with a momentum that decays with the step, :math:`\beta /
-    t^{\beta_\sigma}`; a constant ``momentum`` is the :math:`\beta_\sigma = 0` case.
+    Without :meth:`branch` (no shared trunk to branch) only the log transform applies. The
+    authors' code smooths with a momentum that decays with the step,
+    :math:`\beta / t^{\beta_\sigma}`; a constant ``momentum`` is the :math:`\beta_\sigma = 0`
+    case.
 
     **Input domain.** Losses must be positive; ``check_inputs=True`` raises ``ValueError``
     naming the task on a loss :math:`\le 0`.
@@ -46,6 +50,7 @@ class DBMTL(Weighting):
     Args:
         tasks: Task names, in order.
         eps: :math:`\epsilon \ge 0` added inside the logarithm.
+        momentum: EMA momentum of the gradient-norm statistics of the gradient half.
         allow_missing: Accept mappings without some tasks; an absent task adds nothing.
         check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
         sync_dist: Accepted for a uniform interface; this module keeps no statistics.
@@ -64,7 +69,8 @@ class DBMTL(Weighting):
         arXiv:2308.12029, 2023.
     """
 
-    _version = 1
+    # Version 2 added the gradient-magnitude half (the `balancer` submodule's statistics).
+    _version = 2
     _loss_domain: str | None = "positive"
 
     def __init__(
@@ -72,6 +78,7 @@ class DBMTL(Weighting):
         tasks: Iterable[str],
         *,
         eps: float = 1e-8,
+        momentum: float = 0.9,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
@@ -83,6 +90,33 @@ class DBMTL(Weighting):
             sync_dist=sync_dist,
         )
         self.eps = check_number("eps", eps, low=0.0, strict=False)
+        # Imported here: gradient.py imports the weighting package, which imports this module.
+        from balanced_losses.gradient import GradientBalancer
+
+        self.balancer = GradientBalancer(
+            self.tasks,
+            target="max",
+            momentum=momentum,
+            # This module's own _stack already enforces `allow_missing`.
+            allow_missing=True,
+            sync_dist=sync_dist,
+        )
+
+    def branch(self, feats: Any) -> dict[str, Any]:
+        """One view of the shared ``feats`` per task; see :meth:`GradientBalancer.branch`."""
+        return self.balancer.branch(feats)
+
+    def reset(self) -> None:
+        """Forget the gradient-norm statistics and the logged weights."""
+        super().reset()
+        self.balancer.reset()
+
+    def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        if version < 2:
+            # Version 1 had no gradient half: start its statistics empty.
+            k = len(self.tasks)
+            state_dict.setdefault(prefix + "balancer.ema", torch.zeros(k))
+            state_dict.setdefault(prefix + "balancer.count", torch.zeros(k, dtype=torch.long))
 
     def transform(self, losses: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
         r"""Return :math:`\log(L_k + \epsilon)` per present task, differentiable.
@@ -102,8 +136,13 @@ class DBMTL(Weighting):
         logs = torch.log(torch.where(present, shifted, ones))
         # d total / d L_k = 1 / (L_k + eps). Logged, not differentiated: cut the graph.
         self._record(1.0 / torch.where(present, shifted.detach(), ones), present)
-        return logs.sum()
+        # The balancer's forward is the plain sum; it also learns which tasks are present, so
+        # that only those are expected to send a gradient through `branch`.
+        total: Tensor = self.balancer(
+            {n: logs[i] for i, n in enumerate(self.tasks) if losses.get(n) is not None}
+        )
+        return total
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
-        return f"tasks={list(self.tasks)}, eps={self.eps}"
+        return f"tasks={list(self.tasks)}, eps={self.eps}, momentum={self.balancer.momentum}"
