@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from balanced_losses._autograd import gradient_norm, is_measuring
-from balanced_losses.normalizer import _check_eps, _check_momentum, _check_task_weights
+from balanced_losses.weighting._checks import check_momentum, check_number, check_task_weights
 from balanced_losses.weighting.base import Weighting
 
 __all__ = ["GradientBalancer"]
@@ -202,9 +202,9 @@ class GradientBalancer(Weighting):
         super().__init__(tasks, allow_missing=allow_missing, sync_dist=sync_dist)
         if target not in ("mean", "max"):
             raise ValueError(f"`target` must be 'mean' or 'max', got {target!r}")
-        self.momentum = _check_momentum(momentum)
+        self.momentum = check_momentum(momentum)
         self.target = target
-        self.eps = _check_eps(eps)
+        self.eps = check_number("eps", eps, low=0.0, strict=True)
         k = len(self.tasks)
         self.register_buffer("ema", torch.zeros(k))
         self.register_buffer("count", torch.zeros(k, dtype=torch.long))
@@ -212,7 +212,7 @@ class GradientBalancer(Weighting):
         self.register_buffer("grad_norms", torch.zeros(k), persistent=False)
         # Constant derived from the constructor's arguments: rebuilt, never loaded.
         self.register_buffer(
-            "task_weights", torch.tensor(_check_task_weights(self.tasks, weights)), persistent=False
+            "task_weights", torch.tensor(check_task_weights(self.tasks, weights)), persistent=False
         )
         # Tasks given to the last forward(); None before any. A Python set: checked in backward
         # without touching a tensor.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,36 +9,10 @@ import torch
 from torch import Tensor
 
 from balanced_losses.functional import Correction, reduction_factors
+from balanced_losses.weighting._checks import check_momentum, check_number, check_task_weights
 from balanced_losses.weighting.base import Weighting
 
 __all__ = ["LossNormalizer"]
-
-
-def _check_momentum(momentum: float) -> float:
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
-    return float(momentum)
-
-
-def _check_eps(eps: float) -> float:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
-    return float(eps)
-
-
-def _check_task_weights(tasks: tuple[str, ...], weights: Mapping[str, float] | None) -> list[float]:
-    if weights is None:
-        return [1.0] * len(tasks)
-    unknown = sorted(set(weights) - set(tasks))
-    if unknown:
-        raise KeyError(f"unknown task(s) {unknown} in `weights`; expected one of {list(tasks)}")
-    values = []
-    for task in tasks:
-        w = weights.get(task, 1.0)
-        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-            raise ValueError(f"weight of task `{task}` must be a finite number >= 0, got {w!r}")
-        values.append(float(w))
-    return values
 
 
 class LossNormalizer(Weighting):
@@ -147,9 +120,9 @@ class LossNormalizer(Weighting):
             sync_dist=sync_dist,
         )
         self.output_sizes = dict(output_sizes)
-        self.momentum = _check_momentum(momentum)
+        self.momentum = check_momentum(momentum)
         self.correction = correction
-        self.eps = _check_eps(eps)
+        self.eps = check_number("eps", eps, low=0.0, strict=True)
         if isinstance(accumulation_steps, bool) or not (
             isinstance(accumulation_steps, int) and accumulation_steps >= 1
         ):
@@ -166,7 +139,7 @@ class LossNormalizer(Weighting):
         self.register_buffer("micro_step", torch.zeros((), dtype=torch.long))
         # Constants derived from the constructor's arguments: rebuilt, never loaded.
         self.register_buffer(
-            "task_weights", torch.tensor(_check_task_weights(self.tasks, weights)), persistent=False
+            "task_weights", torch.tensor(check_task_weights(self.tasks, weights)), persistent=False
         )
         self.register_buffer(
             "factors", torch.tensor([factors[t] for t in self.tasks]), persistent=False

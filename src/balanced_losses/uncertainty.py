@@ -98,8 +98,6 @@ class UncertaintyWeighting(Weighting):
         check_inputs: bool = False,
         sync_dist: bool = True,
     ) -> None:
-        if isinstance(tasks, str):
-            raise TypeError(f"`tasks` must be a sequence of task names, got the string {tasks!r}")
         super().__init__(
             tasks, allow_missing=allow_missing, check_inputs=check_inputs, sync_dist=sync_dist
         )

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-__all__ = ["check_number", "check_tasks", "per_task_values"]
-
-
-def check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
-    """Reject a bare string passed where a sequence of task names is expected."""
-    if isinstance(tasks, str):
-        raise TypeError(f"`tasks` must be a sequence of task names, got the string {tasks!r}")
-    return tuple(tasks)
+__all__ = ["check_momentum", "check_number", "check_task_weights", "per_task_values"]
 
 
 def check_number(name: str, value: object, *, low: float, strict: bool) -> float:
@@ -48,3 +41,19 @@ def per_task_values(
             raise ValueError(f"`{name}` of task `{task}` must be a finite number, got {value!r}")
         result.append(float(value))
     return result
+
+
+def check_momentum(momentum: float) -> float:
+    """Return ``momentum`` as a float if it is in [0, 1): an EMA weight on the old value."""
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+    return float(momentum)
+
+
+def check_task_weights(tasks: Sequence[str], weights: Mapping[str, float] | None) -> list[float]:
+    """Per-task weights in task order: finite numbers >= 0, 1 for tasks not named."""
+    values = per_task_values("weights", tasks, weights, 1.0)
+    for task, value in zip(tasks, values, strict=True):
+        if value < 0:
+            raise ValueError(f"`weights` of task `{task}` must be >= 0, got {value!r}")
+    return values

@@ -82,6 +82,8 @@ class Weighting(nn.Module):
         sync_dist: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(tasks, str):
+            raise TypeError(f"`tasks` must be a sequence of task names, got the string {tasks!r}")
         names = tuple(tasks)
         if len(names) == 0:
             raise ValueError("a weighting needs at least one task, got none")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from balanced_losses.weighting._checks import check_number, check_tasks, per_task_values
+from balanced_losses.weighting._checks import check_number, per_task_values
 from balanced_losses.weighting.base import Weighting
 
 __all__ = ["FAMO"]
@@ -109,7 +109,7 @@ class FAMO(Weighting):
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
-            check_tasks(tasks),
+            tasks,
             allow_missing=allow_missing,
             check_inputs=check_inputs,
             sync_dist=sync_dist,

@@ -7,7 +7,6 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from balanced_losses.weighting._checks import check_tasks
 from balanced_losses.weighting.base import Weighting
 
 __all__ = ["GeometricMean"]
@@ -62,7 +61,7 @@ class GeometricMean(Weighting):
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
-            check_tasks(tasks),
+            tasks,
             allow_missing=allow_missing,
             check_inputs=check_inputs,
             sync_dist=sync_dist,

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from balanced_losses.weighting._checks import check_number, check_tasks
+from balanced_losses.weighting._checks import check_number
 from balanced_losses.weighting.base import Weighting
 
 __all__ = ["IMTLL"]
@@ -73,7 +73,7 @@ class IMTLL(Weighting):
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
-            check_tasks(tasks),
+            tasks,
             allow_missing=allow_missing,
             check_inputs=check_inputs,
             sync_dist=sync_dist,

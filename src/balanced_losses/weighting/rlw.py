@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from balanced_losses.weighting._checks import check_tasks
 from balanced_losses.weighting.base import Weighting
 
 __all__ = ["RLW"]
@@ -157,7 +156,7 @@ class RLW(Weighting):
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
-            check_tasks(tasks),
+            tasks,
             allow_missing=allow_missing,
             check_inputs=check_inputs,
             sync_dist=sync_dist,
