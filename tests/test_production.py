@@ -335,3 +335,82 @@ def test_compiled_training_step_equals_eager(method, backend):
     torch.testing.assert_close(p_comp, p_eager)
     for key, value in s_eager.items():
         torch.testing.assert_close(s_comp[key], value, msg=key)
+
+
+# ------------------------------------------------ regressions found in review (each failed before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_batch_with_every_task_missing_still_backpropagates(case):
+    weighting = case.build(TASKS, True)
+    total = weighting({})
+    total.backward()  # a training loop's unconditional backward must not raise
+    assert total.item() == 0.0
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kept_weights_are_not_overwritten_by_the_next_step(case):
+    weighting = case.build(TASKS, False)
+    weighting(
+        {"pointer": torch.tensor(0.5), "countdown": torch.tensor(12.0), "aux": torch.tensor(3.0)}
+    )
+    kept = weighting.weights
+    snapshot = {t: w.clone() for t, w in kept.items()}
+    weighting(
+        {"pointer": torch.tensor(0.1), "countdown": torch.tensor(40.0), "aux": torch.tensor(1.0)}
+    )
+    for task, value in snapshot.items():
+        assert torch.equal(kept[task], value), task
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_finite_float64_loss_beyond_float32_range_never_enters_statistics(case):
+    weighting = case.build(TASKS, False)
+    losses = {
+        t: torch.tensor(v, dtype=torch.float64)
+        for t, v in zip(TASKS, (1e40, 2.0, 3.0), strict=True)
+    }
+    weighting(losses)
+    if case.after_step is not None:
+        case.after_step(weighting, losses)
+    for name, tensor in [*weighting.named_buffers(), *weighting.named_parameters()]:
+        if tensor.is_floating_point() and name != "last_weights":
+            assert bool(torch.isfinite(tensor).all()), name
+
+
+def test_famo_loss_at_its_bound_does_not_poison_the_logits():
+    famo = bl.FAMO(["a", "b"])
+    famo({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
+    famo.update({"a": torch.tensor(-0.5), "b": torch.tensor(1.5)})  # below the bound 0
+    assert bool(torch.isfinite(famo.logits).all())
+    assert torch.isfinite(famo({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}))
+
+
+def test_dwa_low_temperature_with_overflowing_rate_stays_finite():
+    dwa = bl.DWA(["a", "b"], temperature=0.5)
+    for means in ((1e-30, 1.0), (1e30, 1.0)):
+        dwa({"a": torch.tensor(means[0]), "b": torch.tensor(means[1])})
+        dwa.step()
+    assert torch.isfinite(dwa({"a": torch.tensor(1.0), "b": torch.tensor(1.0)}))
+    assert not bool(torch.isnan(dwa.last_weights).any())
+
+
+def test_geometric_mean_of_a_zero_loss_has_a_finite_gradient():
+    losses = {
+        "a": torch.tensor(0.0, requires_grad=True),
+        "b": torch.tensor(2.0, requires_grad=True),
+    }
+    total = bl.GeometricMean(["a", "b"])(losses)
+    total.backward()
+    assert 0.0 <= total.item() < 1e-18  # sqrt(tiny * 2): the floor of the log, not 0 * inf
+    assert all(torch.isfinite(v.grad) for v in losses.values())
+
+
+def test_gradient_report_accepts_a_parameter_generator_with_cosines():
+    net = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    out = net(x)
+    losses = {"a": out[:, 0].square().mean(), "b": out[:, 1].abs().mean()}
+    report = bl.diagnostics.gradient_report(losses, net.parameters(), cosines=True)
+    assert set(report.norms) == {"a", "b"}
+    assert len(report.cosines) == 1

@@ -177,3 +177,20 @@ def test_compile_fullgraph_equals_eager():
     compiled = torch.compile(uw, fullgraph=True, backend="aot_eager")
     for losses in ({"a": torch.tensor(1.5), "b": torch.tensor(0.3)}, {"a": torch.tensor(2.0)}):
         torch.testing.assert_close(compiled(losses), uw(losses))
+
+
+def test_correction_survives_training_because_it_multiplies_the_whole_term():
+    uw = UncertaintyWeighting(
+        ["p", "c"], output_sizes={"p": 2, "c": 98}, correction="sqrt", init=0.0
+    )
+    opt = torch.optim.SGD(uw.parameters(), lr=0.2)
+    losses = {"p": torch.tensor(0.2), "c": torch.tensor(15.7)}
+    for _ in range(1500):
+        opt.zero_grad()
+        uw(losses).backward()
+        opt.step()
+    # s -> log L whatever c_k is, so the weight -> c_k / (2 L_k), with c = (0.25, 1.75).
+    torch.testing.assert_close(uw.log_vars.detach(), torch.log(torch.tensor([0.2, 15.7])))
+    torch.testing.assert_close(
+        uw.last_weights, torch.tensor([0.25 / 0.4, 1.75 / 31.4]), rtol=1e-4, atol=0
+    )

@@ -205,6 +205,8 @@ def gradient_report(
         small      0.3536    2.4 %      0.025x
         `small` receives 2.5 % of `big`'s gradient.
     """
+    # Materialize once: a generator such as model.parameters() would be empty the second time.
+    params = as_tensors(params)
     norms = {name: float(norm) for name, norm in task_gradient_norms(losses, params).items()}
     total = sum(norms.values())
     largest = max(norms.values())

@@ -79,6 +79,10 @@ class GradNorm(Weighting):
     **State**: weights, :math:`L_k(0)`, step count and optimizer state are buffers, so
     ``state_dict`` resumes training exactly. The weights are buffers, not ``nn.Parameter``:
     they are trained by this module's own optimizer and must not be handed to the model's.
+    The shared parameters are references to your model's tensors, not state: a
+    ``copy.deepcopy`` or pickle of a GradNorm alone copies them and no longer follows the
+    model. To move a trained GradNorm to a new model, build a new one on the new model's
+    parameters and ``load_state_dict`` into it.
     Under ``sync_dist`` the losses and gradient norms are averaged across ranks before the
     update, so every rank applies the same weights.
 

@@ -23,7 +23,7 @@ class UncertaintyWeighting(Weighting):
     r"""Learned per-task log-variances :math:`s_k = \log \sigma_k^2` weigh the losses.
 
     .. math::
-        \text{total} = \sum_k a_k\, e^{-s_k}\, c_k L_k + r(s_k),\qquad
+        \text{total} = \sum_k c_k \bigl(a_k\, e^{-s_k} L_k + r(s_k)\bigr),\qquad
         a_k = \begin{cases} \tfrac12 & \text{regression} \\ 1 & \text{classification}
         \end{cases}
 
@@ -32,16 +32,19 @@ class UncertaintyWeighting(Weighting):
     :math:`r(s) = \log(1 + e^{s})` (``regularizer="positive"``: :math:`\log(1+\sigma^2)`,
     Liebel & Koerner 2018). The parameter is :math:`s = \log\sigma^2`, not :math:`\sigma`: it is
     unconstrained and :math:`e^{-s}` never divides by zero. :math:`c_k` is the optional
-    reduction-factor correction of :class:`~balanced_losses.LossNormalizer` (1 by default).
+    reduction-factor correction of :class:`~balanced_losses.LossNormalizer` (1 by default). It
+    multiplies the whole task term, not just the loss: inside, :math:`s_k` would absorb it
+    (the optimum would move to :math:`\log(c_k L_k)` and the weight back to :math:`1/(2L_k)`);
+    outside, the learned weight converges to :math:`c_k/(2L_k)` and the correction persists.
 
     **The Kendall total can be negative, and that is expected.** :math:`\tfrac12 s_k` is
     negative whenever :math:`\sigma_k < 1`, which is where a task with a loss below 1 drives it:
-    the optimum is :math:`s_k = \log(c_k L_k)` for regression and :math:`\log(2 c_k L_k)` for
+    the optimum is :math:`s_k = \log L_k` for regression and :math:`\log(2 L_k)` for
     classification, so the total goes below zero once the losses are small. Only the gradients
     matter. ``regularizer="positive"`` keeps every term, and so the total, above zero.
 
     **What it converges to.** At that optimum the regression weight
-    :math:`a_k e^{-s_k} = 1/(2 c_k L_k)`: the same division of each loss by its own value that
+    :math:`c_k a_k e^{-s_k} = c_k/(2 L_k)`: the same division of each loss by its own value that
     :class:`~balanced_losses.LossNormalizer` does, reached by gradient descent instead of an
     average. It therefore has the same blind spot for gradients of different scale (a Huber loss
     in its linear regime is punished for being large), and does not "handle the reduction bias
@@ -153,7 +156,7 @@ class UncertaintyWeighting(Weighting):
         # without bound. Liebel & Koerner 2018 use log(1 + sigma^2) = softplus(s) > 0 instead,
         # so that the total stays positive.
         penalty = 0.5 * s if self.regularizer == "kendall" else F.softplus(s)
-        terms = weights * values + penalty
+        terms = weights * values + self.factors * penalty
         self._record(weights, present)
         return torch.where(present, terms, torch.zeros_like(terms)).sum()
 

@@ -33,6 +33,8 @@ class Weighting(nn.Module):
       host-device sync, so they run only when ``check_inputs=True``.
     - **Logging**: :attr:`weights` holds the effective weight of each task at the last step,
       :math:`\partial\,\text{total} / \partial L_k`, as tensors (no sync until you ask).
+      :class:`~balanced_losses.GradientBalancer` acts in backward, not on the total: its
+      weights are the multipliers it applied to each task's gradient at the shared features.
     - **Distributed**: with ``sync_dist=True`` (the default) and an initialized multi-rank
       process group, the losses that enter statistics are first averaged over ranks, so every
       rank keeps the same statistics and applies the same weights.
@@ -112,7 +114,9 @@ class Weighting(nn.Module):
     @property
     def weights(self) -> dict[str, Tensor]:
         """Effective weight of each task at the last step, d total / d loss, as 0-dim tensors."""
-        return {name: self.last_weights[i] for i, name in enumerate(self._tasks)}
+        # Copies: the buffer is overwritten in place at the next step, and a user who keeps
+        # these tensors to convert on a later logging step must see this step's values.
+        return {name: self.last_weights[i].clone() for i, name in enumerate(self._tasks)}
 
     def reset(self) -> None:
         """Forget everything learned or tracked, as if freshly constructed."""
@@ -165,6 +169,10 @@ class Weighting(nn.Module):
             dtype = torch.promote_types(dtype, loss.dtype)
         zero = torch.zeros((), dtype=dtype, device=device)
         values = torch.stack([given.get(n, zero).to(dtype) for n in self._tasks])
+        if not given:
+            # No task present: the total is a constant 0. Make it a leaf that requires grad so
+            # that the usual `total.backward()` of a training loop still runs (and does nothing).
+            values.requires_grad_(True)
         present = self._all_present.to(device)
         if missing:
             present = present.clone()
@@ -193,7 +201,9 @@ class Weighting(nn.Module):
         values are the mean over the ranks where they are valid.
         """
         # Statistics are measurements of the losses, not part of the graph: cut the gradient.
-        detached = values.detach()
+        # Cast to the statistics' dtype first: a finite float64 loss above float32's range
+        # becomes inf there and must be rejected, not stored.
+        detached = values.detach().to(self.last_weights.dtype)
         valid = present & torch.isfinite(detached)
         if self.sync_dist:
             return distributed.mean_over_ranks(detached, valid)

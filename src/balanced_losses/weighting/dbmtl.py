@@ -39,10 +39,14 @@ class DBMTL(Weighting):
         loss = dbmtl({"pointer": head_p(views["pointer"]), ...})
         loss.backward()  # log-losses, each task's feature gradient scaled to the largest
 
-    Without :meth:`branch` (no shared trunk to branch) only the log transform applies. The
-    authors' code smooths with a momentum that decays with the step,
-    :math:`\beta / t^{\beta_\sigma}`; a constant ``momentum`` is the :math:`\beta_\sigma = 0`
-    case.
+    Without :meth:`branch` (no shared trunk to branch) only the log transform applies.
+
+    **Where this differs from the authors' code** (LibMTL's ``DB_MTL``): there, each task's
+    gradient *vector* on the shared parameters is averaged over steps (momentum
+    :math:`\beta / t^{\beta_\sigma}`) and the averaged vectors are scaled to the largest norm.
+    Here the current gradient at the shared *features* is scaled by the ratio of EMAs of the
+    norms, in the one backward pass, with no per-task backward and no stored gradient vectors.
+    The balance of magnitudes is the same; the smoothing of directions is not.
 
     **Input domain.** Losses must be positive; ``check_inputs=True`` raises ``ValueError``
     naming the task on a loss :math:`\le 0`.
@@ -53,7 +57,8 @@ class DBMTL(Weighting):
         momentum: EMA momentum of the gradient-norm statistics of the gradient half.
         allow_missing: Accept mappings without some tasks; an absent task adds nothing.
         check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
-        sync_dist: Accepted for a uniform interface; this module keeps no statistics.
+        sync_dist: Average the gradient half's norm statistics across ranks under
+            ``torch.distributed``.
 
     Example:
         >>> import torch

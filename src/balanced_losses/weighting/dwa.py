@@ -136,7 +136,11 @@ class DWA(Weighting):
         # Eq. 3: K * softmax(r / T). The weights come from past epochs only, so they are
         # constants for this batch's gradient.
         k = len(self.tasks)
-        weights = k * torch.softmax(self.rates.to(values.dtype) / self.temperature, dim=0)
+        # A temperature below 1 can push a clamped rate back to inf: clamp after dividing too.
+        scaled = (self.rates.to(values.dtype) / self.temperature).nan_to_num(
+            posinf=torch.finfo(values.dtype).max
+        )
+        weights = k * torch.softmax(scaled, dim=0)
         weights = torch.where(present, weights, torch.zeros_like(weights))
         if self.training:
             self._accumulate(values, present)

@@ -216,7 +216,9 @@ class FAMO(Weighting):
         bounds = self.min_losses.to(dtype)
         before = self.prev_losses - bounds + self.eps
         after = after.to(dtype) - bounds + self.eps
-        both = valid & self.prev_valid
+        # Only losses above their bound have a log: a loss at or below it (possible without
+        # check_inputs) must not carry a NaN into the logits, where it would stay forever.
+        both = valid & self.prev_valid & (before > 0) & (after > 0)
         ones = torch.ones_like(before)
         delta = torch.log(torch.where(both, before, ones)) - torch.log(
             torch.where(both, after, ones)

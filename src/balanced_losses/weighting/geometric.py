@@ -74,10 +74,13 @@ class GeometricMean(Weighting):
         # In log space: exp(mean log L) neither overflows nor underflows where the product of
         # K losses would.
         ones = torch.ones_like(values)
-        logs = torch.log(torch.where(present, values, ones))
+        # A zero loss would give log 0 = -inf and a NaN gradient (0 * inf): floor at the
+        # smallest normal number of the dtype, so the total is 0 and the gradient finite.
+        tiny = torch.finfo(values.dtype).tiny
+        logs = torch.log(torch.where(present, values.clamp_min(tiny), ones))
         mean_log = logs.sum() / count.clamp_min(1.0)
         total = torch.where(count > 0, torch.exp(mean_log), torch.zeros_like(mean_log))
         # d total / d L_k = total / (K L_k). Logged, not differentiated: cut the graph.
-        detached = torch.where(present, values.detach(), ones)
+        detached = torch.where(present, values.detach().clamp_min(tiny), ones)
         self._record(total.detach() / (count.clamp_min(1.0) * detached), present)
         return total
