@@ -414,3 +414,15 @@ def test_gradient_report_accepts_a_parameter_generator_with_cosines():
     report = bl.diagnostics.gradient_report(losses, net.parameters(), cosines=True)
     assert set(report.norms) == {"a", "b"}
     assert len(report.cosines) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_half_precision_model_keeps_statistics_in_float32(case, dtype):
+    model = nn.Module()
+    model.weighting = case.build(TASKS, False)
+    model.to(dtype)
+    for name, buffer in model.weighting.named_buffers():
+        if buffer.is_floating_point():
+            assert buffer.dtype == torch.float32, name
+    assert model.weighting.double().last_weights.dtype == torch.float64  # widening still works

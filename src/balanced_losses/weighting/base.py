@@ -215,6 +215,17 @@ class Weighting(nn.Module):
         shown = torch.where(present, weights.detach(), torch.zeros_like(weights.detach()))
         self.last_weights.copy_(shown)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Weighting:
+        # `model.half()` / `model.to(torch.bfloat16)` reach a weighting that is a submodule of
+        # the model. Half-precision statistics stop moving (an EMA update below the dtype's
+        # resolution rounds away) and Adam's eps underflows, so buffers stay at least float32.
+        # Devices still move, and `.double()` still widens.
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buffer.float()
+        return self
+
     # ------------------------------------------------------------------------- checkpoints
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
