@@ -160,3 +160,51 @@ def test_ddp_training_with_balancer_and_gradnorm_keeps_ranks_identical():
     for step in range(3):
         ema = 0.5 * ema + 0.5 * (norms[0][step] + norms[1][step]) / 2
     torch.testing.assert_close(results[0]["balancer"]["state"]["ema"], ema)
+
+
+# ------------------------------------------- every weighting: rank statistics equal the mean run
+
+
+def _all_cases_run(rank: int) -> dict[str, Any]:
+    from tests.registry import CASES
+
+    out = {}
+    for case in CASES:
+        weighting = case.build(["a", "b"], False)
+        for step in range(4):
+            losses = {
+                "a": torch.tensor(1.0 + step + 2.0 * rank),
+                "b": torch.tensor(10.0 / (step + 1) * (1 + rank)),
+            }
+            weighting(losses)
+            if case.after_step is not None:
+                case.after_step(weighting, {k: 0.9 * v for k, v in losses.items()})
+            if case.epoch_end is not None and step % 2 == 1:
+                case.epoch_end(weighting)
+        out[case.name] = weighting.state_dict()
+    return out
+
+
+def test_every_weighting_keeps_the_statistics_of_one_process_fed_the_mean_losses():
+    from tests.registry import CASES
+
+    results = _spawn(_all_cases_run)
+    for case in CASES:
+        reference = case.build(["a", "b"], False)
+        for step in range(4):
+            mean = {
+                "a": torch.tensor(((1.0 + step) + (3.0 + step)) / 2),
+                "b": torch.tensor((10.0 / (step + 1) + 20.0 / (step + 1)) / 2),
+            }
+            reference(mean)
+            if case.after_step is not None:
+                case.after_step(reference, {k: 0.9 * v for k, v in mean.items()})
+            if case.epoch_end is not None and step % 2 == 1:
+                case.epoch_end(reference)
+        for key, value in reference.state_dict().items():
+            for rank in range(WORLD):
+                got = results[rank][case.name][key]
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(got, value, msg=f"{case.name}.{key} rank {rank}")
+                else:
+                    assert got == value, f"{case.name}.{key} rank {rank}"
