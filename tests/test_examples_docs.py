@@ -150,7 +150,9 @@ def test_lightning_example_with_uncertainty_weighting(tmp_path):
 @pytest.mark.slow
 @needs_examples
 def test_lightning_example_with_loss_normalizer(tmp_path):
-    _check_lightning_run(tmp_path, "normalizer", "['count', 'ema']")
+    _check_lightning_run(
+        tmp_path, "normalizer", "['count', 'ema', 'micro_step', 'pending_count', 'pending_sum']"
+    )
 
 
 @pytest.mark.slow
