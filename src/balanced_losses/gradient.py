@@ -11,6 +11,7 @@ from torch import Tensor
 
 from balanced_losses._autograd import gradient_norm, is_measuring
 from balanced_losses.weighting._checks import check_momentum, check_number, check_task_weights
+from balanced_losses.weighting._stats import debiased
 from balanced_losses.weighting.base import Weighting
 
 __all__ = ["GradientBalancer"]
@@ -234,9 +235,7 @@ class GradientBalancer(Weighting):
     @property
     def running_norm(self) -> Tensor:
         r"""Bias-corrected EMA :math:`\hat n_k` of each task's gradient norm, NaN where unseen."""
-        seen = self.count > 0
-        debias = 1.0 - self.momentum ** self.count.to(self.ema.dtype)
-        return torch.where(seen, self.ema / debias.clamp_min(1e-38), torch.nan)
+        return debiased(self.ema, self.count, self.momentum)
 
     def multipliers(self) -> Tensor:
         r"""The factors :math:`s_k = w_k T / \hat n_k` the current statistics give, shape ``(K,)``.

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from balanced_losses.functional import Correction, reduction_factors
 from balanced_losses.weighting._checks import check_momentum, check_number, check_task_weights
+from balanced_losses.weighting._stats import debiased
 from balanced_losses.weighting.base import Weighting
 
 __all__ = ["LossNormalizer"]
@@ -159,11 +160,7 @@ class LossNormalizer(Weighting):
     @property
     def running_mean(self) -> Tensor:
         r"""Bias-corrected running mean :math:`\hat m_k` per task, NaN where none was seen."""
-        return self._debiased(self.ema, self.count)
-
-    def _debiased(self, ema: Tensor, count: Tensor) -> Tensor:
-        debias = 1.0 - self.momentum ** count.to(ema.dtype)
-        return torch.where(count > 0, ema / debias.clamp_min(1e-38), torch.nan)
+        return debiased(self.ema, self.count, self.momentum)
 
     @torch.no_grad()
     def _update(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,7 +199,7 @@ class LossNormalizer(Weighting):
         # The running mean is a measurement, not a function to differentiate: dividing by a
         # detached statistic rescales the gradient of L_k instead of cancelling it.
         current = values.detach().to(ema.dtype).abs()
-        scale = torch.where(count > 0, self._debiased(ema, count).abs(), current)
+        scale = torch.where(count > 0, debiased(ema, count, self.momentum).abs(), current)
         weights = self.task_weights * self.factors / scale.clamp_min(self.eps)
         weights = torch.where(present, weights, torch.zeros_like(weights))
         self._record(weights, present)
