@@ -306,8 +306,10 @@ class GradientBalancer(Weighting):
                 g = per_task[i][j]
                 if g is None:
                     continue
-                term = g * scale[i].to(device=g.device, dtype=g.dtype)
-                total = term if total is None else total + term
+                factor = scale[i].to(device=g.device, dtype=g.dtype)
+                # In place after the first task: one feature-sized buffer, as a plain sum's
+                # gradient accumulation needs, instead of one temporary per task.
+                total = g * factor if total is None else total.addcmul_(g, factor)
             merged.append(total)
         return merged
 
