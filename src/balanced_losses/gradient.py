@@ -82,7 +82,8 @@ class GradientBalancer(Weighting):
     of the shared features, :math:`g_k = \partial L_k / \partial \text{feats}`, arrives at one
     autograd node together. Its norm :math:`n_k = \lVert g_k \rVert_2` is taken over the batch
     and feature elements together (over all tensors when ``feats`` is a tuple or dict),
-    accumulated in float32 even when the gradients are bf16/fp16. The trunk receives
+    accumulated in float64 (float32 on MPS) even when the gradients are bf16/fp16, so that a
+    large GradScaler scale cannot overflow the squares of finite gradients. The trunk receives
 
     .. math::
         \frac{\partial\,\text{total}}{\partial\,\text{feats}} = \sum_k s_k\, g_k,\qquad
