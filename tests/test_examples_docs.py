@@ -162,7 +162,10 @@ def test_docs_figures_regenerate(tmp_path):
         pytest.skip("docs/ is not here (tests copied out of the source tree)")
     run_script(DOCS / "make_figures.py", "--out", str(tmp_path), cwd=tmp_path)
     made = sorted(p.name for p in tmp_path.glob("*.png"))
-    committed = sorted(p.name for p in (DOCS / "figures").glob("*.png"))
+    # pointer_countdown.png is the demo's own output (examples/pointer_countdown.py), copied.
+    committed = sorted(
+        p.name for p in (DOCS / "figures").glob("*.png") if p.name != "pointer_countdown.png"
+    )
     assert made == committed
     assert made  # the docs show at least one figure
 
