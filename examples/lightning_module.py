@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         restored = TwoTaskModule.load_from_checkpoint(path, map_location="cpu")
     saved = model.weighting.state_dict()
     loaded = restored.weighting.state_dict()
-    if saved.keys() != loaded.keys() or not all(torch.equal(saved[k], loaded[k]) for k in saved):
+    same = all(
+        torch.equal(value, loaded[key]) if isinstance(value, torch.Tensor) else value == loaded[key]
+        for key, value in saved.items()
+    )
+    if saved.keys() != loaded.keys() or not same:
         raise RuntimeError("the weighting's state did not survive the checkpoint round trip")
     print(f"checkpoint round trip restored weighting state: {sorted(saved)}")
     if trainer.logger is not None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
 
 from balanced_losses import LossNormalizer, distributed
 
@@ -136,7 +137,9 @@ def _ddp_training_run(rank: int) -> dict[str, Any]:
             opt.step()
         results[method] = {
             "params": [p.detach().clone() for p in model.parameters()],
-            "state": {k: v.clone() for k, v in weighting.state_dict().items()},
+            "state": {
+                k: v.clone() for k, v in weighting.state_dict().items() if isinstance(v, Tensor)
+            },
             "weights": weighting.last_weights.clone(),
             "local_norms": local_norms,
         }

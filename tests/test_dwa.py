@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -65,10 +66,12 @@ def test_eval_mode_applies_weights_without_accumulating() -> None:
     dwa = DWA(TASKS)
     run_epoch(dwa, [(2.0, 2.0)])
     dwa.eval()
-    state = {k: v.clone() for k, v in dwa.state_dict().items()}
+    state = copy.deepcopy(dwa.state_dict())
     dwa({"a": torch.tensor(100.0), "b": torch.tensor(1.0)})
-    for key, value in dwa.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    after = dwa.state_dict()
+    assert after["_extra_state"] == state.pop("_extra_state")
+    for key, value in state.items():
+        assert torch.equal(after[key], value), key
 
 
 def test_non_finite_loss_stays_out_of_the_epoch_mean() -> None:

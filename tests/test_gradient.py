@@ -400,7 +400,7 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
     for step in range(3):
         balanced_step(model, balancer, x + step, y_a, y_b)
     state = balancer.state_dict()
-    assert set(state) == {"ema", "count"}
+    assert set(state) == {"ema", "count", "_extra_state"}
     restored = GradientBalancer(["a", "b"], momentum=0.7).to(DT)
     restored.load_state_dict(state)
     model.zero_grad()

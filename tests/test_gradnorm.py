@@ -80,7 +80,7 @@ def test_first_update_sgd_matches_hand_computation() -> None:
     torch.testing.assert_close(gradnorm.loss_weights, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(gradnorm.gradnorm_loss, l_grad, rtol=1e-12, atol=0)
     torch.testing.assert_close(gradnorm.initial_losses, values, rtol=0, atol=0)
-    assert gradnorm.step.item() == 1
+    assert gradnorm.num_steps.item() == 1
     # The weights logged are the ones the total used: before the update.
     torch.testing.assert_close(gradnorm.last_weights, w0, rtol=0, atol=0)
 
@@ -172,7 +172,8 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
         gradnorm(losses_of(model, x + step, ys))
     state = gradnorm.state_dict()
     assert set(state) == {
-        "loss_weights", "initial_losses", "initialized", "step", "exp_avg", "exp_avg_sq",
+        "loss_weights", "initial_losses", "initialized", "num_steps", "exp_avg", "exp_avg_sq",
+        "_extra_state",
         "optimizer_steps",
     }  # fmt: skip
     restored = GradNorm(TASKS, params).to(DT)
@@ -187,11 +188,11 @@ def test_eval_mode_and_no_grad_apply_without_updating() -> None:
     model, x, ys = make()
     gradnorm = GradNorm(TASKS, model.shared).to(DT).eval()
     gradnorm(losses_of(model, x, ys))
-    assert gradnorm.step.item() == 0
+    assert gradnorm.num_steps.item() == 0
     gradnorm.train()
     with torch.no_grad():
         gradnorm(losses_of(model, x, ys))
-    assert gradnorm.step.item() == 0
+    assert gradnorm.num_steps.item() == 0
     torch.testing.assert_close(gradnorm.loss_weights, torch.ones(3, dtype=DT), rtol=0, atol=0)
 
 

@@ -356,6 +356,7 @@ def test_state_dict_resume_is_identical():
         "pending_sum",
         "pending_count",
         "micro_step",
+        "_extra_state",
     }
 
 

@@ -11,7 +11,8 @@ import torch
 from weighting_helpers import TASKS, leaf_losses, losses_at
 
 from balanced_losses import RLW
-from balanced_losses.weighting.rlw import _philox4x32, _standard_normal
+from balanced_losses._numerics import philox4x32 as _philox4x32
+from balanced_losses._numerics import standard_normal as _standard_normal
 
 # Known-answer vectors of Philox4x32-10, from the Random123 distribution (tests/kat_vectors):
 # counter words, key words, expected output words, all hex.
@@ -66,7 +67,7 @@ def test_weights_are_k_softmax_of_the_stream_at_the_step_counter() -> None:
         total = rlw(leaf_losses(values))
         torch.testing.assert_close(torch.stack(list(rlw.weights.values())), expected)
         torch.testing.assert_close(total, (expected * torch.tensor(values).double()).sum())
-        assert int(rlw.step) == step + 1
+        assert int(rlw.num_steps) == step + 1
 
 
 # ------------------------------------------------------------------ the draws are N(0, 1)
@@ -170,7 +171,7 @@ def test_eval_mode_is_the_plain_sum_and_draws_nothing() -> None:
     total = probe(leaf_losses([1.0, 2.0, 3.0]))
     torch.testing.assert_close(total, torch.tensor(6.0, dtype=torch.float64))
     assert all(w.item() == 1.0 for w in probe.weights.values())
-    assert int(probe.step) == 0
+    assert int(probe.num_steps) == 0
     probe.train()
     trained(leaf_losses([1.0, 2.0, 3.0]))
     probe(leaf_losses([1.0, 2.0, 3.0]))
@@ -189,9 +190,9 @@ def test_state_dict_holds_seed_and_counter_and_overrides_the_constructor_seed() 
     for step in range(3):
         original(leaf_losses(losses_at(step)))
     state = original.state_dict()
-    assert set(state) == {"seed", "step"}
+    assert set(state) == {"seed", "num_steps", "_extra_state"}
     assert int(state["seed"]) == 2**40 + 3
-    assert int(state["step"]) == 3
+    assert int(state["num_steps"]) == 3
     resumed = RLW(TASKS, seed=1)
     resumed.load_state_dict(state)
     for step in range(3, 6):
@@ -215,7 +216,7 @@ def test_version_1_checkpoint_loads_with_a_warning_and_restarts_the_stream() -> 
         UserWarning, match=r"version 1.*restart from step 0 with this module's seed 9"
     ):
         module.load_state_dict(state)
-    assert int(module.step) == 0
+    assert int(module.num_steps) == 0
     assert int(module.seed) == 9
     fresh = RLW(TASKS, seed=9)
     module(leaf_losses(losses_at(0)))
@@ -229,7 +230,7 @@ def test_a_current_state_dict_without_metadata_loads_silently() -> None:
     plain = dict(original.state_dict())  # a plain dict has no _metadata: version unknown
     resumed = RLW(TASKS, seed=0)
     resumed.load_state_dict(plain)  # filterwarnings=error: a warning would fail here
-    assert int(resumed.step) == 1
+    assert int(resumed.num_steps) == 1
     assert int(resumed.seed) == 4
 
 

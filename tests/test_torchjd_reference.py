@@ -15,7 +15,7 @@ import torch
 from weighting_helpers import TASKS, effective_weights, leaf_losses, losses_at
 
 from balanced_losses import DWA, FAMO, IMTLL, RLW, GeometricMean, UncertaintyWeighting
-from balanced_losses.weighting.rlw import _standard_normal
+from balanced_losses._numerics import standard_normal as _standard_normal
 
 pytest.importorskip("torchjd")
 scalarization = pytest.importorskip("torchjd.scalarization")
@@ -118,7 +118,7 @@ def test_rlw_given_the_same_z_is_random_scaled_by_k(monkeypatch: pytest.MonkeyPa
 
     def our_z(n: int, *, device=None, dtype=None, **_: object) -> torch.Tensor:
         assert n == K
-        drawn.append(_standard_normal(a.seed, a.step - 1, torch.arange(K)))
+        drawn.append(_standard_normal(a.seed, a.num_steps - 1, torch.arange(K)))
         return drawn[-1].to(device=device, dtype=dtype)
 
     for step in range(6):
@@ -127,7 +127,7 @@ def test_rlw_given_the_same_z_is_random_scaled_by_k(monkeypatch: pytest.MonkeyPa
             leaf_losses(values, dtype=torch.float32),
             leaf_losses(values, dtype=torch.float32),
         )
-        total_a = a(mine)  # advances a.step: our_z reads the draw a just made
+        total_a = a(mine)  # advances a.num_steps: our_z reads the draw a just made
         with monkeypatch.context() as patch:
             patch.setattr(torch, "randn", our_z)
             total_b = b(stacked(other))

@@ -160,7 +160,7 @@ def test_state_dict_round_trip_pickle_and_repr():
     loaded = UncertaintyWeighting(["a", "b"], kinds={"b": "classification"})
     loaded.load_state_dict(torch.load(buffer))
     assert torch.equal(loaded.log_vars, uw.log_vars)
-    assert set(uw.state_dict()) == {"log_vars"}
+    assert set(uw.state_dict()) == {"log_vars", "_extra_state"}
     clone = pickle.loads(pickle.dumps(uw))
     losses = {"a": torch.tensor(1.0), "b": torch.tensor(2.0)}
     assert torch.equal(clone(losses), uw(losses))

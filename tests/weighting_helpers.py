@@ -28,7 +28,7 @@ FACTORIES: dict[str, Callable[[tuple[str, ...]], Weighting]] = {
     "IMTLL": lambda tasks: IMTLL(tasks),
     "FAMO": lambda tasks: FAMO(tasks),
     "GeometricMean": lambda tasks: GeometricMean(tasks),
-    "DBMTL": lambda tasks: DBMTL(tasks),
+    "DBMTL": lambda tasks: DBMTL(tasks, balance_features=False),
     "UncertaintyWeighting": lambda tasks: UncertaintyWeighting(tasks),
 }
 METHODS = sorted(FACTORIES)

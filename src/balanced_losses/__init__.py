@@ -1,16 +1,28 @@
 """Drop-in multi-task loss balancing for PyTorch.
 
 Every weighting is an ``nn.Module`` whose ``forward`` takes a mapping from task name to scalar
-loss and returns the total to call ``.backward()`` on.
+loss and returns the total to call ``.backward()`` on. Two families:
+
+- loss-level weightings (:mod:`balanced_losses.weighting`) combine the loss values;
+- feature-level methods (:mod:`balanced_losses.features`) act on each task's gradient at the
+  shared features, inside the one backward pass.
+
+Every public class is imported from here, and only from here.
 """
 
 from balanced_losses import diagnostics, functional
-from balanced_losses.gradient import GradientBalancer
-from balanced_losses.gradnorm import GradNorm
+from balanced_losses._base import Weighting
+from balanced_losses.features._dbmtl import DBMTL
+from balanced_losses.features._gradient_balancer import GradientBalancer
 from balanced_losses.losses import HuberLoss
-from balanced_losses.normalizer import LossNormalizer
-from balanced_losses.uncertainty import UncertaintyWeighting
-from balanced_losses.weighting import DBMTL, DWA, FAMO, IMTLL, RLW, GeometricMean, Weighting
+from balanced_losses.weighting._dwa import DWA
+from balanced_losses.weighting._famo import FAMO
+from balanced_losses.weighting._geometric_mean import GeometricMean
+from balanced_losses.weighting._gradnorm import GradNorm
+from balanced_losses.weighting._imtll import IMTLL
+from balanced_losses.weighting._loss_normalizer import LossNormalizer
+from balanced_losses.weighting._rlw import RLW
+from balanced_losses.weighting._uncertainty import UncertaintyWeighting
 
 __version__ = "0.1.0"
 

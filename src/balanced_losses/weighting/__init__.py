@@ -1,11 +1,5 @@
-"""Loss weightings: the shared base and one module per published method."""
+"""Loss-level weightings: each combines the task losses' values into one total.
 
-from balanced_losses.weighting.base import Weighting
-from balanced_losses.weighting.dbmtl import DBMTL
-from balanced_losses.weighting.dwa import DWA
-from balanced_losses.weighting.famo import FAMO
-from balanced_losses.weighting.geometric import GeometricMean
-from balanced_losses.weighting.imtl import IMTLL
-from balanced_losses.weighting.rlw import RLW
-
-__all__ = ["DBMTL", "DWA", "FAMO", "IMTLL", "RLW", "GeometricMean", "Weighting"]
+The classes are imported from :mod:`balanced_losses` (one import path per class); the modules
+here are private, one per method.
+"""

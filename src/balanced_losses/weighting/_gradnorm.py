@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from balanced_losses._autograd import as_tensors, gradient_norm, task_gradients
-from balanced_losses.weighting.base import Weighting
+from balanced_losses._base import Weighting
+from balanced_losses._numerics import adam_update
 
 __all__ = ["GradNorm"]
 
@@ -116,13 +117,12 @@ class GradNorm(Weighting):
         Loss Balancing in Deep Multitask Networks. ICML 2018.
     """
 
-    _version = 1
     _loss_domain = "positive"
 
     loss_weights: Tensor
     initial_losses: Tensor
     initialized: Tensor
-    step: Tensor
+    num_steps: Tensor
     exp_avg: Tensor
     exp_avg_sq: Tensor
     optimizer_steps: Tensor
@@ -165,29 +165,22 @@ class GradNorm(Weighting):
         if self.min_weight >= 1:
             raise ValueError(f"`min_weight` must be < 1, got {min_weight!r}")
         k = len(self.tasks)
-        self.register_buffer("loss_weights", torch.ones(k))
-        self.register_buffer("initial_losses", torch.zeros(k))
-        self.register_buffer("initialized", torch.zeros(k, dtype=torch.bool))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("exp_avg", torch.zeros(k))
-        self.register_buffer("exp_avg_sq", torch.zeros(k))
-        self.register_buffer("optimizer_steps", torch.zeros(k, dtype=torch.long))
+        # The weights are learned by GradNorm's own rule, not by the model's optimizer: state.
+        self._add_state("loss_weights", torch.ones(k))
+        self._add_state("initial_losses", torch.zeros(k))
+        self._add_state("initialized", torch.zeros(k, dtype=torch.bool))
+        self._add_state("num_steps", torch.zeros((), dtype=torch.long), task_axis=None)
+        self._add_state("exp_avg", torch.zeros(k))
+        self._add_state("exp_avg_sq", torch.zeros(k))
+        self._add_state("optimizer_steps", torch.zeros(k, dtype=torch.long))
         # Outputs for logging, overwritten every update: not needed to resume.
-        self.register_buffer("grad_norms", torch.zeros(k), persistent=False)
-        self.register_buffer("gradnorm_loss", torch.zeros(()), persistent=False)
+        self._add_state("grad_norms", torch.zeros(k), kind="output")
+        self._add_state("gradnorm_loss", torch.zeros(()), kind="output", task_axis=None)
 
-    def reset(self) -> None:
-        """Forget everything learned or tracked, as if freshly constructed."""
-        super().reset()
-        self.loss_weights.fill_(1.0)
-        self.initial_losses.zero_()
-        self.initialized.zero_()
-        self.step.zero_()
-        self.exp_avg.zero_()
-        self.exp_avg_sq.zero_()
-        self.optimizer_steps.zero_()
-        self.grad_norms.zero_()
-        self.gradnorm_loss.zero_()
+    def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        if version < 3 and prefix + "step" in state_dict:
+            # Version 3 renamed the update counter (`step` is DWA's epoch-end method).
+            state_dict[prefix + "num_steps"] = state_dict.pop(prefix + "step")
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the total with this step's weights, then update the weights (see above)."""
@@ -197,7 +190,7 @@ class GradNorm(Weighting):
         used = torch.where(present, self.loss_weights, torch.zeros_like(self.loss_weights))
         self._record(used, present)
         total = (used.to(device=values.device, dtype=values.dtype) * values).sum()
-        if self.training and torch.is_grad_enabled():
+        if self._updating:
             self._update(losses, values, present)
         return total
 
@@ -253,14 +246,16 @@ class GradNorm(Weighting):
             self.grad_norms.copy_(norm)
 
             if self.optimizer == "adam":
-                beta1, beta2 = self.betas
                 steps = self.optimizer_steps + valid.to(self.optimizer_steps.dtype)
-                exp_avg = beta1 * self.exp_avg + (1 - beta1) * grad
-                exp_avg_sq = beta2 * self.exp_avg_sq + (1 - beta2) * grad.square()
-                t = steps.to(grad.dtype)
-                m_hat = exp_avg / (1 - beta1**t).clamp_min(1e-38)
-                v_hat = exp_avg_sq / (1 - beta2**t).clamp_min(1e-38)
-                delta = self.lr * m_hat / (v_hat.sqrt() + self.adam_eps)
+                delta, exp_avg, exp_avg_sq = adam_update(
+                    grad,
+                    self.exp_avg,
+                    self.exp_avg_sq,
+                    steps,
+                    lr=self.lr,
+                    betas=self.betas,
+                    eps=self.adam_eps,
+                )
                 self.exp_avg.copy_(torch.where(valid, exp_avg, self.exp_avg))
                 self.exp_avg_sq.copy_(torch.where(valid, exp_avg_sq, self.exp_avg_sq))
                 self.optimizer_steps.copy_(steps)
@@ -270,7 +265,7 @@ class GradNorm(Weighting):
             weights = weights.clamp_min(self.min_weight)
             # Sec. 3.2: renormalize so that sum_k w_k = K.
             self.loss_weights.copy_(weights * (k / weights.sum()))
-            self.step.add_(1)
+            self.num_steps.add_(1)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from balanced_losses._base import Weighting
+from balanced_losses._checks import check_momentum, check_number, check_task_weights
+from balanced_losses._numerics import debiased
 from balanced_losses.functional import Correction, reduction_factors
-from balanced_losses.weighting._checks import check_momentum, check_number, check_task_weights
-from balanced_losses.weighting._stats import debiased
-from balanced_losses.weighting.base import Weighting
 
 __all__ = ["LossNormalizer"]
 
@@ -61,8 +61,9 @@ class LossNormalizer(Weighting):
     default ``n=1`` every call is one step: accumulating ``n`` micro-batches then gives the
     statistics ``n`` updates per optimizer step, of noisier losses.
 
-    Statistics update only in training mode, under ``torch.no_grad``. In eval mode the stored
-    statistics are used; a task never seen in training is normalized by its current value.
+    Statistics update only in training mode with gradients enabled (see
+    :class:`~balanced_losses.Weighting`); otherwise the stored statistics are used;
+    a task never seen in training is normalized by its current value.
     A non-finite loss never enters the statistics (see :class:`~balanced_losses.Weighting`).
 
     Args:
@@ -88,9 +89,6 @@ class LossNormalizer(Weighting):
         >>> {task: round(w.item(), 4) for task, w in normalizer.weights.items()}
         {'pointer': 1.25, 'countdown': 0.1115}
     """
-
-    # Version 2 added the gradient-accumulation window (pending_sum, pending_count, micro_step).
-    _version = 2
 
     ema: Tensor
     count: Tensor
@@ -132,30 +130,17 @@ class LossNormalizer(Weighting):
             )
         self.accumulation_steps = accumulation_steps
         k = len(self.tasks)
-        self.register_buffer("ema", torch.zeros(k))
-        self.register_buffer("count", torch.zeros(k, dtype=torch.long))
+        self._add_state("ema", torch.zeros(k))
+        self._add_state("count", torch.zeros(k, dtype=torch.long))
         # The partly accumulated window of micro-batches, saved so a resume mid-window is exact.
-        self.register_buffer("pending_sum", torch.zeros(k))
-        self.register_buffer("pending_count", torch.zeros(k, dtype=torch.long))
-        self.register_buffer("micro_step", torch.zeros((), dtype=torch.long))
+        self._add_state("pending_sum", torch.zeros(k))
+        self._add_state("pending_count", torch.zeros(k, dtype=torch.long))
+        self._add_state("micro_step", torch.zeros((), dtype=torch.long), task_axis=None)
         # Constants derived from the constructor's arguments: rebuilt, never loaded.
-        self.register_buffer(
-            "task_weights", torch.tensor(check_task_weights(self.tasks, weights)), persistent=False
-        )
-        self.register_buffer(
-            "factors", torch.tensor([factors[t] for t in self.tasks]), persistent=False
-        )
-
-    def reset_running_stats(self) -> None:
-        """Forget the running means, step counts and any partly accumulated window."""
-        for buffer in (self.ema, self.count, self.pending_sum, self.pending_count):
-            buffer.zero_()
-        self.micro_step.zero_()
-
-    def reset(self) -> None:
-        """Forget all statistics, as if freshly constructed."""
-        super().reset()
-        self.reset_running_stats()
+        weights_list = check_task_weights(self.tasks, weights)
+        self._add_state("task_weights", torch.tensor(weights_list), kind="constant")
+        factor_list = [factors[t] for t in self.tasks]
+        self._add_state("factors", torch.tensor(factor_list), kind="constant")
 
     @property
     def running_mean(self) -> Tensor:
@@ -192,7 +177,7 @@ class LossNormalizer(Weighting):
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the normalized total of ``losses`` (task name to scalar loss)."""
         values, present = self._stack(losses)
-        if self.training:
+        if self._updating:
             ema, count = self._update(values, present)
         else:
             ema, count = self.ema, self.count
@@ -206,6 +191,8 @@ class LossNormalizer(Weighting):
         return (weights.to(values.dtype) * values).sum()
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        # Version 2 added the gradient-accumulation window (pending_sum, pending_count,
+        # micro_step).
         if version < 2:
             # Version 1 checkpoints predate accumulation windows: start with an empty window.
             k = len(self.tasks)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from balanced_losses.weighting.base import Weighting
+from balanced_losses._base import Weighting
 
 __all__ = ["GeometricMean"]
 
@@ -34,7 +34,6 @@ class GeometricMean(Weighting):
         allow_missing: Accept mappings without some tasks; the geometric mean is then taken
             over the present tasks (:math:`K` is their number), and is 0 if none is present.
         check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
-        sync_dist: Accepted for a uniform interface; this module keeps no statistics.
 
     Example:
         >>> import torch
@@ -49,7 +48,6 @@ class GeometricMean(Weighting):
         and Geometric Loss Strategy for Multi-Task Learning. CVPR Workshops 2019.
     """
 
-    _version = 1
     _loss_domain: str | None = "positive"
 
     def __init__(
@@ -58,14 +56,8 @@ class GeometricMean(Weighting):
         *,
         allow_missing: bool = False,
         check_inputs: bool = False,
-        sync_dist: bool = True,
     ) -> None:
-        super().__init__(
-            tasks,
-            allow_missing=allow_missing,
-            check_inputs=check_inputs,
-            sync_dist=sync_dist,
-        )
+        super().__init__(tasks, allow_missing=allow_missing, check_inputs=check_inputs)
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the geometric mean of ``losses`` (task name to scalar loss)."""

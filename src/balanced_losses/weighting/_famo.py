@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from balanced_losses.weighting._checks import check_number, per_task_values
-from balanced_losses.weighting.base import Weighting
+from balanced_losses._base import Weighting
+from balanced_losses._checks import check_number, per_task_values
+from balanced_losses._numerics import adam_update
 
 __all__ = ["FAMO"]
 
@@ -83,7 +84,6 @@ class FAMO(Weighting):
         Liu, Liang, Stone, Liu. FAMO: Fast Adaptive Multitask Optimization. NeurIPS 2023.
     """
 
-    _version = 1
     _loss_domain: str | None = "positive"
 
     logits: Tensor
@@ -131,31 +131,32 @@ class FAMO(Weighting):
             # The domain is L_k > b_k, checked by _check_bounds instead of the base's L_k > 0.
             self._loss_domain = None
         k = len(self.tasks)
-        self.register_buffer("logits", torch.zeros(k))
-        self.register_buffer("exp_avg", torch.zeros(k))
-        self.register_buffer("exp_avg_sq", torch.zeros(k))
-        self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("prev_losses", torch.zeros(k))
-        self.register_buffer("prev_valid", torch.zeros(k, dtype=torch.bool))
+        self._add_state("logits", torch.zeros(k))
+        self._add_state("exp_avg", torch.zeros(k))
+        self._add_state("exp_avg_sq", torch.zeros(k))
+        self._add_state("adam_step", torch.zeros((), dtype=torch.long), task_axis=None)
+        self._add_state("prev_losses", torch.zeros(k))
+        self._add_state("prev_valid", torch.zeros(k, dtype=torch.bool))
         # A constructor argument: rebuilt, never loaded.
-        self.register_buffer("min_losses", torch.tensor(bounds), persistent=False)
+        self._add_state("min_losses", torch.tensor(bounds), kind="constant")
         # Whether a training-mode forward awaits its update(). A Python flag, so that the
         # ordering check costs no host-device sync; it travels in the state_dict's extra state.
         self._pending = False
 
     @property
-    def task_weights(self) -> Tensor:
+    def softmax_weights(self) -> Tensor:
         r"""The current :math:`z = \operatorname{softmax}(\xi)`, shape ``(K,)``."""
         return torch.softmax(self.logits, dim=0)
 
-    def reset(self) -> None:
-        """Set the logits to 0 and clear Adam's state and the pending step."""
-        super().reset()
-        for buffer in (self.logits, self.exp_avg, self.exp_avg_sq, self.prev_losses):
-            buffer.zero_()
-        self.adam_step.zero_()
-        self.prev_valid.zero_()
+    def _reset_python_state(self) -> None:
         self._pending = False
+
+    def _get_python_state(self) -> dict[str, Any]:
+        # Whether a forward awaits its update(): the ordering state.
+        return {"pending": self._pending}
+
+    def _set_python_state(self, state: dict[str, Any]) -> None:
+        self._pending = bool(state.get("pending", False))
 
     def _check_bounds(self, values: Tensor, present: Tensor) -> None:
         # Opt-in like the base class's checks: .tolist() syncs.
@@ -182,7 +183,7 @@ class FAMO(Weighting):
         weights = ratio / inv_c
         logs = torch.where(present, torch.log(shifted), torch.zeros_like(shifted))
         total = (z / inv_c * logs).sum()
-        if self.training:
+        if self._updating:
             with torch.no_grad():
                 before, valid = self._stats_input(values, present)
                 self.prev_losses.copy_(before.to(self.prev_losses.dtype))
@@ -233,24 +234,20 @@ class FAMO(Weighting):
     def _adam_step(self, grad: Tensor) -> None:
         # Adam (Kingma & Ba 2015, Algorithm 1) with L2 weight decay added to the gradient, as
         # torch.optim.Adam(weight_decay=gamma) in the authors' code: the paper's gamma * xi term.
-        beta1, beta2 = self.betas
         grad = grad + self.weight_decay * self.logits
         self.adam_step.add_(1)
-        self.exp_avg.lerp_(grad, 1.0 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        step = self.adam_step.to(self.logits.dtype)
-        bias1 = 1.0 - beta1**step
-        bias2 = 1.0 - beta2**step
-        denom = (self.exp_avg_sq.sqrt() / bias2.sqrt()).add_(self.adam_eps)
-        self.logits.sub_(self.lr * self.exp_avg / (bias1 * denom))
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """Whether a forward awaits its :meth:`update` (the ordering state)."""
-        return {"pending": self._pending}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the ordering state saved by :meth:`get_extra_state`."""
-        self._pending = bool(state["pending"])
+        delta, exp_avg, exp_avg_sq = adam_update(
+            grad,
+            self.exp_avg,
+            self.exp_avg_sq,
+            self.adam_step,
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.adam_eps,
+        )
+        self.exp_avg.copy_(exp_avg)
+        self.exp_avg_sq.copy_(exp_avg_sq)
+        self.logits.sub_(delta)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

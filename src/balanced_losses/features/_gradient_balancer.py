@@ -2,71 +2,23 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from balanced_losses._autograd import gradient_norm, is_measuring
-from balanced_losses.weighting._checks import check_momentum, check_number, check_task_weights
-from balanced_losses.weighting._stats import debiased
-from balanced_losses.weighting.base import Weighting
+from balanced_losses._autograd import gradient_norm
+from balanced_losses._checks import check_momentum, check_number, check_task_weights
+from balanced_losses._numerics import debiased
+from balanced_losses.features._branch import FeatureWeighting
 
 __all__ = ["GradientBalancer"]
 
 Target = Literal["mean", "max"]
 
 
-def _flatten(feats: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
-    """Split ``feats`` (a Tensor, a tuple/list or a mapping of Tensors) into leaves, rebuild."""
-    if isinstance(feats, Tensor):
-        return [feats], lambda leaves: leaves[0]
-    if isinstance(feats, Mapping):
-        keys = list(feats)
-        leaves = [feats[key] for key in keys]
-        rebuild: Callable[[list[Tensor]], Any] = lambda ts: dict(zip(keys, ts, strict=True))  # noqa: E731
-    elif isinstance(feats, (tuple, list)):
-        leaves = list(feats)
-        kind = type(feats)
-        # A namedtuple takes its fields positionally.
-        named = hasattr(feats, "_fields")
-        rebuild = lambda ts: kind(*ts) if named else kind(ts)  # noqa: E731
-    else:
-        raise TypeError(
-            f"`feats` must be a Tensor, a tuple/list or a dict of Tensors, got {type(feats)}"
-        )
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, Tensor):
-            raise TypeError(f"every element of `feats` must be a Tensor, got {type(leaf)} at {i}")
-    return leaves, rebuild
-
-
-class _Branch(torch.autograd.Function):
-    """Identity from M shared tensors to K*M task views; rescales all K gradients in backward.
-
-    One node receives every task's gradient at once, so the per-task norms are all available
-    together: no per-task backward and no ``retain_graph``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, balancer: GradientBalancer, num_tasks: int, *tensors: Tensor) -> Any:
-        ctx.balancer = balancer
-        ctx.num_inputs = len(tensors)
-        # A view whose task used no loss arrives as None instead of a zero tensor: we can tell
-        # "no gradient" from "zero gradient" and skip the arithmetic.
-        ctx.set_materialize_grads(False)
-        # Aliases, not copies: the forward pass costs no memory.
-        return tuple(t.view_as(t) for _ in range(num_tasks) for t in tensors)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> Any:
-        merged = ctx.balancer._rescale(grads, ctx.num_inputs)
-        return (None, None, *merged)
-
-
-class GradientBalancer(Weighting):
+class GradientBalancer(FeatureWeighting):
     r"""Rescale each task's gradient at the shared features to a common norm, in one backward.
 
     For a model with a shared trunk and task heads::
@@ -182,7 +134,6 @@ class GradientBalancer(Weighting):
         arXiv:2308.12029, 2023 (the ``"max"`` target).
     """
 
-    _version = 1
     _loss_domain = None
 
     ema: Tensor
@@ -208,29 +159,13 @@ class GradientBalancer(Weighting):
         self.target = target
         self.eps = check_number("eps", eps, low=0.0, strict=True)
         k = len(self.tasks)
-        self.register_buffer("ema", torch.zeros(k))
-        self.register_buffer("count", torch.zeros(k, dtype=torch.long))
+        self._add_state("ema", torch.zeros(k))
+        self._add_state("count", torch.zeros(k, dtype=torch.long))
         # Output only, overwritten every backward: not needed to resume.
-        self.register_buffer("grad_norms", torch.zeros(k), persistent=False)
+        self._add_state("grad_norms", torch.zeros(k), kind="output")
         # Constant derived from the constructor's arguments: rebuilt, never loaded.
-        self.register_buffer(
-            "task_weights", torch.tensor(check_task_weights(self.tasks, weights)), persistent=False
-        )
-        # Tasks given to the last forward(); None before any. A Python set: checked in backward
-        # without touching a tensor.
-        self._last_present: frozenset[str] | None = None
-
-    def reset_running_stats(self) -> None:
-        """Forget the EMA norms and their counts."""
-        self.ema.zero_()
-        self.count.zero_()
-
-    def reset(self) -> None:
-        """Forget all statistics, as if freshly constructed."""
-        super().reset()
-        self.reset_running_stats()
-        self.grad_norms.zero_()
-        self._last_present = None
+        weight_list = check_task_weights(self.tasks, weights)
+        self._add_state("task_weights", torch.tensor(weight_list), kind="constant")
 
     @property
     def running_norm(self) -> Tensor:
@@ -252,80 +187,11 @@ class GradientBalancer(Weighting):
         scale = target / known.clamp_min(self.eps)
         return self.task_weights * torch.where(available, scale, torch.ones_like(scale))
 
-    # ------------------------------------------------------------------------------ forward
+    def _current_coefficients(self) -> Tensor:
+        return self.multipliers()
 
-    def branch(self, feats: Any) -> dict[str, Any]:
-        """Return one view of ``feats`` per task: the identity forward, the balancing backward.
-
-        Args:
-            feats: The shared features: a Tensor, a tuple/list or a dict of Tensors. Tensors that
-                are not floating point or do not require grad are passed through as they are.
-
-        Returns:
-            A dict task name -> a structure like ``feats``. In eval mode or under
-            ``torch.no_grad()``, every task gets ``feats`` itself.
-        """
-        leaves, rebuild = _flatten(feats)
-        if not (self.training and torch.is_grad_enabled()):
-            return dict.fromkeys(self.tasks, feats)
-        tracked = [i for i, t in enumerate(leaves) if t.is_floating_point() and t.requires_grad]
-        if not tracked:
-            return dict.fromkeys(self.tasks, feats)
-        k, m = len(self.tasks), len(tracked)
-        outputs = _Branch.apply(self, k, *(leaves[i] for i in tracked))  # type: ignore[no-untyped-call]
-        views: dict[str, Any] = {}
-        for task_index, task in enumerate(self.tasks):
-            task_leaves = list(leaves)
-            for j, i in enumerate(tracked):
-                task_leaves[i] = outputs[task_index * m + j]
-            views[task] = rebuild(task_leaves)
-        return views
-
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the plain sum of the present losses; the balancing happens in backward."""
-        values, _ = self._stack(losses)
-        self._last_present = frozenset(name for name in self.tasks if losses.get(name) is not None)
-        return values.sum()
-
-    # ----------------------------------------------------------------------------- backward
-
-    def _rescale(self, grads: Sequence[Tensor | None], num_inputs: int) -> list[Tensor | None]:
-        """Measure, track and rescale the K tasks' gradients; return one gradient per input."""
-        k, m = len(self.tasks), num_inputs
-        per_task = [grads[i * m : (i + 1) * m] for i in range(k)]
-        if is_measuring():
-            # A diagnostic's autograd.grad (one task at a time): show what each task sends
-            # with the current multipliers, and leave statistics and logs alone.
-            with torch.no_grad():
-                scale = self.multipliers()
-        else:
-            scale = self._measure_and_track(per_task)
-        merged: list[Tensor | None] = []
-        for j in range(m):
-            total: Tensor | None = None
-            for i in range(k):
-                g = per_task[i][j]
-                if g is None:
-                    continue
-                factor = scale[i].to(device=g.device, dtype=g.dtype)
-                # In place after the first task: one feature-sized buffer, as a plain sum's
-                # gradient accumulation needs, instead of one temporary per task.
-                total = g * factor if total is None else total.addcmul_(g, factor)
-            merged.append(total)
-        return merged
-
-    def _measure_and_track(self, per_task: list[Sequence[Tensor | None]]) -> Tensor:
-        """Measure each task's norm, update the EMAs (warning about views without gradient)."""
-        got = [any(g is not None for g in task_grads) for task_grads in per_task]
-        expected = self._last_present
-        for task, has_grad in zip(self.tasks, got, strict=True):
-            if not has_grad and (expected is None or task in expected):
-                warnings.warn(
-                    f"task `{task}`'s view received no gradient: no loss used it, or its loss "
-                    "does not depend on it",
-                    UserWarning,
-                    stacklevel=2,
-                )
+    def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
+        """Measure each task's norm, update the EMAs, return the multipliers."""
         device, dtype = self.ema.device, self.ema.dtype
         # A measurement, not part of any graph: under create_graph=True the gradients carry
         # history, and the norms must not.

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from balanced_losses.weighting._checks import check_number
-from balanced_losses.weighting.base import Weighting
+from balanced_losses._base import Weighting
+from balanced_losses._checks import check_number
+from balanced_losses.features._gradient_balancer import GradientBalancer
 
 __all__ = ["DBMTL"]
 
@@ -39,7 +40,10 @@ class DBMTL(Weighting):
         loss = dbmtl({"pointer": head_p(views["pointer"]), ...})
         loss.backward()  # log-losses, each task's feature gradient scaled to the largest
 
-    Without :meth:`branch` (no shared trunk to branch) only the log transform applies.
+    A training step without :meth:`branch` warns (the gradient half would silently do
+    nothing). For a model without shared features to branch, pass ``balance_features=False``:
+    then only the log transform applies, :meth:`branch` returns the features unchanged and
+    nothing warns.
 
     **Where this differs from the authors' code** (LibMTL's ``DB_MTL``): there, each task's
     gradient *vector* on the shared parameters is averaged over steps (momentum
@@ -48,13 +52,17 @@ class DBMTL(Weighting):
     norms, in the one backward pass, with no per-task backward and no stored gradient vectors.
     The balance of magnitudes is the same; the smoothing of directions is not.
 
-    **Input domain.** Losses must be positive; ``check_inputs=True`` raises ``ValueError``
-    naming the task on a loss :math:`\le 0`.
+    **Input domain.** Losses must be positive: :math:`\log(L_k + \epsilon)` is NaN below
+    :math:`-\epsilon`, and its gradient :math:`1/\epsilon` explodes at 0. ``check_inputs=True``
+    raises ``ValueError`` naming the task and the value on a loss :math:`\le 0`. Without it, a
+    negative loss makes the step's total NaN (visible, as a plain sum of a NaN loss would be)
+    and leaves the gradient statistics untouched (a NaN gradient never enters them).
 
     Args:
         tasks: Task names, in order.
         eps: :math:`\epsilon \ge 0` added inside the logarithm.
         momentum: EMA momentum of the gradient-norm statistics of the gradient half.
+        balance_features: Keep the gradient half (default). False: the log transform only.
         allow_missing: Accept mappings without some tasks; an absent task adds nothing.
         check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
         sync_dist: Average the gradient half's norm statistics across ranks under
@@ -62,7 +70,7 @@ class DBMTL(Weighting):
 
     Example:
         >>> import torch
-        >>> dbmtl = DBMTL(["depth", "segmentation"], eps=0.0)
+        >>> dbmtl = DBMTL(["depth", "segmentation"], eps=0.0, balance_features=False)
         >>> total = dbmtl({"depth": torch.tensor(4.0), "segmentation": torch.tensor(0.25)})
         >>> total  # log 4 + log 0.25
         tensor(0.)
@@ -74,8 +82,6 @@ class DBMTL(Weighting):
         arXiv:2308.12029, 2023.
     """
 
-    # Version 2 added the gradient-magnitude half (the `balancer` submodule's statistics).
-    _version = 2
     _loss_domain: str | None = "positive"
 
     def __init__(
@@ -84,6 +90,7 @@ class DBMTL(Weighting):
         *,
         eps: float = 1e-8,
         momentum: float = 0.9,
+        balance_features: bool = True,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
@@ -95,9 +102,6 @@ class DBMTL(Weighting):
             sync_dist=sync_dist,
         )
         self.eps = check_number("eps", eps, low=0.0, strict=False)
-        # Imported here: gradient.py imports the weighting package, which imports this module.
-        from balanced_losses.gradient import GradientBalancer
-
         self.balancer = GradientBalancer(
             self.tasks,
             target="max",
@@ -106,17 +110,17 @@ class DBMTL(Weighting):
             allow_missing=True,
             sync_dist=sync_dist,
         )
+        self.balancer._method_name = "DBMTL"
+        self.balance_features = bool(balance_features)
 
     def branch(self, feats: Any) -> dict[str, Any]:
         """One view of the shared ``feats`` per task; see :meth:`GradientBalancer.branch`."""
+        if not self.balance_features:
+            return dict.fromkeys(self.tasks, feats)
         return self.balancer.branch(feats)
 
-    def reset(self) -> None:
-        """Forget the gradient-norm statistics and the logged weights."""
-        super().reset()
-        self.balancer.reset()
-
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        # Version 2 added the gradient-magnitude half (the `balancer` submodule's statistics).
         if version < 2:
             # Version 1 had no gradient half: start its statistics empty.
             k = len(self.tasks)
@@ -141,6 +145,8 @@ class DBMTL(Weighting):
         logs = torch.log(torch.where(present, shifted, ones))
         # d total / d L_k = 1 / (L_k + eps). Logged, not differentiated: cut the graph.
         self._record(1.0 / torch.where(present, shifted.detach(), ones), present)
+        if not self.balance_features:
+            return logs.sum()
         # The balancer's forward is the plain sum; it also learns which tasks are present, so
         # that only those are expected to send a gradient through `branch`.
         total: Tensor = self.balancer(
@@ -150,4 +156,5 @@ class DBMTL(Weighting):
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
-        return f"tasks={list(self.tasks)}, eps={self.eps}, momentum={self.balancer.momentum}"
+        shown = f"tasks={list(self.tasks)}, eps={self.eps}, momentum={self.balancer.momentum}"
+        return shown if self.balance_features else shown + ", balance_features=False"

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from balanced_losses._base import Weighting
 from balanced_losses.functional import Correction, reduction_factors
-from balanced_losses.weighting.base import Weighting
 
 __all__ = ["UncertaintyWeighting"]
 
@@ -66,8 +66,6 @@ class UncertaintyWeighting(Weighting):
         allow_missing: Accept mappings without some tasks; an absent task adds neither its loss
             nor its regularizer, so its :math:`s_k` receives no gradient that step.
         check_inputs: Raise ``ValueError`` on non-finite or negative losses (syncs).
-        sync_dist: Accepted for a uniform interface; this module keeps no running statistics
-            (DDP averages the gradients of :math:`s` like any parameter).
 
     Example:
         >>> import torch
@@ -83,10 +81,10 @@ class UncertaintyWeighting(Weighting):
         Learning. arXiv:1805.06334, 2018.
     """
 
-    _version = 1
-
     coefficients: Tensor
     factors: Tensor
+
+    log_vars: nn.Parameter
 
     def __init__(
         self,
@@ -99,11 +97,8 @@ class UncertaintyWeighting(Weighting):
         correction: Correction = "none",
         allow_missing: bool = False,
         check_inputs: bool = False,
-        sync_dist: bool = True,
     ) -> None:
-        super().__init__(
-            tasks, allow_missing=allow_missing, check_inputs=check_inputs, sync_dist=sync_dist
-        )
+        super().__init__(tasks, allow_missing=allow_missing, check_inputs=check_inputs)
         if regularizer not in ("kendall", "positive"):
             raise ValueError(f"`regularizer` must be 'kendall' or 'positive', got {regularizer!r}")
         if not (isinstance(init, (int, float)) and math.isfinite(init)):
@@ -131,25 +126,18 @@ class UncertaintyWeighting(Weighting):
         self.regularizer = regularizer
         self.init = float(init)
         self.correction = correction
-        self.log_vars = nn.Parameter(torch.full((len(self.tasks),), self.init))
+        self._add_parameter(
+            "log_vars", torch.full((len(self.tasks),), self.init, dtype=torch.float64)
+        )
         # Eq. 7 (regression) has 1/(2 sigma^2), Eq. 10 (classification) 1/sigma^2.
         coefficients = [0.5 if self.kinds[t] == "regression" else 1.0 for t in self.tasks]
-        self.register_buffer("coefficients", torch.tensor(coefficients), persistent=False)
-        self.register_buffer("factors", torch.tensor(factors), persistent=False)
-
-    def reset_parameters(self) -> None:
-        """Set every log-variance back to ``init``."""
-        with torch.no_grad():
-            self.log_vars.fill_(self.init)
-
-    def reset(self) -> None:
-        """Reset the log-variances and the logged weights."""
-        super().reset()
-        self.reset_parameters()
+        self._add_state("coefficients", torch.tensor(coefficients), kind="constant")
+        self._add_state("factors", torch.tensor(factors), kind="constant")
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the uncertainty-weighted total of ``losses`` (task name to scalar loss)."""
         values, present = self._stack(losses)
+        self._watch_parameters()
         s = self.log_vars.to(values.dtype)
         weights = self.coefficients * self.factors * torch.exp(-s)
         # Eq. 7 of Kendall et al. 2018: the log sigma = s/2 term keeps sigma from growing

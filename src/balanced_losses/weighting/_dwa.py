@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from balanced_losses.weighting._checks import check_number
-from balanced_losses.weighting.base import Weighting
+from balanced_losses._base import Weighting
+from balanced_losses._checks import check_number
 
 __all__ = ["DWA"]
 
@@ -73,8 +73,6 @@ class DWA(Weighting):
         Liu, Johns, Davison. End-to-End Multi-Task Learning with Attention. CVPR 2019.
     """
 
-    _version = 1
-
     epoch_sum: Tensor
     epoch_count: Tensor
     batches: Tensor
@@ -98,26 +96,13 @@ class DWA(Weighting):
         )
         self.temperature = check_number("temperature", temperature, low=0.0, strict=True)
         k = len(self.tasks)
-        self.register_buffer("epoch_sum", torch.zeros(k))
-        self.register_buffer("epoch_count", torch.zeros(k, dtype=torch.long))
+        self._add_state("epoch_sum", torch.zeros(k))
+        self._add_state("epoch_count", torch.zeros(k, dtype=torch.long))
         # Training-mode forwards since the last step(): what step() checks the call order on.
-        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        self._add_state("batches", torch.zeros((), dtype=torch.long), task_axis=None)
         # Row 0: mean of epoch t-2, row 1: mean of epoch t-1 (per task).
-        self.register_buffer("means", torch.zeros(2, k))
-        self.register_buffer("epochs", torch.zeros(k, dtype=torch.long))
-
-    def reset_running_stats(self) -> None:
-        """Forget the current epoch's sums and the epoch history."""
-        self.epoch_sum.zero_()
-        self.epoch_count.zero_()
-        self.batches.zero_()
-        self.means.zero_()
-        self.epochs.zero_()
-
-    def reset(self) -> None:
-        """Forget all statistics, as if freshly constructed."""
-        super().reset()
-        self.reset_running_stats()
+        self._add_state("means", torch.zeros(2, k), task_axis=1)
+        self._add_state("epochs", torch.zeros(k, dtype=torch.long))
 
     @property
     def rates(self) -> Tensor:
@@ -142,7 +127,7 @@ class DWA(Weighting):
         )
         weights = k * torch.softmax(scaled, dim=0)
         weights = torch.where(present, weights, torch.zeros_like(weights))
-        if self.training:
+        if self._updating:
             self._accumulate(values, present)
         self._record(weights, present)
         return (weights * values).sum()

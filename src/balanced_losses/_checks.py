@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["check_momentum", "check_number", "check_task_weights", "per_task_values"]
+__all__ = [
+    "check_momentum",
+    "check_number",
+    "check_task_names",
+    "check_task_weights",
+    "per_task_values",
+]
+
+
+def check_task_names(tasks: Iterable[str]) -> tuple[str, ...]:
+    """Return ``tasks`` as a tuple of unique, non-empty strings, or raise naming the problem."""
+    if isinstance(tasks, str):
+        raise TypeError(f"`tasks` must be a sequence of task names, got the string {tasks!r}")
+    if not isinstance(tasks, Iterable):
+        raise TypeError(f"`tasks` must be a sequence of task names, got {type(tasks).__name__}")
+    names = tuple(tasks)
+    if len(names) == 0:
+        raise ValueError("a weighting needs at least one task, got none")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"task names must be non-empty strings, got {name!r}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"task names must be unique, got duplicates {duplicates}")
+    return names
 
 
 def check_number(name: str, value: object, *, low: float, strict: bool) -> float:

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from balanced_losses.weighting._checks import check_number
-from balanced_losses.weighting.base import Weighting
+from balanced_losses._base import Weighting
+from balanced_losses._checks import check_number
 
 __all__ = ["IMTLL"]
 
@@ -41,8 +41,6 @@ class IMTLL(Weighting):
         allow_missing: Accept mappings without some tasks; an absent task adds neither its
             scaled loss nor :math:`-s_k`, so its scale gets no gradient that step.
         check_inputs: Raise ``ValueError`` on non-finite or negative losses (syncs).
-        sync_dist: Accepted for a uniform interface; DDP averages the gradients of :math:`s`
-            like any parameter.
 
     Example:
         >>> import torch
@@ -61,7 +59,7 @@ class IMTLL(Weighting):
         ICLR 2021.
     """
 
-    _version = 1
+    log_scales: nn.Parameter
 
     def __init__(
         self,
@@ -70,30 +68,17 @@ class IMTLL(Weighting):
         init: float = 0.0,
         allow_missing: bool = False,
         check_inputs: bool = False,
-        sync_dist: bool = True,
     ) -> None:
-        super().__init__(
-            tasks,
-            allow_missing=allow_missing,
-            check_inputs=check_inputs,
-            sync_dist=sync_dist,
-        )
+        super().__init__(tasks, allow_missing=allow_missing, check_inputs=check_inputs)
         self.init = check_number("init", init, low=-float("inf"), strict=True)
-        self.log_scales = nn.Parameter(torch.full((len(self.tasks),), self.init))
-
-    def reset_parameters(self) -> None:
-        """Set every :math:`s_k` back to ``init``."""
-        with torch.no_grad():
-            self.log_scales.fill_(self.init)
-
-    def reset(self) -> None:
-        """Reset the scales and the logged weights."""
-        super().reset()
-        self.reset_parameters()
+        self._add_parameter(
+            "log_scales", torch.full((len(self.tasks),), self.init, dtype=torch.float64)
+        )
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the IMTL-L total of ``losses`` (task name to scalar loss)."""
         values, present = self._stack(losses)
+        self._watch_parameters()
         s = self.log_scales.to(values.dtype)
         scales = torch.exp(s)
         # IMTL-L of Liu et al. 2021: e^s L - s; the -s term stops s from drifting to -inf.

@@ -1,0 +1,421 @@
+"""The shared base of every loss weighting: task bookkeeping, input checks, logging, versioning."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from balanced_losses import distributed
+from balanced_losses._checks import check_task_names
+
+__all__ = ["StateKind", "Weighting"]
+
+#: What a declared tensor is: see :meth:`Weighting._add_state`.
+StateKind = Literal["statistic", "config", "output", "constant", "parameter"]
+_HALF = (torch.float16, torch.bfloat16)
+# Forward calls in a row with gradients but unchanged parameters before _watch_parameters
+# warns: more than any gradient-accumulation window in practice.
+_STALE_STEPS = 50
+
+
+def _initial(default: Tensor) -> Tensor:
+    """The registered copy of a declared default: floating point in float32."""
+    return default.float() if default.is_floating_point() else default.clone()
+
+
+class Weighting(nn.Module):
+    r"""Base class of the weightings: ``forward(losses: Mapping[str, Tensor]) -> Tensor``.
+
+    A subclass turns a mapping from task name to scalar loss into one differentiable total. The
+    base class gives every weighting the same contract:
+
+    - **Task names** are fixed at construction, in order. An unknown name raises ``KeyError``
+      that lists the expected ones. A missing task raises too, unless ``allow_missing=True``:
+      then a task that is absent from the mapping, or whose loss is ``None``, contributes
+      nothing to the total, gets weight 0 for that step and leaves its statistics untouched.
+      The present tasks keep the weights they would have had; nothing is renormalized.
+    - **Non-finite losses** never enter running statistics (selected with ``torch.where``, so
+      no host-device sync). The total of such a step is non-finite too, as the user's plain sum
+      would be, so the problem stays visible; the next finite step behaves as if the bad step
+      had not happened.
+    - **Input checks** that need the loss *values* (finite, non-negative, positive) cost a
+      host-device sync, so they run only when ``check_inputs=True``.
+    - **Logging**: :attr:`weights` holds the effective weight of each task at the last step,
+      :math:`\partial\,\text{total} / \partial L_k`, as tensors (no sync until you ask).
+      :class:`~balanced_losses.GradientBalancer` acts in backward, not on the total: its
+      weights are the multipliers it applied to each task's gradient at the shared features.
+    - **Distributed**: with ``sync_dist=True`` (the default) and an initialized multi-rank
+      process group, the losses that enter statistics are first averaged over ranks, so every
+      rank keeps the same statistics and applies the same weights.
+    - **State** is declared once, with :meth:`_add_state` (running statistics, logged outputs,
+      constants) and :meth:`_add_parameter` (learned values). From the declaration follow
+      :meth:`reset`, :meth:`reset_running_stats`, :meth:`reset_parameters`, the precision rule
+      below and the mapping of checkpoints by task name.
+    - **When statistics move**: only in training mode *and* with gradients enabled. A
+      validation loop under ``torch.no_grad()`` or ``torch.inference_mode()`` leaves every
+      statistic untouched even if the weighting was left in training mode; it then applies the
+      weights the current statistics give.
+    - **Precision**: ``model.half()`` or ``model.to(torch.bfloat16)`` reach a weighting that is a
+      submodule of the model. Its statistics and parameters keep their dtype through such a
+      conversion, bit for bit (half-precision statistics would stop moving: an EMA update below
+      the dtype's resolution rounds away). Devices still move, and ``.double()`` still widens.
+    - **Checkpoints**: all state needed to resume lives in ``state_dict``, with the task names.
+      Loading a state saved with the same tasks in another order maps every per-task entry by
+      name; a state saved with other tasks raises an error that names both lists. ``_version``
+      lets old checkpoints be upgraded in :meth:`_upgrade_state_dict`.
+
+    Args:
+        tasks: Task names, in order.
+        allow_missing: Accept mappings without some tasks (partial labels).
+        check_inputs: Validate loss values, at the cost of a host-device sync per step.
+        sync_dist: Average statistics' inputs across ranks when ``torch.distributed`` is
+            initialized with more than one rank.
+
+    Example:
+        A plain sum written as a weighting, with partial labels:
+
+        >>> import torch
+        >>> class PlainSum(Weighting):
+        ...     def forward(self, losses):
+        ...         values, present = self._stack(losses)
+        ...         weights = present.to(values.dtype)
+        ...         self._record(weights, present)
+        ...         return (weights * values).sum()
+        >>> plain_sum = PlainSum(["pointer", "countdown"], allow_missing=True)
+        >>> plain_sum({"pointer": torch.tensor(0.5), "countdown": torch.tensor(3.0)})
+        tensor(3.5000)
+        >>> plain_sum({"pointer": torch.tensor(0.5)})  # no countdown label in this batch
+        tensor(0.5000)
+        >>> plain_sum.weights
+        {'pointer': tensor(1.), 'countdown': tensor(0.)}
+    """
+
+    # Version history of the state format shared by every weighting:
+    # 1 and 2: per-class layouts (see each class's ``_upgrade_state_dict``);
+    # 3: the task names travel in ``_extra_state``; counters are named ``num_steps``.
+    _version: int = 3
+    #: Lowest loss value a subclass accepts under ``check_inputs``: None (any finite value),
+    #: "nonnegative" or "positive".
+    _loss_domain: str | None = "nonnegative"
+
+    last_weights: Tensor
+    _all_present: Tensor
+
+    def __init__(
+        self,
+        tasks: Iterable[str],
+        *,
+        allow_missing: bool = False,
+        check_inputs: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__()
+        self._tasks = check_task_names(tasks)
+        self._index = {name: i for i, name in enumerate(self._tasks)}
+        self.allow_missing = bool(allow_missing)
+        self.check_inputs = bool(check_inputs)
+        self.sync_dist = bool(sync_dist)
+        # name -> (kind, default, task axis) of every declared tensor; see _add_state.
+        self._declared: dict[str, tuple[StateKind, Tensor, int | None]] = {}
+        # What _watch_parameters compares across steps (Python values, never saved).
+        self._parameter_versions: tuple[int, ...] = ()
+        self._stale_steps = 0
+        self._parameters_warned = False
+        k = len(self._tasks)
+        self._add_state("last_weights", torch.zeros(k), kind="output")
+        self._add_state("_all_present", torch.ones(k, dtype=torch.bool), kind="constant")
+
+    # ------------------------------------------------------------------------ declared state
+
+    def _add_state(
+        self,
+        name: str,
+        default: Tensor,
+        *,
+        kind: StateKind = "statistic",
+        task_axis: int | None = 0,
+    ) -> None:
+        """Declare a tensor of this module's state, registered as a buffer.
+
+        Args:
+            name: Attribute name.
+            default: Initial value; :meth:`reset` restores it. A floating default is
+                registered in float32 and kept as given for resets: give it in float64 so a
+                module converted with ``.double()`` resets to the exact value.
+            kind: ``"statistic"``: needed to resume (persistent), reset by
+                :meth:`reset_running_stats`. ``"output"``: recomputed every step for logging
+                (not persistent), reset by :meth:`reset`. ``"config"``: chosen at construction
+                and saved (persistent), never reset, such as a seed. ``"constant"``: derived
+                from the constructor's arguments (not persistent), never reset.
+            task_axis: The axis indexed by task, in task order (None when there is none):
+                checkpoints saved with the tasks in another order are permuted along it.
+        """
+        if kind not in ("statistic", "config", "output", "constant"):
+            raise ValueError(
+                f"`kind` must be 'statistic', 'config', 'output' or 'constant', got {kind!r}"
+            )
+        self.register_buffer(name, _initial(default), persistent=kind in ("statistic", "config"))
+        self._declared[name] = (kind, default.clone(), task_axis)
+
+    def _add_parameter(self, name: str, default: Tensor, *, task_axis: int | None = 0) -> None:
+        """Declare a learned tensor (an ``nn.Parameter``), reset by :meth:`reset_parameters`."""
+        self.register_parameter(name, nn.Parameter(_initial(default)))
+        self._declared[name] = ("parameter", default.clone(), task_axis)
+
+    def _restore(self, kinds: tuple[str, ...]) -> None:
+        with torch.no_grad():
+            for name, (kind, default, _) in self._declared.items():
+                if kind in kinds:
+                    tensor = getattr(self, name)
+                    tensor.copy_(default.to(device=tensor.device, dtype=tensor.dtype))
+
+    def reset_running_stats(self) -> None:
+        """Forget the running statistics, as if no training step had been taken."""
+        self._restore(("statistic",))
+
+    def reset_parameters(self) -> None:
+        """Set the learned parameters back to their initial values."""
+        self._restore(("parameter",))
+
+    def reset(self) -> None:
+        """Forget everything learned or tracked, as if freshly constructed."""
+        self._restore(("statistic", "parameter", "output"))
+        for child in self.children():
+            if isinstance(child, Weighting):
+                child.reset()
+        self._reset_python_state()
+
+    def _reset_python_state(self) -> None:
+        """Reset state kept in Python attributes (see :meth:`_get_python_state`)."""
+
+    def _get_python_state(self) -> dict[str, Any]:
+        """Python (non-tensor) state needed to resume; saved in ``_extra_state``."""
+        return {}
+
+    def _set_python_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_get_python_state` saved."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The task names, in order, and any Python state: saved with the tensors."""
+        return {"tasks": list(self._tasks), **self._get_python_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the Python state (the task names were checked on loading)."""
+        self._set_python_state({key: value for key, value in state.items() if key != "tasks"})
+
+    def _watch_parameters(self) -> None:
+        """Warn once when the learned parameters get gradients but never change.
+
+        That happens when they were not given to any optimizer: the weighting then stays at its
+        initial values, silently. Read from Python-side counters (each tensor's ``_version``,
+        bumped by in-place updates such as an optimizer's step): no host-device sync.
+        """
+        if self._parameters_warned or not self._updating or torch.compiler.is_compiling():
+            return
+        params = [p for p in self.parameters(recurse=False) if p.requires_grad]
+        versions = tuple(p._version for p in params)
+        got_grad = any(p.grad is not None for p in params)
+        if got_grad and versions == self._parameter_versions:
+            self._stale_steps += 1
+        else:
+            self._stale_steps = 0
+        self._parameter_versions = versions
+        if self._stale_steps >= _STALE_STEPS:
+            self._parameters_warned = True
+            names = ", ".join(f"`{name}`" for name, _ in self.named_parameters(recurse=False))
+            warnings.warn(
+                f"{type(self).__name__}'s parameters {names} have received gradients for "
+                f"{_STALE_STEPS} steps without changing: pass `weighting.parameters()` to the "
+                "optimizer (e.g. `torch.optim.Adam([*model.parameters(), "
+                "*weighting.parameters()])`), or the weights stay at their initial values",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def _updating(self) -> bool:
+        """Whether this call may move statistics: training mode with gradients enabled."""
+        return self.training and torch.is_grad_enabled()
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task names, in the order of every per-task tensor of this module."""
+        return self._tasks
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        """Effective weight of each task at the last step, d total / d loss, as 0-dim tensors."""
+        # Copies: the buffer is overwritten in place at the next step, and a user who keeps
+        # these tensors to convert on a later logging step must see this step's values.
+        return {name: self.last_weights[i].clone() for i, name in enumerate(self._tasks)}
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _unknown(self, names: Iterable[str]) -> KeyError:
+        unknown = sorted(set(names) - set(self._tasks))
+        label = "task" if len(unknown) == 1 else "tasks"
+        shown = ", ".join(f"`{name}`" for name in unknown)
+        return KeyError(f"unknown {label} {shown}; expected one of {list(self._tasks)}")
+
+    def _stack(self, losses: Mapping[str, Tensor | None]) -> tuple[Tensor, Tensor]:
+        """Stack a loss mapping into ``(values, present)``, both of shape ``(K,)``.
+
+        ``values`` is differentiable, in the losses' floating dtype promoted to at least float32;
+        absent entries are 0. ``present`` is boolean.
+        """
+        if not isinstance(losses, Mapping):
+            raise TypeError(
+                f"`losses` must be a mapping from task name to scalar loss, got {type(losses)}"
+            )
+        if any(name not in self._index for name in losses):
+            raise self._unknown(losses)
+        missing = [name for name in self._tasks if losses.get(name) is None]
+        if missing and not self.allow_missing:
+            raise KeyError(
+                f"missing loss for task(s) {missing}; expected all of {list(self._tasks)} "
+                "(pass allow_missing=True to accept partial labels)"
+            )
+        given: dict[str, Tensor] = {}
+        for name in self._tasks:
+            loss = losses.get(name)
+            if loss is None:
+                continue
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"loss of task `{name}` must be a Tensor, got {type(loss)}")
+            if loss.dim() != 0:
+                raise ValueError(
+                    f"loss of task `{name}` must be a scalar (0-dim) tensor, got shape "
+                    f"{tuple(loss.shape)}; reduce it first"
+                )
+            if not loss.is_floating_point():
+                raise ValueError(f"loss of task `{name}` must be floating point, got {loss.dtype}")
+            given[name] = loss
+        device = next(iter(given.values())).device if given else self.last_weights.device
+        dtype = torch.float32
+        for loss in given.values():
+            dtype = torch.promote_types(dtype, loss.dtype)
+        zero = torch.zeros((), dtype=dtype, device=device)
+        values = torch.stack([given.get(n, zero).to(dtype) for n in self._tasks])
+        if not given:
+            # No task present: the total is a constant 0. Make it a leaf that requires grad so
+            # that the usual `total.backward()` of a training loop still runs (and does nothing).
+            values.requires_grad_(True)
+        present = self._all_present.to(device)
+        if missing:
+            present = present.clone()
+            for name in missing:
+                present[self._index[name]] = False
+        if self.check_inputs:
+            self._check_values(values, present)
+        return values, present
+
+    def _check_values(self, values: Tensor, present: Tensor) -> None:
+        # Opt-in: every .tolist() here is a host-device sync.
+        for name, value, ok in zip(self._tasks, values.tolist(), present.tolist(), strict=True):
+            if not ok:
+                continue
+            if not math.isfinite(value):
+                raise ValueError(f"loss of task `{name}` must be finite, got {value}")
+            if self._loss_domain == "nonnegative" and value < 0:
+                raise ValueError(f"loss of task `{name}` must be >= 0, got {value}")
+            if self._loss_domain == "positive" and value <= 0:
+                raise ValueError(f"loss of task `{name}` must be > 0, got {value}")
+
+    def _stats_input(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Return the detached values that may enter statistics, and where they are valid.
+
+        Non-finite and absent entries are invalid. Under ``sync_dist`` with several ranks the
+        values are the mean over the ranks where they are valid.
+        """
+        # Statistics are measurements of the losses, not part of the graph: cut the gradient.
+        # Cast to the statistics' dtype first: a finite float64 loss above float32's range
+        # becomes inf there and must be rejected, not stored.
+        detached = values.detach().to(self.last_weights.dtype)
+        valid = present & torch.isfinite(detached)
+        if self.sync_dist:
+            return distributed.mean_over_ranks(detached, valid)
+        return torch.where(valid, detached, torch.zeros_like(detached)), valid
+
+    def _record(self, weights: Tensor, present: Tensor) -> None:
+        """Store the effective weights of this step for :attr:`weights` (0 for absent tasks)."""
+        # Logging only: the stored copy must not keep the graph alive.
+        shown = torch.where(present, weights.detach(), torch.zeros_like(weights.detach()))
+        self.last_weights.copy_(shown)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Weighting:
+        # `model.half()` / `model.to(torch.bfloat16)` reach a weighting that is a submodule of
+        # the model. Statistics must come through bit-identical, so a conversion to a half
+        # dtype is never applied to a wider tensor (casting down and back up would round it):
+        # the tensor only moves to the converted tensor's device. `.double()` still widens.
+        def keep_precision(tensor: Tensor) -> Tensor:
+            converted: Tensor = fn(tensor)
+            narrowed = converted.dtype in _HALF and tensor.dtype not in _HALF
+            if narrowed and tensor.is_floating_point():
+                return tensor.to(device=converted.device)
+            return converted
+
+        super()._apply(keep_precision, recurse)  # type: ignore[no-untyped-call]
+        return self
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        """Rewrite ``state_dict`` entries saved by an older ``_version`` in place."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version")
+        version = 0 if version is None else version
+        if version < self._version:
+            self._upgrade_state_dict(state_dict, prefix, version)
+            if version < 3:
+                # Saved before task names were stored: the order is taken to be this module's.
+                extra = state_dict.get(prefix + "_extra_state")
+                extra = dict(extra) if isinstance(extra, dict) else {}
+                state_dict[prefix + "_extra_state"] = {"tasks": list(self._tasks), **extra}
+        self._map_tasks_by_name(state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _map_tasks_by_name(
+        self, state_dict: dict[str, Any], prefix: str, error_msgs: list[str]
+    ) -> None:
+        """Permute the per-task entries of ``state_dict`` from the saved order to this one."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if not isinstance(extra, dict) or extra.get("tasks") is None:
+            return
+        saved = list(extra["tasks"])
+        if tuple(saved) == self._tasks:
+            return
+        if sorted(saved) != sorted(self._tasks):
+            error_msgs.append(
+                f"the state was saved for tasks {saved}, but this "
+                f"{type(self).__name__} has tasks {list(self._tasks)}"
+            )
+            return
+        order = torch.tensor([saved.index(name) for name in self._tasks])
+        for name, (kind, _, axis) in self._declared.items():
+            key = prefix + name
+            if axis is None or kind in ("output", "constant") or key not in state_dict:
+                continue
+            value = state_dict[key]
+            state_dict[key] = value.index_select(axis, order.to(value.device))
+        state_dict[prefix + "_extra_state"] = {**extra, "tasks": list(self._tasks)}
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        return f"tasks={list(self._tasks)}"

@@ -1,0 +1,110 @@
+"""Arithmetic both families of methods share: bias-corrected EMA, Adam's step, Philox draws."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["adam_update", "debiased", "philox4x32", "standard_normal"]
+
+
+def debiased(ema: Tensor, count: Tensor, momentum: float) -> Tensor:
+    r"""Bias-corrected EMA :math:`m_t / (1 - \beta^t)`, NaN where ``count`` is 0.
+
+    Adam's correction (Kingma & Ba 2015, Sec. 3): an EMA started at 0 with momentum
+    :math:`\beta` is low by the factor :math:`1 - \beta^t` after :math:`t` updates, so dividing by
+    it makes the first update equal the first value exactly. ``count`` holds :math:`t` per entry.
+    """
+    correction = 1.0 - momentum ** count.to(ema.dtype)
+    return torch.where(count > 0, ema / correction.clamp_min(1e-38), torch.nan)
+
+
+def adam_update(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    steps: Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""One Adam step, out of place: ``(delta, exp_avg, exp_avg_sq)`` after the step.
+
+    Kingma & Ba 2015, Algorithm 1: :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`,
+    :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`, and the parameter moves by
+    :math:`-\delta` with :math:`\delta = \text{lr}\, \hat m / (\sqrt{\hat v} + \epsilon)`,
+    :math:`\hat m = m / (1 - \beta_1^t)`, :math:`\hat v = v / (1 - \beta_2^t)`. ``steps`` is
+    :math:`t` counted *with* this step, per entry or shared (it broadcasts). The caller commits
+    the moments, with ``torch.where`` where only some entries take the step.
+    """
+    beta1, beta2 = betas
+    exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad.square()
+    t = steps.to(grad.dtype)
+    m_hat = exp_avg / (1.0 - beta1**t).clamp_min(1e-38)
+    v_hat = exp_avg_sq / (1.0 - beta2**t).clamp_min(1e-38)
+    return lr * m_hat / (v_hat.sqrt() + eps), exp_avg, exp_avg_sq
+
+
+_MASK32 = 0xFFFFFFFF
+# Philox4x32 constants (Salmon, Moraes, Dror & Shaw 2011, Sec. 5): round multipliers and the
+# Weyl increments of the key schedule (golden ratio and sqrt(3) - 1, as 32-bit fractions).
+_PHILOX_M0 = 0xD2511F53
+_PHILOX_M1 = 0xCD9E8D57
+_PHILOX_W0 = 0x9E3779B9
+_PHILOX_W1 = 0xBB67AE85
+_PHILOX_ROUNDS = 10
+
+
+def _mulhilo32(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of ``a * m`` for ``0 <= a, m < 2**32``, without overflow.
+
+    The 64-bit product does not fit a signed int64, so ``m`` is split into 16-bit halves: every
+    partial product is below 2**48 and every sum below 2**50, and all values stay non-negative
+    (so ``>>`` is a logical shift). Exact on every backend, no reliance on wrap-around.
+    """
+    p_lo = a * (m & 0xFFFF)
+    p_hi = a * (m >> 16)
+    mid = ((p_hi & 0xFFFF) << 16) + p_lo
+    return (p_hi >> 16) + (mid >> 32), mid & _MASK32
+
+
+def philox4x32(
+    counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 of ``counter`` under ``key``; every word an int64 tensor in ``[0, 2**32)``.
+
+    Salmon et al. 2011, Sec. 5 (the Random123 ``philox4x32_R`` with R = 10): a round maps
+    ``(c0, c1, c2, c3)`` to ``(hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0))``
+    and the key is bumped by the Weyl increments between rounds. Words broadcast.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for round_ in range(_PHILOX_ROUNDS):
+        if round_ > 0:
+            k0 = (k0 + _PHILOX_W0) & _MASK32
+            k1 = (k1 + _PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def standard_normal(seed: Tensor, step: Tensor, task: Tensor) -> Tensor:
+    r"""The draw :math:`z \sim \mathcal N(0, 1)` of ``task`` at ``step`` under ``seed``, float32.
+
+    A pure function of its int64 arguments (``seed`` and ``step`` in ``[0, 2**63)``, ``task`` in
+    ``[0, 2**32)``), which broadcast: Philox4x32-10 with counter ``(step mod 2**32,
+    step // 2**32, task, 0)`` and key ``(seed mod 2**32, seed // 2**32)``; the top 23 bits of its
+    first two words give :math:`u_1, u_2 \in (0, 1)` (exact in float32, at least
+    :math:`2^{-24}` away from 0 and 1), and Box and Muller (1958) give
+    :math:`z = \sqrt{-2\ln u_1}\cos(2\pi u_2)`, so :math:`|z| < 5.8`.
+    """
+    zero = torch.zeros_like(step + task)  # the broadcast shape; also counter word 3
+    step, task = step + zero, task + zero
+    words = philox4x32((step & _MASK32, step >> 32, task, zero), (seed & _MASK32, seed >> 32))
+    u1, u2 = (((w >> 9).to(torch.float32) + 0.5) * 2.0**-23 for w in words[:2])
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
