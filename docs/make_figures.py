@@ -13,7 +13,9 @@ Run from the repository root (needs the ``demo`` extra for matplotlib)::
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -25,11 +27,21 @@ import torch
 from balanced_losses import LossNormalizer
 from balanced_losses.functional import huber_loss, reduction_factor
 
-REFERENCE_SIZE = 2  # the pointer head of the write-up: 2 outputs
+REFERENCE_SIZE = 2  # the demo's pointer head: 2 outputs
 COUNTDOWN_SIZE = 105  # the countdown head: 105 per-timestep outputs
 SIZES = [1, 2, 3, 5, 8, 13, 21, 34, 55, 105, 144, 233, 377, 610, 987, 1597, 2584, 4096]
 # PNG metadata without the matplotlib version, so that regenerating does not churn the files.
 PNG_METADATA = {"Software": None}
+# The demo's heads at initialization, measured by benchmarks/init_gradients.py.
+INIT_GRADIENTS = Path(__file__).resolve().parents[1] / "benchmarks/results/init_gradients.json"
+
+
+def initial_losses() -> dict[str, float]:
+    """Each demo head's loss at initialization, the mean over the measured seeds."""
+    seeds = json.loads(INIT_GRADIENTS.read_text())["seeds"]
+    return {
+        task: statistics.fmean(s["loss"][task] for s in seeds) for task in ("pointer", "countdown")
+    }
 
 
 def output_gradient_norm(size: int, residual: float, correction: str, delta: float = 1.0) -> float:
@@ -57,8 +69,8 @@ def figure_reduction_gap(out: Path) -> Path:
         ax.plot(SIZES, ratios, "o-", color=color, ms=4, lw=2.5, alpha=0.8, label=labels[correction])
     closed = [math.sqrt(REFERENCE_SIZE / n) for n in SIZES]
     ax.plot(SIZES, closed, "--", color="k", lw=0.8, label="$\\sqrt{2/N}$ (closed form)")
-    # The sqrt correction is exact only for equal per-element gradients: the countdown head of
-    # the write-up sits in Huber's linear regime (|r| = 10, per-element gradient capped at 1),
+    # The sqrt correction is exact only for equal per-element gradients: the demo's countdown
+    # head sits in Huber's linear regime (|r| = 10, per-element gradient capped at 1),
     # the pointer head in the quadratic one (|r| = 0.2, per-element gradient 0.2).
     ref = output_gradient_norm(REFERENCE_SIZE, 0.2, "sqrt")
     unequal = [output_gradient_norm(n, 10.0, "sqrt") / ref for n in SIZES]
@@ -150,14 +162,14 @@ def figure_huber_normalized(out: Path, delta: float = 1.0) -> Path:
         ha="left",
         fontsize=9,
     )
-    # The write-up's two heads at initialization (BACKGROUND.md): pointer 0.20, countdown 15.7.
-    for name, value in (("pointer", 0.20), ("countdown", 15.7)):
+    # The demo's two heads at initialization (benchmarks/results/init_gradients.json).
+    for name, value in initial_losses().items():
         # The residual whose Huber loss is `value` (inverse of either branch).
         r = math.sqrt(2 * value) if value <= kink else value / delta + delta / 2
         _, _, g = huber_gradients(r, delta)
         ax.plot([value], [g], "o", color="C3", ms=6)
         ax.annotate(
-            f"{name}\nL = {value}",
+            f"{name}\nL = {value:.3g}",
             xy=(value, g),
             xytext=(6, 6),
             textcoords="offset points",
@@ -180,18 +192,19 @@ def figure_huber_normalized(out: Path, delta: float = 1.0) -> Path:
 def figure_running_mean(out: Path, momentum: float = 0.95, steps: int = 80) -> Path:
     """Weight x loss over the first steps: bias-corrected EMA vs an EMA started at 0 or at L_1."""
     gen = torch.Generator().manual_seed(0)
-    losses = 15.7 * (1 + 0.1 * torch.randn(steps, generator=gen, dtype=torch.float64))
+    level = initial_losses()["countdown"]  # the demo's countdown loss at initialization
+    losses = level * (1 + 0.1 * torch.randn(steps, generator=gen, dtype=torch.float64))
     normalizer = LossNormalizer({"countdown": 1}, momentum=momentum, correction="none")
     corrected, from_zero, from_one = [], [], []
     ema0 = 0.0
     ema1 = float(losses[0])
     for loss in losses.tolist():
         normalizer({"countdown": torch.tensor(loss, dtype=torch.float64)})
-        corrected.append(normalizer.weights["countdown"].item() * 15.7)
+        corrected.append(normalizer.weights["countdown"].item() * level)
         ema0 = momentum * ema0 + (1 - momentum) * loss
         ema1 = momentum * ema1 + (1 - momentum) * loss
-        from_zero.append(15.7 / ema0)
-        from_one.append(15.7 / ema1)
+        from_zero.append(level / ema0)
+        from_one.append(level / ema1)
     t = range(1, steps + 1)
     fig, ax = plt.subplots(figsize=(7, 3.8))
     ax.plot(t, from_zero, color="C3", label="EMA started at 0 (no bias correction)")

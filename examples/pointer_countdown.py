@@ -1,6 +1,6 @@
-"""Pointer + countdown: why normalizing loss values starves the per-timestep head.
+r"""Pointer + countdown: why normalizing loss values starves the per-timestep head.
 
-A runnable reproduction of the user's setup on synthetic data:
+A two-head model whose losses average over 2 and 105 outputs, on synthetic data:
 
 - input: 105 time steps x 4 channels, one "expansion" event per series whose start and end
   show up as a change of drift, volatility and volume (plus noise);
@@ -11,8 +11,8 @@ A runnable reproduction of the user's setup on synthetic data:
 - Adam, lr 1e-3, batch 32, 2048 training and 512 validation samples.
 
 The same model (same initialization, same batches) is trained under each method: a plain sum,
-the write-up's running-mean normalizer (``correction="none"``, weights 0.7/0.1, momentum
-0.95), the same with ``correction="sqrt"`` (the write-up's fix 2), uncertainty weighting,
+a running-mean normalizer that divides each loss by its value (``correction="none"``, fixed
+weights 0.7/0.1, momentum 0.95), the same with ``correction="sqrt"``, uncertainty weighting,
 and gradient balancing at the shared features once :mod:`balanced_losses` provides
 ``GradientBalancer``. ``--methods all`` trains every method of the registry in
 ``_pointer_countdown_lib.py`` that the installed package provides.
@@ -20,36 +20,50 @@ and gradient balancing at the shared features once :mod:`balanced_losses` provid
 The script prints the validation MAE in bars of each head after the last epoch and the
 countdown/pointer ratio of the gradient norms that each task's *weighted* term sends into the
 shared encoder (w_k * ||d L_k / d theta_enc||, with w_k = d total / d L_k, on 128 training
-samples), at initialization and at the end, and saves the training curves to
-``<out>/pointer_countdown.png``.
+samples), at initialization and at the end. It saves the training curves to
+``<out>/pointer_countdown.png`` and everything it measured to ``<out>/pointer_countdown.json``
+(per method: validation MAEs, gradient ratios at initialization and at the end, wall time and
+the per-epoch curves; the seed, epochs and data sizes; the CPU model, core count, torch version,
+torch thread count and load average). ``examples/output/`` is not tracked by git.
+
+The README's demo table is rendered from the committed reference run
+``examples/results/pointer_countdown.json`` (``python benchmarks/render.py``), and the docs show
+its figure ``docs/figures/pointer_countdown.png``; both were written by::
+
+    OMP_NUM_THREADS=1 python examples/pointer_countdown.py \
+        --json examples/results/pointer_countdown.json \
+        --figure docs/figures/pointer_countdown.png
 
 Run from the repository root::
 
     python examples/pointer_countdown.py                # 15 epochs, the default methods
-    python examples/pointer_countdown.py --epochs 20    # the user's full budget
+    python examples/pointer_countdown.py --epochs 20    # the benchmark's budget
     python examples/pointer_countdown.py --smoke        # a few steps, for CI
 
-**Runtime, and why 15 epochs.** One epoch is 64 steps and costs about 3.2 s of CPU time, so a
-method takes about 50 s for 15 epochs (about 65 s for the user's 20) on an otherwise idle
-2-core machine; the five default methods (the plain sum, the write-up's normalizer and its
-sqrt fix, uncertainty weighting, and DBMTL, which the benchmark favours and which includes a
-``GradientBalancer``) fit in 5 minutes at 15 epochs, not at 20. ``--methods all`` trains every
-method in the registry. ``benchmarks/quality.py`` trains the full 20 epochs and
-averages over seeds. One seed proves nothing about a method (plain sums vary a lot between
-seeds).
+**Runtime, and why 15 epochs.** The five default methods (a plain sum, the value-only
+normalizer and its sqrt variant, uncertainty weighting, and DBMTL, which the benchmark favours
+and which includes a ``GradientBalancer``) fit in a few minutes on a 2-core CPU at 15 epochs;
+the reference run's JSON records its wall time and machine. ``--methods all`` trains every
+method in the registry. ``benchmarks/quality.py`` trains 20 epochs and averages over seeds.
+One seed proves nothing about a method (plain sums vary a lot between seeds).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _pointer_countdown_lib as lib
+
+BATCH_SIZE = 32
 
 DEFAULT_METHODS = [
     "sum",
@@ -72,7 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"methods to train, or `all` (default: {DEFAULT_METHODS}; the registry has "
         f"{list(lib.REGISTRY)})",
     )
-    parser.add_argument("--out", type=Path, default=Path("examples/output"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("examples/output"),
+        help="folder for pointer_countdown.png and pointer_countdown.json (default: %(default)s)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="results path (overrides --out)")
+    parser.add_argument("--figure", type=Path, default=None, help="PNG path (overrides --out)")
     parser.add_argument("--smoke", action="store_true", help="1 epoch of 2 steps, for CI")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     return parser.parse_args(argv)
@@ -90,6 +111,45 @@ def format_table(results: list[lib.RunResult]) -> str:
         for r in results
     ]
     return "\n".join(lines)
+
+
+def probe_size(args: argparse.Namespace) -> int:
+    """Training samples on which the gradient ratios are measured."""
+    return 8 if args.smoke else 128
+
+
+def results_to_json(
+    results: list[lib.RunResult],
+    args: argparse.Namespace,
+    *,
+    argv: list[str],
+    epochs: int,
+    n_train: int,
+    n_val: int,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """Everything the run measured, with what is needed to reproduce and place it."""
+    return {
+        "script": "examples/pointer_countdown.py",
+        "command": " ".join(["python", "examples/pointer_countdown.py", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "smoke": args.smoke,
+        "seed": args.seed,
+        "epochs": epochs,
+        "n_train": n_train,
+        "n_val": n_val,
+        "batch_size": BATCH_SIZE,
+        "probe_size": probe_size(args),
+        "wall_seconds": wall_seconds,
+        "machine": lib.machine_info(),
+        "methods": [
+            {
+                **lib.result_to_dict(r),
+                "description": lib.REGISTRY[r.method].description,
+            }
+            for r in results
+        ],
+    }
 
 
 def plot(results: list[lib.RunResult], path: Path, *, title: str) -> None:
@@ -123,6 +183,7 @@ def plot(results: list[lib.RunResult], path: Path, *, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     methods = lib.resolve_methods(None if args.methods == ["all"] else args.methods)
     if not methods:
@@ -145,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             epochs=epochs,
             max_steps=max_steps,
             data=data,
-            probe_size=8 if args.smoke else 128,
+            batch_size=BATCH_SIZE,
+            probe_size=probe_size(args),
             verbose=not (args.quiet or args.smoke),
         )
         print(f"  done in {result.seconds:.0f} s", flush=True)
@@ -154,9 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Validation after {epochs} epochs, seed {args.seed} ({elapsed:.0f} s in all):")
     print(format_table(results))
-    path = args.out / "pointer_countdown.png"
+    path = args.figure or args.out / "pointer_countdown.png"
     plot(results, path, title=f"pointer/countdown demo, seed {args.seed}, {epochs} epochs")
     print(f"\ntraining curves: {path}")
+    json_path = args.json or args.out / "pointer_countdown.json"
+    record = results_to_json(
+        results,
+        args,
+        argv=argv,
+        epochs=epochs,
+        n_train=n_train,
+        n_val=n_val,
+        wall_seconds=elapsed,
+    )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"results: {json_path}")
     bad = [r.method for r in results if not all(math.isfinite(v) for v in r.val_mae.values())]
     if bad:
         print(f"non-finite validation MAE for {bad}")

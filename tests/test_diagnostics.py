@@ -169,3 +169,32 @@ def test_bad_input() -> None:
         task_gradient_norms({}, [w])
     with pytest.raises(ValueError, match="`every`"):
         GradientMonitor([w], every=0)
+
+
+@pytest.mark.parametrize(
+    "measure",
+    [
+        pytest.param(lambda losses, p: gradient_report(losses, p), id="gradient_report"),
+        pytest.param(lambda losses, p: gradient_cosines(losses, p), id="gradient_cosines"),
+        pytest.param(lambda losses, p: task_gradient_norms(losses, p), id="task_gradient_norms"),
+    ],
+)
+def test_measuring_after_backward_says_when_to_call_it(measure):
+    layer = nn.Linear(3, 4)
+    out = torch.tanh(layer(torch.randn(5, 3)))  # tanh saves its output: backward frees it
+    losses = {"pointer": out[:, :2].square().mean(), "countdown": out[:, 2:].abs().mean()}
+    sum(losses.values()).backward()
+    with pytest.raises(RuntimeError, match=r"task `pointer`.*before `loss.backward\(\)`") as info:
+        measure(losses, layer.parameters())
+    assert "retain_graph=True" in str(info.value)
+    assert "backward through the graph a second time" in str(info.value.__cause__)
+
+
+def test_measuring_after_backward_with_retain_graph_works():
+    layer = nn.Linear(3, 4)
+    out = torch.tanh(layer(torch.randn(5, 3)))
+    losses = {"pointer": out[:, :2].square().mean(), "countdown": out[:, 2:].abs().mean()}
+    sum(losses.values()).backward(retain_graph=True)
+    report = gradient_report(losses, layer.parameters())
+    assert set(report.norms) == {"pointer", "countdown"}
+    assert all(n > 0 for n in report.norms.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -41,12 +42,29 @@ def test_demo_smoke(tmp_path: Path) -> None:
     for method in ("sum", "normalizer", "normalizer-sqrt", "uncertainty"):
         assert f"| {method} |" in out
     assert (tmp_path / "pointer_countdown.png").stat().st_size > 1000
+    record = json.loads((tmp_path / "pointer_countdown.json").read_text())
+    assert record["smoke"] is True
+    assert [r["method"] for r in record["methods"]][:4] == [
+        "sum",
+        "normalizer",
+        "normalizer-sqrt",
+        "uncertainty",
+    ]
+    for run in record["methods"]:
+        assert set(run["val_mae"]) == {"pointer", "countdown"}
+        assert math.isfinite(run["ratio_init"])
+        assert math.isfinite(run["ratio_end"])
+    for key in ("cpu", "cpu_count", "torch", "torch_threads", "load_average_1_5_15_min"):
+        assert key in record["machine"]
 
 
 @pytest.mark.slow
 def test_quality_smoke(tmp_path: Path) -> None:
     out = _run("benchmarks/quality.py", "--smoke", "--jobs", "1", "--out", tmp_path)
     table = (tmp_path / "quality_smoke.md").read_text()
+    record = json.loads((tmp_path / "quality_smoke_runs.json").read_text())
+    assert record["calls"][-1]["new_runs"] == len(record["runs"])
+    assert "machine" in record["runs"][0]
     for method in ("pointer-alone", "countdown-alone", "sum", "normalizer", "uncertainty"):
         assert f"| {method} |" in table
     assert "delta_m" in out
@@ -57,6 +75,10 @@ def test_quality_smoke(tmp_path: Path) -> None:
 def test_speed_smoke(tmp_path: Path) -> None:
     _run("benchmarks/speed.py", "--smoke", "--out", tmp_path)
     table = (tmp_path / "speed_smoke.md").read_text()
+    record = json.loads((tmp_path / "speed_smoke.json").read_text())
+    assert [t["name"] for t in record["trunks"]] == ["demo", "wide"]
+    assert record["trunks"][0]["rows"][0]["method"] == "sum"
+    assert "load_average_1_5_15_min" in record["machine"]
     assert "| sum | " in table
     assert "wide" in table
     assert "| uncertainty |" in table

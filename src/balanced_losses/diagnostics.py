@@ -1,7 +1,9 @@
 """See each task's share of the gradient: per-task norms, pairwise cosines, reports, a monitor.
 
 Call these *before* ``total.backward()`` (they use ``torch.autograd.grad`` with
-``retain_graph=True``, so the graph survives them and no ``.grad`` attribute is touched)::
+``retain_graph=True``, so the graph survives them and no ``.grad`` attribute is touched). After
+a plain ``backward()`` the graph is freed and they raise an error that says so; to measure
+afterwards, call ``total.backward(retain_graph=True)``::
 
     losses = {"pointer": lp, "countdown": lc}
     print(gradient_report(losses, model.encoder))
@@ -48,9 +50,27 @@ def _check_losses(losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(losses)
 
 
-def _flat_gradient(loss: Tensor, tensors: list[Tensor]) -> Tensor:
+# The start of autograd's message when a graph's saved tensors were freed by a backward pass.
+_FREED_GRAPH = "Trying to backward through the graph a second time"
+
+
+def _task_gradients(name: str, loss: Tensor, tensors: list[Tensor]) -> list[Tensor | None]:
+    """``task_gradients``, with autograd's freed-graph error said in terms of the call."""
+    try:
+        return task_gradients(loss, tensors)
+    except RuntimeError as err:
+        if _FREED_GRAPH not in str(err):
+            raise
+        raise RuntimeError(
+            f"cannot measure the gradient of task `{name}`: the graph of its loss was freed by a "
+            "`backward()` (or `torch.autograd.grad`) call before this one. Call the diagnostics "
+            "before `loss.backward()`, or pass `retain_graph=True` to that backward call."
+        ) from err
+
+
+def _flat_gradient(name: str, loss: Tensor, tensors: list[Tensor]) -> Tensor:
     """The gradient of ``loss`` over ``tensors`` as one float vector (zeros where unused)."""
-    grads = task_gradients(loss, tensors)
+    grads = _task_gradients(name, loss, tensors)
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -68,11 +88,15 @@ def task_gradient_norms(losses: Mapping[str, Tensor], params: Params) -> dict[st
     r"""The norm :math:`\lVert \nabla_\theta L_k \rVert_2` of each task's gradient over ``params``.
 
     Args:
-        losses: Task name to scalar loss.
+        losses: Task name to scalar loss, whose graph has not been freed by a ``backward()``.
         params: An ``nn.Module``, a tensor or an iterable of tensors (see the module docstring).
 
     Returns:
         Task name to a detached 0-dim tensor (at least float32).
+
+    Raises:
+        RuntimeError: A loss's graph was freed by an earlier ``backward()``; the message names
+            the task and says to measure before ``backward()`` or pass ``retain_graph=True``.
 
     Example:
         >>> import torch
@@ -85,7 +109,7 @@ def task_gradient_norms(losses: Mapping[str, Tensor], params: Params) -> dict[st
     tensors = as_tensors(params)
     result = {}
     for name, loss in checked.items():
-        norm = gradient_norm(task_gradients(loss, tensors))
+        norm = gradient_norm(_task_gradients(name, loss, tensors))
         if norm is None:
             norm = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         # A measurement for reading, not part of any graph.
@@ -117,7 +141,7 @@ def gradient_cosines(losses: Mapping[str, Tensor], params: Params) -> dict[tuple
     tensors = as_tensors(params)
     names = list(checked)
     # Flattened gradients of every task: K vectors of the size of params, at once.
-    flat = torch.stack([_flat_gradient(checked[name], tensors) for name in names]).detach()
+    flat = torch.stack([_flat_gradient(name, checked[name], tensors) for name in names]).detach()
     gram = flat @ flat.T
     norms = gram.diagonal().sqrt()
     result = {}
@@ -194,6 +218,10 @@ def gradient_report(
 
     Returns:
         A :class:`GradientReport`; ``print`` it for a table.
+
+    Raises:
+        RuntimeError: Called after a ``backward()`` that freed a loss's graph (see
+            :func:`task_gradient_norms`).
 
     Example:
         >>> import torch

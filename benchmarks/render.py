@@ -1,0 +1,627 @@
+"""Render every published table and figure of the README and the docs from the results JSON.
+
+The numbers in ``README.md``, ``docs/*.md`` and ``benchmarks/results/*.md`` are never typed by
+hand: each sits in a generated block, between
+
+    <!-- generated: NAME (source: PATH.json; regenerate: python benchmarks/render.py) -->
+    <!-- end generated: NAME -->
+
+and this script rewrites every block from the JSON that the measuring script wrote:
+
+- ``benchmarks/results/quality_runs.json``: ``benchmarks/quality.py`` (training quality);
+- ``benchmarks/results/speed.json``: ``benchmarks/speed.py`` (step time and memory);
+- ``benchmarks/results/init_gradients.json``: ``benchmarks/init_gradients.py`` (gradients at
+  initialization);
+- ``examples/results/pointer_countdown.json``: ``examples/pointer_countdown.py`` (the demo).
+
+Usage (from the repository root; needs only the standard library)::
+
+    python benchmarks/render.py            # rewrite the blocks and benchmarks/results/*.md
+    python benchmarks/render.py --check    # exit 1, listing what differs, if anything would change
+
+``tests/test_generated_docs.py`` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# ruff: noqa: RUF001  (the rendered text uses the multiplication and plus-minus signs)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+QUALITY = "benchmarks/results/quality_runs.json"
+SPEED = "benchmarks/results/speed.json"
+INIT = "benchmarks/results/init_gradients.json"
+DEMO = "examples/results/pointer_countdown.json"
+
+TASKS = ("pointer", "countdown")
+BASELINES = {"pointer": "pointer-alone", "countdown": "countdown-alone"}
+#: Method names of ``examples/_pointer_countdown_lib.py``, in table order, with their labels.
+LABELS = {
+    "sum": "plain sum",
+    "normalizer": '`LossNormalizer(correction="none")`, weights 0.7/0.1',
+    "normalizer-sqrt": '`LossNormalizer(correction="sqrt")`, same weights',
+    "uncertainty": "`UncertaintyWeighting`",
+    "gradient-balancer": "`GradientBalancer`",
+    "gradnorm": "`GradNorm`",
+    "dwa": "`DWA`",
+    "rlw": "`RLW`",
+    "imtll": "`IMTLL`",
+    "famo": "`FAMO`",
+    "geometric-mean": "`GeometricMean`",
+    "dbmtl": '`DBMTL` (log transform + `GradientBalancer(target="max")`)',
+}
+SHORT = {m: (label.split("`")[1] if "`" in label else label) for m, label in LABELS.items()}
+SHORT["normalizer"] = 'LossNormalizer(correction="none")'
+SHORT["normalizer-sqrt"] = 'LossNormalizer(correction="sqrt")'
+#: What each method of the registry is, for the benchmark's own table.
+DESCRIPTIONS = {
+    "pointer-alone": "pointer loss alone",
+    "countdown-alone": "countdown loss alone",
+    "sum": "plain sum(losses)",
+    "normalizer": "running-mean normalizer, correction none, weights 0.7/0.1, momentum 0.95",
+    "normalizer-sqrt": "the same with correction sqrt (times sqrt(output size))",
+    "uncertainty": "uncertainty weighting (Kendall), s = 0 at start, trained by the model's Adam",
+    "gradient-balancer": "per-task gradients rescaled at the shared features in one backward",
+    "gradnorm": "GradNorm (Chen et al. 2018), alpha 1.5, on the encoder's last layer",
+    "dwa": "Dynamic Weight Average (Liu et al. 2019), T = 2",
+    "rlw": "random loss weighting (Lin et al. 2022)",
+    "imtll": "IMTL-L (Liu et al. 2021), scales trained by the model's Adam",
+    "famo": "FAMO (Liu et al. 2023), lr 0.025, wd 1e-3",
+    "geometric-mean": "geometric mean of losses",
+    "dbmtl": "Dual-Balancing MTL (Lin et al. 2023)",
+}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def load(rel: str) -> Any:
+    return json.loads((ROOT / rel).read_text())
+
+
+def relative(path: Path) -> str:
+    """``path`` relative to the repository root when it is inside it, else as given."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    if len(seeds) == 1:
+        return str(seeds[0])
+    return ", ".join(map(str, seeds[:-1])) + f" and {seeds[-1]}"
+
+
+def machine_text(machine: dict[str, Any]) -> str:
+    """``1 torch thread on a 2-core AMD EPYC, torch 2.13.0+cpu, load average 1.9``."""
+    threads = machine["torch_threads"]
+    load5 = machine["load_average_1_5_15_min"][1]
+    return (
+        f"{threads} torch thread{'s' if threads != 1 else ''} on a {machine['cpu_count']}-core "
+        f"{machine['cpu']}, torch {machine['torch']}; load average {load5:.1f} over the last "
+        "5 minutes of the run, other processes sharing the machine"
+    )
+
+
+def name(method: str) -> str:
+    """A method's short name for prose: code-formatted when it is a class."""
+    return "a plain sum" if method == "sum" else f"`{SHORT[method]}`"
+
+
+def names(methods: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    parts = [name(m) for m in methods]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def command_text(record: dict[str, Any]) -> str:
+    omp = record.get("machine", {}).get("omp_num_threads")
+    return (f"OMP_NUM_THREADS={omp} " if omp else "") + record["command"]
+
+
+# -------------------------------------------------------------------------------- the results
+
+
+def quality_runs() -> list[dict[str, Any]]:
+    return [r for r in load(QUALITY)["runs"] if not r["smoke"]]
+
+
+def quality_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: MAEs and delta_m (%) per seed, paired with the same seed's single-task runs.
+
+    delta_m of one seed = mean over tasks of (MAE_k - MAE_k alone) / MAE_k alone.
+    """
+    by_key = {(r["method"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    order = [*BASELINES.values(), *LABELS]
+    order += sorted({r["method"] for r in runs} - set(order))
+    summary: dict[str, dict[str, Any]] = {}
+    for method in order:
+        mae: dict[str, list[float]] = {t: [] for t in TASKS}
+        delta: list[float] = []
+        for seed in seeds:
+            run = by_key.get((method, seed))
+            if run is None:
+                continue
+            rels = []
+            for task in TASKS:
+                if method in BASELINES.values() and method != BASELINES[task]:
+                    continue  # the other head of a single-task run is untrained
+                mae[task].append(run["val_mae"][task])
+                base = by_key.get((BASELINES[task], seed))
+                if base is not None and method not in BASELINES.values():
+                    single = base["val_mae"][task]
+                    rels.append((run["val_mae"][task] - single) / single)
+            if len(rels) == len(TASKS):
+                delta.append(100.0 * statistics.fmean(rels))
+        if any(mae.values()):
+            summary[method] = {"mae": mae, "delta": delta}
+    return summary
+
+
+def speed_rows(trunk: str = "demo") -> dict[str, dict[str, Any]]:
+    for entry in load(SPEED)["trunks"]:
+        if entry["name"] == trunk:
+            return {row["method"]: row for row in entry["rows"]}
+    raise KeyError(f"trunk `{trunk}` not in {SPEED}")
+
+
+def quality_settings(runs: list[dict[str, Any]]) -> tuple[int, list[int]]:
+    epochs = sorted({r["epochs"] for r in runs})
+    if len(epochs) != 1:
+        raise ValueError(f"{QUALITY} mixes runs of {epochs} epochs")
+    return epochs[0], sorted({r["seed"] for r in runs})
+
+
+# ----------------------------------------------------------------------------------- the blocks
+
+
+def block_quality_table() -> str:
+    runs = quality_runs()
+    summary = quality_summary(runs)
+    epochs, seeds = quality_settings(runs)
+    speed = load(SPEED)
+    demo_speed = speed_rows("demo")
+    alone = [summary[BASELINES[t]]["mae"][t] for t in TASKS]
+    lines = [
+        f"Validation MAE in bars after {epochs} epochs, mean ± standard deviation over seeds "
+        f"{seeds_text(seeds)}. Step time is the median over {speed['rounds']} interleaved rounds "
+        "of the method's step time divided by that of a plain `sum(losses)` in the same round; "
+        "peak memory is the step's peak of live tensor bytes, also divided by the plain sum's; "
+        f"both on the demo model with {speed['threads']} torch "
+        f"thread{'s' if speed['threads'] != 1 else ''}.",
+        "",
+        "| method | pointer MAE | countdown MAE | Δm (%) | step time / sum | peak memory / sum |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| each task alone | {mean_std(alone[0])} | {mean_std(alone[1])} | 0 | | |",
+    ]
+    for method, label in LABELS.items():
+        if method not in summary:
+            continue
+        row = summary[method]
+        cost = demo_speed.get(method)
+        time_ratio = f"{cost['ratio']:.3f}" if cost else "-"
+        peak_ratio = f"{cost['peak_ratio']:.2f}" if cost else "-"
+        lines.append(
+            f"| {label} | {mean_std(row['mae']['pointer'])} | {mean_std(row['mae']['countdown'])} "
+            f"| {mean_std(row['delta'], 0)} | {time_ratio} | {peak_ratio} |"
+        )
+    cpu_seconds = sum(r["seconds"] for r in runs)
+    lines += [
+        "",
+        f"Reproduce with `python benchmarks/quality.py --seeds {' '.join(map(str, seeds))}` "
+        f"(the {len(runs)} runs of `{QUALITY}` took {minutes(cpu_seconds)} of CPU time, one "
+        "thread each; `--jobs 2`, the default, runs two at a time) and "
+        f"`{command_text(speed)}` ({minutes(speed['wall_seconds'])} wall time, "
+        f"{machine_text(speed['machine'])}); the full tables, with a wider trunk, are in "
+        "`benchmarks/results/`.",
+    ]
+    return "\n".join(lines)
+
+
+def _best(summary: dict[str, dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> str:
+    methods = [m for m in LABELS if m in summary]
+    return min(methods, key=lambda m: key(summary[m]))
+
+
+def block_quality_verdict() -> str:
+    runs = quality_runs()
+    summary = quality_summary(runs)
+    _, seeds = quality_settings(runs)
+    best = {
+        "pointer MAE": _best(summary, lambda r: statistics.fmean(r["mae"]["pointer"])),
+        "countdown MAE": _best(summary, lambda r: statistics.fmean(r["mae"]["countdown"])),
+        "Δm": _best(summary, lambda r: statistics.fmean(r["delta"])),
+    }
+    leader = best["Δm"]
+    demo_cost = speed_rows("demo").get(leader)
+    wide_cost = speed_rows("wide").get(leader)
+    if len(set(best.values())) == 1:
+        first = f"On this problem {name(leader)} has the lowest mean error on both heads and "
+        first += "the best mean Δm"
+    else:
+        parts = [f"lowest mean {what}: {name(m)}" for what, m in best.items() if what != "Δm"]
+        first = f"On this problem {name(leader)} has the best mean Δm ({'; '.join(parts)})"
+    if demo_cost and wide_cost:
+        first += (
+            f", at {demo_cost['ratio']:.2f}× the step time of a plain sum on the demo model "
+            f"({wide_cost['ratio']:.2f}× with the wider trunk)"
+        )
+    lead = summary[leader]["delta"]
+    bound = statistics.fmean(lead) + (statistics.stdev(lead) if len(lead) > 1 else 0.0)
+    close = [
+        m
+        for m in LABELS
+        if m in summary and m != leader and statistics.fmean(summary[m]["delta"]) <= bound
+    ]
+    lines = [first + "."]
+    if close:
+        lines.append(
+            f"The mean Δm of {names(close)} is within one standard deviation (over the "
+            f"{len(seeds)} seeds) of {name(leader)}'s, so measure on your own model "
+            "(`balanced_losses.diagnostics`) before you trust a ranking."
+        )
+    alone = statistics.fmean(summary[BASELINES["countdown"]]["mae"]["countdown"])
+    starved = [
+        m
+        for m in LABELS
+        if m in summary and statistics.fmean(summary[m]["mae"]["countdown"]) > 2 * alone
+    ]
+    if starved:
+        lines.append(
+            f"With {names(starved)}, the countdown head ends at more than twice the mean error "
+            "of the countdown head trained alone."
+        )
+    return " ".join(lines)
+
+
+def block_demo_table() -> str:
+    record = load(DEMO)
+    lines = [
+        "| method | pointer MAE (bars) | countdown MAE (bars) "
+        "| countdown/pointer grad ratio at init | at end |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for run in record["methods"]:
+        label = LABELS.get(run["method"], run["method"])
+        lines.append(
+            f"| {label} | {run['val_mae']['pointer']:.2f} | {run['val_mae']['countdown']:.2f} "
+            f"| {run['ratio_init']:.3g} | {run['ratio_end']:.3g} |"
+        )
+    lines += [
+        "",
+        f"`{command_text(record)}`: {record['epochs']} epochs, seed {record['seed']}, "
+        f"{minutes(record['wall_seconds'])} in all with {machine_text(record['machine'])}. "
+        f"Results: `{DEMO}`.",
+    ]
+    return "\n".join(lines)
+
+
+def block_demo_curves() -> str:
+    """Per method of the demo: how the countdown head and the gradient ratio moved."""
+    record = load(DEMO)
+    lines = [
+        "| method | countdown MAE at init | after epoch 1 | at the end | first epoch below half "
+        "of its init | grad ratio, lowest over epochs 1 to end | highest |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in record["methods"]:
+        history = run["history"]
+        curve = history["val_countdown"]
+        ratios = history["ratio"][1:]
+        below = next(
+            (int(e) for e, v in zip(history["epoch"], curve, strict=True) if v < curve[0] / 2), None
+        )
+        lines.append(
+            f"| {LABELS.get(run['method'], run['method'])} | {curve[0]:.1f} | {curve[1]:.1f} "
+            f"| {curve[-1]:.2f} | {below if below is not None else 'never'} "
+            f"| {min(ratios):.3g} | {max(ratios):.3g} |"
+        )
+    lines += [
+        "",
+        f"From `{DEMO}` ({record['epochs']} epochs, seed {record['seed']}). Grad ratio: "
+        "countdown/pointer ratio of the weighted gradient each task sends into the shared "
+        f"encoder, on {record['probe_size']} training samples, after each epoch.",
+    ]
+    return "\n".join(lines)
+
+
+def block_init_gradients() -> str:
+    record = load(INIT)
+    seeds = record["seeds"]
+
+    def cell(get: Callable[[dict[str, Any]], float], fmt: str) -> str:
+        values = [get(s) for s in seeds]
+        spread = f" ({format(min(values), fmt)} to {format(max(values), fmt)})"
+        return format(statistics.fmean(values), fmt) + (spread if len(values) > 1 else "")
+
+    rows = [
+        ("pointer loss", lambda s: s["loss"]["pointer"], ".3g"),
+        ("countdown loss", lambda s: s["loss"]["countdown"], ".3g"),
+        (
+            "pointer elements in Huber's linear regime (%)",
+            lambda s: 100 * s["linear_share"]["pointer"],
+            ".3g",
+        ),
+        (
+            "countdown elements in Huber's linear regime (%)",
+            lambda s: 100 * s["linear_share"]["countdown"],
+            ".3g",
+        ),
+        (
+            "pointer mean per-element derivative",
+            lambda s: s["mean_abs_derivative"]["pointer"],
+            ".2f",
+        ),
+        (
+            "countdown mean per-element derivative",
+            lambda s: s["mean_abs_derivative"]["countdown"],
+            ".2f",
+        ),
+        (
+            "countdown/pointer gradient ratio at the heads' outputs, plain sum",
+            lambda s: s["ratio"]["outputs_sum"],
+            ".2g",
+        ),
+        ("... at the shared encoder, plain sum", lambda s: s["ratio"]["encoder_sum"], ".2g"),
+        ('... at the outputs, `correction="sqrt"`', lambda s: s["ratio"]["outputs_sqrt"], ".2g"),
+        ('... at the encoder, `correction="sqrt"`', lambda s: s["ratio"]["encoder_sqrt"], ".2g"),
+        (
+            "... at the outputs, each loss divided by its value",
+            lambda s: s["ratio"]["outputs_divided_by_value"],
+            ".2g",
+        ),
+        (
+            "... at the encoder, each loss divided by its value",
+            lambda s: s["ratio"]["encoder_divided_by_value"],
+            ".2g",
+        ),
+    ]
+    n = len(seeds)
+    lines = [
+        f"| at initialization | mean over {n} seeds (lowest to highest) |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {name} | {cell(get, fmt)} |" for name, get, fmt in rows]
+    sizes = record["output_sizes"]
+    lines += [
+        "",
+        f"Closed form for equal per-element derivatives: "
+        f"$\\sqrt{{{sizes['pointer']}/{sizes['countdown']}}} = "
+        f"{record['closed_form_ratio_outputs']:.2f}$. Measured by `{command_text(record)}` on "
+        f"the demo's model and data (seeds {seeds_text([s['seed'] for s in seeds])}, the first "
+        f"{record['probe_size']} training samples); results in `{INIT}`.",
+    ]
+    return "\n".join(lines)
+
+
+def block_normalizer_vs_alone() -> str:
+    runs = quality_runs()
+    epochs, seeds = quality_settings(runs)
+    by_key = {(r["method"], r["seed"]): r for r in runs}
+    ratios = [
+        by_key[("normalizer", s)]["val_mae"]["countdown"]
+        / by_key[("countdown-alone", s)]["val_mae"]["countdown"]
+        for s in seeds
+        if ("normalizer", s) in by_key and ("countdown-alone", s) in by_key
+    ]
+    return (
+        f'Trained that way for {epochs} epochs (`LossNormalizer(correction="none")` with the '
+        f"demo's weights, {len(ratios)} seeds), the countdown head ends at "
+        f"{min(ratios):.1f} to {max(ratios):.1f} times the validation MAE of the countdown "
+        f"head trained alone (`{QUALITY}`)."
+    )
+
+
+# ------------------------------------------------------------------------- whole-file outputs
+
+
+def quality_markdown(record: dict[str, Any], *, source: str = QUALITY) -> str:
+    runs = [r for r in record["runs"] if r["smoke"] == record.get("smoke", False)]
+    summary = quality_summary(runs)
+    epochs, seeds = quality_settings(runs)
+    lines = [
+        _open("quality-md", source),
+        "# Training quality on the pointer/countdown problem",
+        "",
+        f"Rendered by `python benchmarks/render.py` from `{Path(source).name}`, which "
+        "`benchmarks/quality.py` writes. Validation MAE in bars after "
+        f"{epochs} epochs, mean ± std over seeds {seeds}. delta_m = mean over tasks of "
+        "(MAE - single-task MAE) / single-task MAE, paired per seed with the single-task runs "
+        "of the same seed; lower is better, <= 0 means the tasks are on average at least as "
+        "good as when trained alone.",
+        "",
+        "| method | pointer MAE | countdown MAE | delta_m (%) | description |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for method, row in summary.items():
+        delta = mean_std(row["delta"], 0) if row["delta"] else "-"
+        lines.append(
+            f"| {method} | {mean_std(row['mae']['pointer'])} | "
+            f"{mean_std(row['mae']['countdown'])} | {delta} | {DESCRIPTIONS.get(method, '')} |"
+        )
+    seconds = [r["seconds"] for r in runs]
+    lines += [
+        "",
+        f"{len(runs)} runs, one torch thread each, {minutes(statistics.fmean(seconds))} per run "
+        f"on average ({minutes(sum(seconds))} of CPU time in all). The calls that made them:",
+        "",
+    ]
+    for call in record["calls"]:
+        if "converted_from" in call:
+            lines.append(
+                f"- `{call['command']}`: {call['new_runs']} runs in {call['wall_minutes']} min, "
+                f"load average {call['load_average_5_min_at_end']} (5 min) at the end on "
+                f"{call['cpu_count']} cores; {call['converted_from']}. {call['note']}"
+            )
+        else:
+            lines.append(
+                f"- `{command_text(call)}` ({call['date']}): {call['new_runs']} runs in "
+                f"{minutes(call['wall_seconds'])}, {machine_text(call['machine'])}."
+            )
+    lines += ["", "Per-seed values and curves are in the JSON.", _close("quality-md"), ""]
+    return "\n".join(lines)
+
+
+def speed_markdown(record: dict[str, Any], *, source: str = SPEED) -> str:
+    threads = record["threads"]
+    lines = [
+        _open("speed-md", source),
+        "# Per-step cost relative to a plain sum",
+        "",
+        f"Rendered by `python benchmarks/render.py` from `{Path(source).name}`, which "
+        f"`{command_text(record)}` wrote on {record['date']} ({record['rounds']} interleaved "
+        f"rounds after {record['warmup']} warmup rounds, batch {record['batch_size']}, "
+        f"{threads} torch thread{'s' if threads != 1 else ''}, CPU). "
+        "Time ratio: median over rounds of the method's step time divided by the same round's "
+        "`sum` step time [interquartile range]. Peak: highest live CPU tensor bytes during one "
+        "step above its starting level (torch.profiler); allocated: all bytes allocated in the "
+        "step.",
+        "",
+    ]
+    for trunk in record["trunks"]:
+        lines += [
+            f"## {trunk['name']} (GRU hidden {trunk['gru_hidden']})",
+            "",
+            "| method | step (ms) | time / sum | peak (MB) | peak / sum | allocated / sum |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in trunk["rows"]:
+            q1, q3 = row["iqr"]
+            lines.append(
+                f"| {row['method']} | {row['ms']:.1f} | {row['ratio']:.3f} [{q1:.3f}, {q3:.3f}] "
+                f"| {row['peak'] / 2**20:.1f} | {row['peak_ratio']:.2f} "
+                f"| {row['alloc_ratio']:.2f} |"
+            )
+        lines.append("")
+    start = " / ".join(f"{x:.1f}" for x in record["load_average_1_5_15_min_at_start"])
+    end = " / ".join(f"{x:.1f}" for x in record["machine"]["load_average_1_5_15_min"])
+    machine = record["machine"]
+    lines += [
+        f"Wall time {record['wall_seconds']:.0f} s on a {machine['cpu_count']}-core "
+        f"{machine['cpu']}, torch {machine['torch']}. Load average (1/5/15 min) at the start "
+        f"{start}, at the end {end}: other processes shared the machine, which adds noise to "
+        "the ratios (wider ranges) but, interleaved, not a bias.",
+        _close("speed-md"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the machinery
+
+
+@dataclass(frozen=True)
+class Block:
+    sources: tuple[str, ...]
+    render: Callable[[], str]
+
+
+BLOCKS: dict[str, Block] = {
+    "quality-table": Block((QUALITY, SPEED), block_quality_table),
+    "quality-verdict": Block((QUALITY, SPEED), block_quality_verdict),
+    "demo-table": Block((DEMO,), block_demo_table),
+    "demo-curves": Block((DEMO,), block_demo_curves),
+    "init-gradients": Block((INIT,), block_init_gradients),
+    "normalizer-vs-alone": Block((QUALITY,), block_normalizer_vs_alone),
+}
+#: Files made whole from one JSON each.
+FILES: dict[str, tuple[str, Callable[[], str]]] = {
+    "benchmarks/results/quality.md": (QUALITY, lambda: quality_markdown(load(QUALITY))),
+    "benchmarks/results/speed.md": (SPEED, lambda: speed_markdown(load(SPEED))),
+}
+#: Files whose generated blocks are rewritten in place.
+PAGES = (
+    "README.md",
+    "docs/index.md",
+    "docs/getting-started.md",
+    "docs/choosing.md",
+    "docs/why.md",
+    "docs/production.md",
+)
+
+_BLOCK = re.compile(
+    r"<!-- generated: (?P<name>[\w-]+) \(.*?\) -->\n.*?<!-- end generated: (?P=name) -->",
+    re.DOTALL,
+)
+
+
+def _open(name: str, sources: str) -> str:
+    return (
+        f"<!-- generated: {name} (source: {sources}; regenerate: python benchmarks/render.py) -->"
+    )
+
+
+def _close(name: str) -> str:
+    return f"<!-- end generated: {name} -->"
+
+
+def render_page(text: str) -> str:
+    """``text`` with every generated block rewritten; unknown block names raise."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise KeyError(f"unknown generated block `{name}`; expected one of {sorted(BLOCKS)}")
+        block = BLOCKS[name]
+        # Blank lines around the content: Markdown must not read it as part of the comment.
+        return f"{_open(name, ', '.join(block.sources))}\n\n{block.render()}\n\n{_close(name)}"
+
+    return _BLOCK.sub(replace, text)
+
+
+def expected_outputs() -> dict[str, str]:
+    """Every generated file's full expected text, by path relative to the repository root."""
+    out = {path: make() for path, (_, make) in FILES.items()}
+    for page in PAGES:
+        text = (ROOT / page).read_text()
+        out[page] = render_page(text)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 on drift")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in expected_outputs().items():
+        target = ROOT / path
+        if not target.exists() or target.read_text() != text:
+            stale.append(path)
+            if not args.check:
+                target.write_text(text)
+    if args.check:
+        if stale:
+            print(f"out of date (run `python benchmarks/render.py`): {', '.join(stale)}")
+            return 1
+        print("every generated block matches its results JSON")
+        return 0
+    print(f"rewrote {', '.join(stale)}" if stale else "nothing to rewrite")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
