@@ -116,8 +116,11 @@ def jacobi_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tens
     for _ in range(sweeps):
         for partner, is_first in rounds:
             diag = a.diagonal()
-            # Per index: its pair's a_pq and a_qq - a_pp, read from the index's own row.
-            a_pq = a.gather(1, partner[:, None])[:, 0]
+            # Per index: its pair's a_pq and a_qq - a_pp. a_pq is the mean of a[p, q] and
+            # a[q, p], identical bits at p and at q: rounding leaves A slightly asymmetric, and
+            # two readings that differ in sign (near 0, with a_pp = a_qq) would rotate p and q
+            # by +45 and -45 degrees, which is not a rotation.
+            a_pq = (a.gather(1, partner[:, None]) + a.mT.gather(1, partner[:, None]))[:, 0] / 2
             diff = torch.where(is_first, diag[partner] - diag, diag - diag[partner])
             sign = torch.where(diff >= 0, 1.0, -1.0).to(a.dtype)
             denom = diff.abs() + torch.hypot(diff, 2 * a_pq)

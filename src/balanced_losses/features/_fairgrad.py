@@ -101,7 +101,8 @@ def solve_power_equation(gram: Tensor, alive: Tensor, p: float, steps: int) -> T
         slack = (16 * k * eps) * (quad_w.abs() + bar_w.abs().sum())
         accept = feasible & (f_trial <= f_w + _ARMIJO * ts * (grad @ step) + slack)
         # The first (largest) acceptable step; the last candidate, t = 0, always is.
-        t = ts[torch.argmax(accept.to(torch.int32))]
+        # (gather, not ts[index]: a 0-d index tensor is read on the host.)
+        t = ts.gather(0, torch.argmax(accept.to(torch.int32)).reshape(1))[0]
         w = w + t * step
     return torch.where(alive, w, torch.zeros_like(w))
 

@@ -33,11 +33,12 @@ def pcgrad_orders(
         num_tasks: :math:`K`, a positive integer.
         seed: Key of the stream, an int64 tensor in ``[0, 2**63)`` (shape ``()``).
         step: Position in the stream (e.g. the training step), an int64 tensor in
-            ``[0, 2**63)`` (shape ``()``).
+            ``[0, 2**63)`` (shape ``()``; ``seed`` and ``step`` broadcast, so a step of shape
+            ``(S, 1, 1)`` gives ``S`` sets of orders, ``(S, K, K)``).
         device: Where to build the orders; ``None`` is the default device.
 
     Returns:
-        ``(K, K)`` int64: row ``i`` is the order of task ``i``'s projections (its own index
+        ``(..., K, K)`` int64: row ``i`` is the order of task ``i``'s projections (its own index
         included; :func:`pcgrad_weights` skips it).
 
     References:
@@ -60,7 +61,7 @@ def pcgrad_orders(
     # 32 + 31 random bits, non-negative in int64: ties have probability about K^2 / 2^64, and a
     # stable sort still breaks them into a permutation.
     keys = (words[0] << 31) | (words[1] >> 1)
-    return torch.argsort(keys, dim=1, stable=True)
+    return torch.argsort(keys, dim=-1, stable=True)
 
 
 def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
