@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -40,7 +39,6 @@ def check_gramian(gramian: Tensor) -> int:
     return int(gramian.shape[0])
 
 
-@functools.lru_cache(maxsize=64)
 def _round_robin(n: int) -> tuple[tuple[tuple[int, ...], tuple[bool, ...]], ...]:
     """The ``n - 1`` rounds of a round-robin tournament on an even number ``n`` of indices.
 
