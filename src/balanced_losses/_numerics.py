@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["adam_update", "debiased", "philox4x32", "standard_normal"]
+__all__ = ["MASK32", "adam_update", "debiased", "philox4x32", "standard_normal"]
 
 
 def debiased(ema: Tensor, count: Tensor, momentum: float) -> Tensor:
@@ -49,7 +49,7 @@ def adam_update(
     return lr * m_hat / (v_hat.sqrt() + eps), exp_avg, exp_avg_sq
 
 
-_MASK32 = 0xFFFFFFFF
+MASK32 = 0xFFFFFFFF
 # Philox4x32 constants (Salmon, Moraes, Dror & Shaw 2011, Sec. 5): round multipliers and the
 # Weyl increments of the key schedule (golden ratio and sqrt(3) - 1, as 32-bit fractions).
 _PHILOX_M0 = 0xD2511F53
@@ -69,7 +69,7 @@ def _mulhilo32(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
     p_lo = a * (m & 0xFFFF)
     p_hi = a * (m >> 16)
     mid = ((p_hi & 0xFFFF) << 16) + p_lo
-    return (p_hi >> 16) + (mid >> 32), mid & _MASK32
+    return (p_hi >> 16) + (mid >> 32), mid & MASK32
 
 
 def philox4x32(
@@ -85,8 +85,8 @@ def philox4x32(
     k0, k1 = key
     for round_ in range(_PHILOX_ROUNDS):
         if round_ > 0:
-            k0 = (k0 + _PHILOX_W0) & _MASK32
-            k1 = (k1 + _PHILOX_W1) & _MASK32
+            k0 = (k0 + _PHILOX_W0) & MASK32
+            k1 = (k1 + _PHILOX_W1) & MASK32
         hi0, lo0 = _mulhilo32(c0, _PHILOX_M0)
         hi1, lo1 = _mulhilo32(c2, _PHILOX_M1)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
@@ -105,6 +105,6 @@ def standard_normal(seed: Tensor, step: Tensor, task: Tensor) -> Tensor:
     """
     zero = torch.zeros_like(step + task)  # the broadcast shape; also counter word 3
     step, task = step + zero, task + zero
-    words = philox4x32((step & _MASK32, step >> 32, task, zero), (seed & _MASK32, seed >> 32))
+    words = philox4x32((step & MASK32, step >> 32, task, zero), (seed & MASK32, seed >> 32))
     u1, u2 = (((w >> 9).to(torch.float32) + 0.5) * 2.0**-23 for w in words[:2])
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)

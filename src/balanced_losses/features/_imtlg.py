@@ -1,0 +1,67 @@
+"""IMTL-G (Liu et al. 2021), the closed-form gradient half of Impartial Multi-Task Learning."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from balanced_losses.features._eigh import check_gramian, pinv_psd, work_dtype
+
+__all__ = ["imtlg_weights"]
+
+# TorchJD 0.18 returns zero weights when |1^T G^+ d| < 1e-12 (an aggregate of unbounded length);
+# we apply its threshold to the scale-free sum sqrt(max_i G_ii) * 1^T G^+ d, and at least 4096
+# epsilons of the working dtype (so float32 rounding of an exact zero is caught too).
+_SUM_TOL = 1e-12
+_SUM_TOL_EPS = 4096
+
+
+def imtlg_weights(gramian: Tensor, *, sweeps: int | None = None) -> Tensor:
+    r"""IMTL-G weights: the aggregate whose projections on all unit task gradients are equal.
+
+    With :math:`u_i = g_i / \lVert g_i \rVert`, IMTL-G (Liu et al. 2021, Sec. 3.2, the closed
+    form of Eq. 10) looks for :math:`d = \sum_i w_i g_i` with :math:`\sum_i w_i = 1` and
+    :math:`d \cdot u_i` the same for every task. In Gramian form (the generalization of Quinton
+    & Rey 2024 that allows linearly dependent rows):
+
+    .. math::
+        v = G^+ \sqrt{\operatorname{diag}(G)},\qquad w = \frac{v}{\mathbf 1^\top v},
+
+    since :math:`J d = G w \propto (\lVert g_i \rVert)_i` exactly when all the projections
+    :math:`d \cdot u_i` are equal. The pseudo-inverse comes from the sync-free Jacobi
+    eigensolver with ``torch.linalg.pinv``'s cutoff (eigenvalues below
+    :math:`K \varepsilon \lambda_{\max}` are dropped), so rank-deficient Gramians, duplicate
+    rows and zero rows give what TorchJD 0.18's ``IMTLG`` gives: a zero row gets weight 0. When
+    :math:`\mathbf 1^\top v` vanishes (e.g. :math:`g_2 = -g_1`: no direction has equal
+    positive projections) the weights are all 0, as in TorchJD, except that the test is
+    :math:`\sqrt{\max_i G_{ii}}\,|\mathbf 1^\top v| < \max(10^{-12}, 4096\varepsilon)`, which
+    is scale-free (TorchJD compares :math:`|\mathbf 1^\top v|` itself with :math:`10^{-12}`, so
+    it agrees with this at the scale :math:`\max_i G_{ii} = 1`). The weights are invariant to
+    scaling :math:`G` by :math:`s > 0` and may be negative. A finite PSD ``gramian`` gives finite
+    weights; NaN in ``gramian`` may give NaN (the caller guards).
+
+    Args:
+        gramian: :math:`G = J J^\top`, ``(K, K)``, symmetric PSD.
+        sweeps: Jacobi sweeps; ``None`` takes ``3 + ceil(2 log2 K)``.
+
+    Returns:
+        ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
+
+    References:
+        Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang. Towards Impartial Multi-task Learning.
+        ICLR 2021.
+
+        Quinton, Rey. Jacobian Descent for Multi-Objective Optimization. arXiv:2406.16232, 2024.
+    """
+    check_gramian(gramian)
+    g = gramian.to(work_dtype(gramian))
+    diag = g.diagonal().clamp(min=0)
+    v = pinv_psd(g, sweeps) @ diag.sqrt()
+    v_sum = v.sum()
+    # v scales as 1 / sqrt(scale of G): this product is dimensionless.
+    scale = diag.amax().sqrt()
+    tol = max(_SUM_TOL, _SUM_TOL_EPS * torch.finfo(g.dtype).eps)
+    degenerate = (v_sum * scale).abs() < tol
+    safe_sum = torch.where(degenerate, torch.ones_like(v_sum), v_sum)
+    weights = torch.where(degenerate, torch.zeros_like(v), v / safe_sum)
+    return weights.to(gramian.dtype)

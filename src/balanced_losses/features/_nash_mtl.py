@@ -1,0 +1,83 @@
+"""Nash-MTL (Navon et al. 2022): the Nash bargaining solution, G alpha = 1 / alpha."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from balanced_losses.features._eigh import check_gramian, work_dtype
+from balanced_losses.features._fairgrad import alive_rows, solve_power_equation
+
+__all__ = ["nash_mtl_weights"]
+
+# Newton steps for p = 1, where f is self-concordant: at most 9 were needed on the random
+# solvable Gramians described in _fairgrad.py; 20 leave a margin.
+DEFAULT_NEWTON_STEPS = 20
+
+
+def nash_mtl_weights(gramian: Tensor, *, max_norm: float = 1.0, steps: int | None = None) -> Tensor:
+    r"""Nash-MTL weights: the bargaining solution of the tasks, clipped as in TorchJD 0.18.
+
+    Nash-MTL (Navon et al. 2022, Theorem 5.1 and Algorithm 1) updates along
+    :math:`d = J^\top \alpha` for the :math:`\alpha > 0` with
+
+    .. math::
+        (G \alpha)_i = \frac{1}{\alpha_i}\quad\text{for all } i,
+
+    the stationary point of the self-concordant convex function
+    :math:`\tfrac12 \alpha^\top G \alpha - \sum_i \log \alpha_i`, solved exactly by damped Newton
+    with a fixed budget (see ``solve_power_equation``; the paper's own solver is a sequence of
+    convex programs, which TorchJD runs with cvxpy). At the solution
+    :math:`\lVert J^\top \alpha \rVert^2 = \alpha^\top G \alpha = \sum_i \alpha_i (G\alpha)_i
+    = K`. Then, as in the official implementation and TorchJD 0.18's ``NashMTL``, if
+    ``max_norm > 0`` and :math:`\lVert J^\top \alpha \rVert > \text{max\_norm}`, :math:`\alpha`
+    is scaled so that :math:`\lVert J^\top \alpha \rVert = \text{max\_norm}`; with TorchJD's
+    default 1.0 that is every call with :math:`K \ge 2`. (The official code and TorchJD divide
+    :math:`G` by :math:`\lVert G \rVert_F` but multiply the constraints back by it, so the
+    solution is that of :math:`G` itself, checked against TorchJD to 1e-8; we also solve for the
+    normalized :math:`G` and rescale, :math:`\alpha^*(G) = \alpha^*(G / c) / \sqrt c`, exactly.)
+    Scaling :math:`G` by :math:`s` scales the weights by :math:`s^{-1/2}`, so :math:`J^\top
+    \alpha` does not depend on the scale of :math:`J`.
+
+    What TorchJD's ``NashMTL`` does and this function does not: it is stateful (it warm-starts
+    from the previous call's :math:`\alpha`, and with ``update_weights_every > 1`` reuses old
+    weights), and its loop stops once :math:`\lVert G\alpha - 1/\alpha \rVert < 10^{-3}`, so it
+    is approximate; here every call solves its Gramian to rounding. A zero row has no finite
+    solution (:math:`(G\alpha)_i = 0`) and gets weight 0 (no effect on :math:`J^\top\alpha`;
+    cvxpy fails on such input and TorchJD falls back to its previous :math:`\alpha`). If zero
+    is a convex combination of the task gradients (a Pareto-stationary point, e.g.
+    :math:`g_2 = -g_1`) no solution exists; the weights are finite after the fixed budget and
+    :math:`J^\top \alpha` is about 0. NaN in ``gramian`` may give NaN (the caller guards).
+
+    Args:
+        gramian: :math:`G = J J^\top`, ``(K, K)``, symmetric PSD.
+        max_norm: Largest :math:`\lVert J^\top \alpha \rVert`; 0 disables the clipping.
+        steps: Newton steps; ``None`` takes ``DEFAULT_NEWTON_STEPS`` (20).
+
+    Returns:
+        ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
+
+    References:
+        Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya. Multi-Task Learning as a
+        Bargaining Game. ICML 2022.
+    """
+    check_gramian(gramian)
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+        raise ValueError(f"`max_norm` must be a float >= 0, got {max_norm!r}")
+    if not (math.isfinite(max_norm) and max_norm >= 0):
+        raise ValueError(f"`max_norm` must be finite and >= 0, got {max_norm!r}")
+    g = gramian.to(work_dtype(gramian))
+    # Solve at unit scale, where the start and the Armijo slack are O(1): G alpha = 1 / alpha
+    # for G = c G_1 is alpha = alpha_1 / sqrt(c).
+    norm = torch.linalg.matrix_norm(g)
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+    steps = DEFAULT_NEWTON_STEPS if steps is None else steps
+    alpha = solve_power_equation(g / norm, alive_rows(g), 1.0, steps) / norm.sqrt()
+    if max_norm > 0:
+        # ||J^T alpha|| = sqrt(alpha^T G alpha), with the unnormalized G.
+        length = torch.sqrt((alpha @ g @ alpha).clamp(min=0))
+        clip = length > max_norm
+        alpha = torch.where(clip, alpha * (max_norm / torch.where(clip, length, 1.0)), alpha)
+    return alpha.to(gramian.dtype)
