@@ -55,8 +55,8 @@ class DBMTL(Weighting):
     **Input domain.** Losses must be positive: :math:`\log(L_k + \epsilon)` is NaN below
     :math:`-\epsilon`, and its gradient :math:`1/\epsilon` explodes at 0. ``check_inputs=True``
     raises ``ValueError`` naming the task and the value on a loss :math:`\le 0`. Without it, a
-    negative loss makes the step's total NaN (visible, as a plain sum of a NaN loss would be)
-    and leaves the gradient statistics untouched (a NaN gradient never enters them).
+    loss :math:`\le -\epsilon` makes the step's total and that task's gradient NaN (visible,
+    as a plain sum of a NaN loss would be), and that task's gradient statistics stay untouched.
 
     Args:
         tasks: Task names, in order.
@@ -142,7 +142,13 @@ class DBMTL(Weighting):
         shifted = values + self.eps
         ones = torch.ones_like(shifted)
         # Lin et al. 2023's log transform; its gradient is grad L_k / (L_k + eps).
-        logs = torch.log(torch.where(present, shifted, ones))
+        logs = torch.log(torch.where(present & (shifted > 0), shifted, ones))
+        # No logarithm at L_k <= -eps: that task's term *and its gradient* are NaN, visible as a
+        # NaN loss in a plain sum would be (the gradient statistics reject the NaN norm). The
+        # square root of a negative number is NaN with a NaN derivative; elsewhere it is
+        # sqrt(1) with a zero upstream gradient, so the other tasks' gradients stay finite.
+        bad = present & (shifted <= 0)
+        logs = torch.where(bad, torch.sqrt(torch.where(bad, shifted - 1.0, ones)), logs)
         # d total / d L_k = 1 / (L_k + eps). Logged, not differentiated: cut the graph.
         self._record(1.0 / torch.where(present, shifted.detach(), ones), present)
         if not self.balance_features:
