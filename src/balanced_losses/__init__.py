@@ -12,8 +12,13 @@ Every public class is imported from here, and only from here.
 
 from balanced_losses import diagnostics, functional
 from balanced_losses._base import Weighting
+from balanced_losses.features._aligned_mtl import AlignedMTL
 from balanced_losses.features._dbmtl import DBMTL
+from balanced_losses.features._fairgrad import FairGrad
 from balanced_losses.features._gradient_balancer import GradientBalancer
+from balanced_losses.features._imtlg import IMTLG
+from balanced_losses.features._nash_mtl import NashMTL
+from balanced_losses.features._pcgrad import PCGrad
 from balanced_losses.losses import HuberLoss
 from balanced_losses.weighting._dwa import DWA
 from balanced_losses.weighting._famo import FAMO
@@ -30,13 +35,18 @@ __all__ = [
     "DBMTL",
     "DWA",
     "FAMO",
+    "IMTLG",
     "IMTLL",
     "RLW",
+    "AlignedMTL",
+    "FairGrad",
     "GeometricMean",
     "GradNorm",
     "GradientBalancer",
     "HuberLoss",
     "LossNormalizer",
+    "NashMTL",
+    "PCGrad",
     "UncertaintyWeighting",
     "Weighting",
     "__version__",

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import torch
+
 __all__ = [
     "check_momentum",
     "check_number",
+    "check_seed",
     "check_task_names",
     "check_task_weights",
     "per_task_values",
@@ -30,6 +33,18 @@ def check_task_names(tasks: Iterable[str]) -> tuple[str, ...]:
     if duplicates:
         raise ValueError(f"task names must be unique, got duplicates {duplicates}")
     return names
+
+
+def check_seed(seed: int | None) -> int:
+    """Return ``seed`` if it is an integer in ``[0, 2**63)``; draw one when it is None.
+
+    A None seed is drawn from torch's global RNG (a host value: construction time only).
+    """
+    if seed is None:
+        return int(torch.randint(0, 2**62, ()).item())
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"`seed` must be an integer >= 0 and < 2**63 or None, got {seed!r}")
+    return seed
 
 
 def check_number(name: str, value: object, *, low: float, strict: bool) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["is_distributed", "mean_over_ranks"]
+__all__ = ["is_distributed", "mean_gramian", "mean_over_ranks"]
 
 
 def is_distributed() -> bool:
@@ -44,3 +44,21 @@ def mean_over_ranks(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     total, count = packed[0], packed[1]
     any_valid = count > 0
     return total / count.clamp_min(1), any_valid
+
+
+def mean_gramian(gramian: Tensor) -> Tensor:
+    r"""The Gramian of the task gradients of the mean loss over every rank's batch.
+
+    Each rank holds :math:`G_r = J_r J_r^\top` of its own part of the batch. The rows of the
+    global :math:`J` are the ranks' rows side by side, so the cross-rank blocks of
+    :math:`J J^\top` vanish and the global Gramian is the sum of the :math:`G_r`. DDP averages
+    the gradients over the :math:`W` ranks, so each rank's gradient of its mean loss is
+    :math:`W` times its share of the global mean loss's: the result is
+    :math:`\sum_r G_r / W^2`. Without a multi-rank process group, ``gramian`` itself.
+    """
+    if not is_distributed():
+        return gramian
+    summed = gramian.clone()
+    torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
+    world = torch.distributed.get_world_size()
+    return summed / (world * world)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian, jacobi_eigh, work_dtype
 
-__all__ = ["aligned_mtl_weights"]
+__all__ = ["AlignedMTL", "aligned_mtl_weights"]
 
 
 def aligned_mtl_weights(
@@ -68,3 +71,70 @@ def aligned_mtl_weights(
     balance = (vec * factor) @ vec.mT
     balance = torch.where(rank_zero, torch.eye(k, dtype=g.dtype, device=g.device), balance)
     return (balance @ w).to(gramian.dtype)
+
+
+class AlignedMTL(GramianAggregator):
+    r"""Aligned-MTL: align the singular values of the task gradients to the smallest one.
+
+    .. math::
+        J = U \Sigma V^\top \;\to\; \hat J = \sigma_{\min} U V^\top,\qquad
+        d = \hat J^\top \mathbf 1 / K
+
+    (Senushkin et al. 2023): a well-conditioned system of gradients, so no direction dominates.
+    Use it when the gradients are close to collinear or of very different sizes.
+
+    Acts on each task's gradient at the shared features inside the one backward pass (route the
+    features through :meth:`branch`); the docs page "When task gradients conflict" says what it
+    costs and when the representation-level version differs from the parameter-level one. The forward total is the
+    plain sum of the losses.
+
+    Args:
+        tasks: Task names, in order.
+        balance_norms: First scale each task's gradient to the mean of the tasks' EMA
+            gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
+        momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        allow_missing: Accept loss mappings without some tasks; those are dropped from the
+            problem for that step.
+        sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> trunk = torch.nn.Linear(3, 4)
+        >>> head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 105)
+        >>> alignedmtl = AlignedMTL(["a", "b"])
+        >>> views = alignedmtl.branch(trunk(torch.randn(8, 3)))
+        >>> loss_a = head_a(views["a"]).square().mean()
+        >>> loss_b = head_b(views["b"]).square().mean()
+        >>> alignedmtl({"a": loss_a, "b": loss_b}).backward()  # the plain sum; combined in backward
+        >>> alignedmtl.last_weights.shape
+        torch.Size([2])
+
+    References:
+        Senushkin, Patakin, Kuznetsov, Konushin. Independent Component Alignment for
+        Multi-Task Learning. CVPR 2023.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )
+
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """AlignedMTL's weights for a ``(K, K)`` Gramian."""
+        return aligned_mtl_weights(gramian)
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        return super().extra_repr()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from balanced_losses._checks import check_number
+from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian, work_dtype
 
-__all__ = ["fairgrad_weights"]
+__all__ = ["FairGrad", "fairgrad_weights"]
 
 # Newton steps. From the start below, on random solvable Gramians (K <= 20, rank-deficient,
 # rows scaled over 1e-3..1e3, duplicates, tightly aligned rows) the relative residual of
@@ -164,3 +167,72 @@ def fairgrad_weights(gramian: Tensor, alpha: float = 1.0, *, steps: int | None =
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     w = solve_power_equation(g / scale, alive, p, DEFAULT_NEWTON_STEPS if steps is None else steps)
     return (w * scale.pow(-1.0 / (1.0 + p))).to(gramian.dtype)
+
+
+class FairGrad(GramianAggregator):
+    r"""FairGrad: alpha-fair shares of improvement between the tasks.
+
+    .. math::
+        d = J^\top w,\qquad G w = w^{-1/\alpha}
+
+    (Ban & Ji 2024): :math:`\alpha = 1` is proportional fairness (Nash-MTL's condition
+    without its clip), larger :math:`\alpha` moves towards max-min fairness. Solved exactly
+    (a convex problem's stationary point, Newton with a fixed budget).
+
+    Acts on each task's gradient at the shared features inside the one backward pass (route the
+    features through :meth:`branch`); the docs page "When task gradients conflict" says what it
+    costs and when the representation-level version differs from the parameter-level one. The forward total is the
+    plain sum of the losses.
+
+    Args:
+        tasks: Task names, in order.
+        alpha: The fairness exponent :math:`\alpha \ge 0`.
+        balance_norms: First scale each task's gradient to the mean of the tasks' EMA
+            gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
+        momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        allow_missing: Accept loss mappings without some tasks; those are dropped from the
+            problem for that step.
+        sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> trunk = torch.nn.Linear(3, 4)
+        >>> head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 105)
+        >>> fairgrad = FairGrad(["a", "b"])
+        >>> views = fairgrad.branch(trunk(torch.randn(8, 3)))
+        >>> loss_a = head_a(views["a"]).square().mean()
+        >>> loss_b = head_b(views["b"]).square().mean()
+        >>> fairgrad({"a": loss_a, "b": loss_b}).backward()  # the plain sum; combined in backward
+        >>> fairgrad.last_weights.shape
+        torch.Size([2])
+
+    References:
+        Ban, Ji. Fair Resource Allocation in Multi-Task Learning. ICML 2024.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        alpha: float = 1.0,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )
+        self.alpha = check_number("alpha", alpha, low=0.0, strict=False)
+
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """FairGrad's weights for a ``(K, K)`` Gramian."""
+        return fairgrad_weights(gramian, self.alpha)
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        return super().extra_repr() + f", alpha={self.alpha}"

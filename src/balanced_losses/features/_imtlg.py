@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian, pinv_psd, work_dtype
 
-__all__ = ["imtlg_weights"]
+__all__ = ["IMTLG", "imtlg_weights"]
 
 # TorchJD 0.18 returns zero weights when |1^T G^+ d| < 1e-12 (an aggregate of unbounded length);
 # we apply its threshold to the scale-free sum sqrt(max_i G_ii) * 1^T G^+ d, and at least 4096
@@ -65,3 +68,70 @@ def imtlg_weights(gramian: Tensor, *, sweeps: int | None = None) -> Tensor:
     safe_sum = torch.where(degenerate, torch.ones_like(v_sum), v_sum)
     weights = torch.where(degenerate, torch.zeros_like(v), v / safe_sum)
     return weights.to(gramian.dtype)
+
+
+class IMTLG(GramianAggregator):
+    r"""IMTL-G: the combination whose projection on every task's unit gradient is equal.
+
+    .. math::
+        d = J^\top \alpha,\qquad u_k^\top d \text{ equal for all } k,\qquad
+        u_k = g_k / \lVert g_k \rVert,\qquad \textstyle\sum_k \alpha_k = 1
+
+    (Liu et al. 2021, "impartial" gradient: every task improves at the same rate along its own
+    direction). Use it when tasks conflict and none should dominate the shared layers.
+
+    Acts on each task's gradient at the shared features inside the one backward pass (route the
+    features through :meth:`branch`); the docs page "When task gradients conflict" says what it
+    costs and when the representation-level version differs from the parameter-level one. The forward total is the
+    plain sum of the losses.
+
+    Args:
+        tasks: Task names, in order.
+        balance_norms: First scale each task's gradient to the mean of the tasks' EMA
+            gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
+        momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        allow_missing: Accept loss mappings without some tasks; those are dropped from the
+            problem for that step.
+        sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> trunk = torch.nn.Linear(3, 4)
+        >>> head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 105)
+        >>> imtlg = IMTLG(["a", "b"])
+        >>> views = imtlg.branch(trunk(torch.randn(8, 3)))
+        >>> loss_a = head_a(views["a"]).square().mean()
+        >>> loss_b = head_b(views["b"]).square().mean()
+        >>> imtlg({"a": loss_a, "b": loss_b}).backward()  # the plain sum; combined in backward
+        >>> imtlg.last_weights.shape
+        torch.Size([2])
+
+    References:
+        Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang. Towards Impartial Multi-task Learning.
+        ICLR 2021.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )
+
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """IMTLG's weights for a ``(K, K)`` Gramian."""
+        return imtlg_weights(gramian)
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        return super().extra_repr()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from balanced_losses._checks import check_number
+from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian, work_dtype
 from balanced_losses.features._fairgrad import alive_rows, solve_power_equation
 
-__all__ = ["nash_mtl_weights"]
+__all__ = ["NashMTL", "nash_mtl_weights"]
 
 # Newton steps for p = 1, where f is self-concordant: at most 9 were needed on the random
 # solvable Gramians described in _fairgrad.py; 20 leave a margin.
@@ -81,3 +84,74 @@ def nash_mtl_weights(gramian: Tensor, *, max_norm: float = 1.0, steps: int | Non
         clip = length > max_norm
         alpha = torch.where(clip, alpha * (max_norm / torch.where(clip, length, 1.0)), alpha)
     return alpha.to(gramian.dtype)
+
+
+class NashMTL(GramianAggregator):
+    r"""Nash-MTL: the Nash bargaining solution between the tasks' gradients.
+
+    .. math::
+        d = J^\top \alpha,\qquad (G\alpha)_k = 1/\alpha_k,\ \alpha > 0,
+
+    scaled down so that :math:`\lVert d \rVert \le` ``max_norm`` (Navon et al. 2022; the
+    clip as in TorchJD's ``NashMTL``). Every task's utility :math:`\log(g_k^\top d)` is
+    weighed equally; solved exactly here (a convex problem's stationary point, damped Newton
+    with a fixed budget), with no solver on the host.
+
+    Acts on each task's gradient at the shared features inside the one backward pass (route the
+    features through :meth:`branch`); the docs page "When task gradients conflict" says what it
+    costs and when the representation-level version differs from the parameter-level one. The forward total is the
+    plain sum of the losses.
+
+    Args:
+        tasks: Task names, in order.
+        max_norm: Upper bound on the norm of the combined gradient (TorchJD's default).
+        balance_norms: First scale each task's gradient to the mean of the tasks' EMA
+            gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
+        momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        allow_missing: Accept loss mappings without some tasks; those are dropped from the
+            problem for that step.
+        sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> trunk = torch.nn.Linear(3, 4)
+        >>> head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 105)
+        >>> nashmtl = NashMTL(["a", "b"])
+        >>> views = nashmtl.branch(trunk(torch.randn(8, 3)))
+        >>> loss_a = head_a(views["a"]).square().mean()
+        >>> loss_b = head_b(views["b"]).square().mean()
+        >>> nashmtl({"a": loss_a, "b": loss_b}).backward()  # the plain sum; combined in backward
+        >>> nashmtl.last_weights.shape
+        torch.Size([2])
+
+    References:
+        Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya. Multi-Task Learning as a
+        Bargaining Game. ICML 2022.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        max_norm: float = 1.0,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )
+        self.max_norm = check_number("max_norm", max_norm, low=0.0, strict=True)
+
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """NashMTL's weights for a ``(K, K)`` Gramian."""
+        return nash_mtl_weights(gramian, max_norm=self.max_norm)
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        return super().extra_repr() + f", max_norm={self.max_norm}"

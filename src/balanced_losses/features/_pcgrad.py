@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from balanced_losses._checks import check_seed
 from balanced_losses._numerics import MASK32, philox4x32
+from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian, work_dtype
 
-__all__ = ["pcgrad_orders", "pcgrad_weights"]
+__all__ = ["PCGrad", "pcgrad_orders", "pcgrad_weights"]
 
 # Counter word 3 of the Philox stream: "PCGR" in ASCII. RLW's draws use word 3 = 0, so the
 # same seed and step give PCGrad orders independent of RLW's weights.
@@ -122,3 +126,84 @@ def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
         step = torch.where(conflict, inner / safe_diag[j], torch.zeros_like(inner))
         coef = coef - step[:, None] * eye[j]
     return coef.sum(dim=0).to(gramian.dtype)
+
+
+class PCGrad(GramianAggregator):
+    r"""PCGrad: project each task's gradient off the gradients it conflicts with, then sum.
+
+    .. math::
+        g_i \leftarrow g_i - \frac{\min(g_i^\top g_j, 0)}{\lVert g_j \rVert^2}\, g_j
+        \quad\text{for } j \text{ in a random order},\qquad d = \textstyle\sum_i g_i
+
+    (Yu et al. 2020, "gradient surgery"). The random orders come from a counter-based stream
+    (Philox, as :class:`~balanced_losses.RLW`) at ``(seed, num_steps)``: reproducible, the same on
+    every rank, and resumed exactly from ``state_dict``.
+
+    Acts on each task's gradient at the shared features inside the one backward pass (route the
+    features through :meth:`branch`); the docs page "When task gradients conflict" says what it
+    costs and when the representation-level version differs from the parameter-level one. The forward total is the
+    plain sum of the losses.
+
+    Args:
+        tasks: Task names, in order.
+        seed: Seed of the random orders (drawn from torch's global RNG when None).
+        balance_norms: First scale each task's gradient to the mean of the tasks' EMA
+            gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
+        momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        allow_missing: Accept loss mappings without some tasks; those are dropped from the
+            problem for that step.
+        sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> trunk = torch.nn.Linear(3, 4)
+        >>> head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 105)
+        >>> pcgrad = PCGrad(["a", "b"], seed=0)
+        >>> views = pcgrad.branch(trunk(torch.randn(8, 3)))
+        >>> loss_a = head_a(views["a"]).square().mean()
+        >>> loss_b = head_b(views["b"]).square().mean()
+        >>> pcgrad({"a": loss_a, "b": loss_b}).backward()  # the plain sum; combined in backward
+        >>> pcgrad.last_weights.shape
+        torch.Size([2])
+
+    References:
+        Yu, Kumar, Gupta, Levine, Hausman, Finn. Gradient Surgery for Multi-Task Learning.
+        NeurIPS 2020.
+    """
+
+    seed: Tensor
+    num_steps: Tensor
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        seed: int | None = None,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )
+        seed = check_seed(seed)
+        self._add_state("seed", torch.tensor(seed, dtype=torch.long), kind="config", task_axis=None)
+        self._add_state("num_steps", torch.zeros((), dtype=torch.long), task_axis=None)
+
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """PCGrad's weights for a ``(K, K)`` Gramian."""
+        return pcgrad_weights(
+            gramian, pcgrad_orders(gramian.shape[0], self.seed, self.num_steps, gramian.device)
+        )
+
+    def _advance(self) -> None:
+        self.num_steps.add_(1)
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        return super().extra_repr() + f", seed={int(self.seed)}"

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from balanced_losses._base import Weighting
+from balanced_losses._checks import check_seed
 from balanced_losses._numerics import standard_normal
 
 __all__ = ["RLW"]
@@ -92,10 +93,7 @@ class RLW(Weighting):
         check_inputs: bool = False,
     ) -> None:
         super().__init__(tasks, allow_missing=allow_missing, check_inputs=check_inputs)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ValueError(f"`seed` must be an integer >= 0 and < 2**63 or None, got {seed!r}")
+        seed = check_seed(seed)
         # Saved, never reset: reset() restarts the same stream.
         self._add_state("seed", torch.tensor(seed, dtype=torch.long), kind="config", task_axis=None)
         # Draws made so far: the counter of the stream, what a resumed run continues from.

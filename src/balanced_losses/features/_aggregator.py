@@ -1,0 +1,180 @@
+"""The base of the conflict-aware aggregators: weights from the Gramian of the task gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from balanced_losses import distributed
+from balanced_losses._checks import check_momentum
+from balanced_losses._numerics import debiased
+from balanced_losses.features._branch import FeatureWeighting
+
+__all__ = ["GramianAggregator", "gramian"]
+
+
+def gramian(per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
+    r"""The ``(K, K)`` Gramian :math:`G = J J^\top` of the tasks' gradients, in float64.
+
+    Row :math:`k` of :math:`J` is task :math:`k`'s gradient at every shared tensor, flattened
+    (a None entry counts as zero). Each shared tensor is read in chunks of about
+    :math:`n / 2K` elements (:math:`n` its size), so the stacked chunk, in float64, takes no
+    more memory than one float32 copy of the tensor: the extra memory is that buffer and the
+    Gramian. On MPS, which has no float64, it accumulates in float32.
+    """
+    k = len(per_task)
+    num_inputs = len(per_task[0]) if per_task else 0
+    ref = next(g for task in per_task for g in task if g is not None)
+    wide = torch.float32 if ref.device.type == "mps" else torch.float64
+    total = torch.zeros(k, k, dtype=wide, device=ref.device)
+    for j in range(num_inputs):
+        grads = [task[j] for task in per_task]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            continue
+        flat = [grads[i].reshape(-1) for i in present]  # type: ignore[union-attr]
+        n = flat[0].numel()
+        chunk = max(1, n // (2 * k))
+        block = torch.zeros(len(present), len(present), dtype=wide, device=ref.device)
+        for start in range(0, n, chunk):
+            rows = torch.stack([f[start : start + chunk] for f in flat]).to(wide)
+            block += rows @ rows.T
+        if len(present) == k:
+            total += block
+        else:
+            # Tasks without a gradient at this tensor keep zero rows: Python indices, no sync.
+            for a, i in enumerate(present):
+                for b, i2 in enumerate(present):
+                    total[i, i2] += block[a, b]
+    return total
+
+
+class GramianAggregator(FeatureWeighting):
+    r"""Base of the aggregators: each task's gradient at the shared features, combined by weights.
+
+    In the one backward pass the :math:`K` tasks' gradients at the shared features are the
+    rows of :math:`J`; the trunk receives :math:`J^\top c` for a coefficient vector :math:`c`
+    computed from the :math:`K \times K` Gramian :math:`G = J J^\top` alone (accumulated in
+    float64). A subclass gives the weights :meth:`weights_from_gramian`.
+
+    **Norm balancing first** (``balance_norms=True``): each task's gradient is first scaled to
+    the mean of the tasks' EMA gradient norms, as :class:`~balanced_losses.GradientBalancer`
+    does (:math:`s_k = T / \hat n_k`), and the aggregator runs on the scaled gradients:
+    :math:`c = s \odot w(S G S)`. Magnitudes are then set by the measured norms and directions
+    by the aggregator.
+
+    **Tasks without a gradient** (absent labels under ``allow_missing``) are dropped from the
+    problem: the weights are those of the present tasks alone. A task whose gradient is not
+    finite (an AMP overflow step) leaves the statistics untouched and is dropped from the
+    Gramian; its coefficient is that of the finite problem's weights (0), and the trunk's
+    gradient is non-finite because that task's gradient is, as in a plain sum, so GradScaler
+    skips the step.
+
+    **Distributed.** With ``sync_dist`` and a multi-rank process group, the Gramian is summed
+    over ranks (the batch is split across ranks, so the cross-rank blocks of :math:`J J^\top`
+    are zero) and divided by the squared world size, DDP averaging the gradients: every rank
+    computes the same weights, those of one process on the concatenated batch.
+
+    Logging: :attr:`weights` holds the coefficients :math:`c_k`, :attr:`grad_norms` the
+    measured :math:`\lVert g_k \rVert` and :attr:`cosines` the cosine similarities of the last
+    step's gradients (``(K, K)``, 0 where a norm is 0).
+    """
+
+    _loss_domain = None
+
+    ema: Tensor
+    count: Tensor
+    grad_norms: Tensor
+    cosines: Tensor
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(tasks, allow_missing=allow_missing, sync_dist=sync_dist)
+        self.balance_norms = bool(balance_norms)
+        self.momentum = check_momentum(momentum)
+        k = len(self.tasks)
+        self._add_state("ema", torch.zeros(k))
+        self._add_state("count", torch.zeros(k, dtype=torch.long))
+        self._add_state("grad_norms", torch.zeros(k), kind="output")
+        self._add_state("cosines", torch.zeros(k, k), kind="output")
+
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """The aggregator's weights for a ``(K', K')`` Gramian of the present tasks."""
+        raise NotImplementedError
+
+    def _advance(self) -> None:
+        """Move any per-step state (a random stream's counter) after a training backward."""
+
+    @property
+    def running_norm(self) -> Tensor:
+        r"""Bias-corrected EMA :math:`\hat n_k` of each task's gradient norm, NaN where unseen."""
+        return debiased(self.ema, self.count, self.momentum)
+
+    def _current_coefficients(self) -> Tensor:
+        return self.last_weights
+
+    def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
+        k = len(self.tasks)
+        device, dtype = self.ema.device, self.ema.dtype
+        with torch.no_grad():
+            gram = gramian(per_task)
+            if self.sync_dist:
+                gram = distributed.mean_gramian(gram)
+            diag = torch.diagonal(gram)
+            finite = torch.isfinite(gram).all(dim=1) & torch.isfinite(diag)
+            both = finite[:, None] & finite[None, :]
+            gram = torch.where(both, gram, torch.zeros_like(gram))
+            norms = torch.diagonal(gram).clamp_min(0).sqrt()
+            inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+            self.cosines.copy_((gram * inv[:, None] * inv[None, :]).to(dtype))
+            self.grad_norms.copy_(norms.to(dtype))
+            measured = norms.to(device=device, dtype=dtype)
+            valid = finite.to(device) & (measured > 0)
+            if self.balance_norms:
+                blended = self.momentum * self.ema + (1.0 - self.momentum) * measured
+                self.ema.copy_(torch.where(valid, blended, self.ema))
+                self.count.add_(valid.to(self.count.dtype))
+                scale = self._norm_scale().to(gram.dtype)
+                gram = gram * scale[:, None] * scale[None, :]
+            else:
+                scale = torch.ones(k, dtype=gram.dtype, device=gram.device)
+            # Absent tasks are known in Python: solve the problem of the present ones only.
+            present = [i for i in range(k) if got[i]]
+            if len(present) == k:
+                weights = self.weights_from_gramian(gram)
+            else:
+                sub = torch.stack([torch.stack([gram[i, j] for j in present]) for i in present])
+                solved = self.weights_from_gramian(sub) if present else sub.new_zeros(0)
+                zero = gram.new_zeros(())
+                parts = dict(zip(present, solved.unbind(0), strict=True))
+                weights = torch.stack([parts.get(i, zero) for i in range(k)])
+            coefficients = (scale * weights.to(scale.dtype)).to(device=device, dtype=dtype)
+            coefficients = torch.where(finite.to(device), coefficients, 0.0)
+            self._record(coefficients, self._all_present.to(device))
+            self._advance()
+        return coefficients
+
+    def _norm_scale(self) -> Tensor:
+        """GradientBalancer's multipliers with target "mean": ``T / n_k``, 1 where unseen."""
+        running = self.running_norm
+        available = (self.count > 0) & (running > 0)
+        known = torch.where(available, running, torch.zeros_like(running))
+        target = known.sum() / available.sum().clamp_min(1).to(known.dtype)
+        scale = target / known.clamp_min(1e-12)
+        return torch.where(available, scale, torch.ones_like(scale))
+
+    def extra_repr(self) -> str:
+        """Hyperparameters shown in the module's repr."""
+        shown = f"tasks={list(self.tasks)}"
+        if self.balance_norms:
+            shown += f", balance_norms=True, momentum={self.momentum}"
+        return shown
