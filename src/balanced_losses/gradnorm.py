@@ -254,9 +254,12 @@ class GradNorm(Weighting):
 
             if self.optimizer == "adam":
                 beta1, beta2 = self.betas
-                steps = self.optimizer_steps + valid.to(self.optimizer_steps.dtype)
                 exp_avg = beta1 * self.exp_avg + (1 - beta1) * grad
                 exp_avg_sq = beta2 * self.exp_avg_sq + (1 - beta2) * grad.square()
+                # A finite norm above ~1.8e19 squares to inf in float32: skip that task's step
+                # rather than store an infinite second moment, which would freeze its weight.
+                valid = valid & torch.isfinite(exp_avg_sq)
+                steps = self.optimizer_steps + valid.to(self.optimizer_steps.dtype)
                 t = steps.to(grad.dtype)
                 m_hat = exp_avg / (1 - beta1**t).clamp_min(1e-38)
                 v_hat = exp_avg_sq / (1 - beta2**t).clamp_min(1e-38)
