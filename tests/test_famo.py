@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from weighting_helpers import TASKS, effective_weights, leaf_losses
 
 from balanced_losses import FAMO
+from tests.registry import TASKS, effective_weights, leaf_losses
 
 
 def softmax(xs: list[float]) -> list[float]:
