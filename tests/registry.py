@@ -198,6 +198,14 @@ def public_weightings() -> list[str]:
     )
 
 
+def unregistered() -> list[str]:
+    """Public weighting classes that no case builds."""
+    built = {
+        type(case.make(("a", "b"), shared=[torch.zeros(1, requires_grad=True)])) for case in CASES
+    }
+    return [name for name in public_weightings() if getattr(bl, name) not in built]
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
