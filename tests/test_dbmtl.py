@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from weighting_helpers import TASKS, effective_weights, leaf_losses
 
 from balanced_losses import DBMTL
+from tests.registry import TASKS, effective_weights, leaf_losses
 
 
 def test_total_and_weights_by_hand() -> None:

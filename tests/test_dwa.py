@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from weighting_helpers import effective_weights
 
 from balanced_losses import DWA
+from tests.registry import effective_weights
 
 TASKS = ("a", "b")
 

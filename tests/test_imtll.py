@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from weighting_helpers import TASKS, effective_weights, leaf_losses
 
 from balanced_losses import IMTLL, UncertaintyWeighting
+from tests.registry import TASKS, effective_weights, leaf_losses
 
 
 def test_total_weights_and_scale_gradient_by_hand() -> None:

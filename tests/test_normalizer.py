@@ -361,14 +361,21 @@ def test_state_dict_resume_is_identical():
 
 
 def test_pickle_deepcopy_and_float64():
+    reference = LossNormalizer({"a": 2, "b": 105})
+    expected = _run(reference, range(5))  # uninterrupted: what every copy must continue with
     norm = LossNormalizer({"a": 2, "b": 105})
     _run(norm, range(3))
     for clone in (pickle.loads(pickle.dumps(norm)), copy.deepcopy(norm)):
-        torch.testing.assert_close(_run(clone, range(3, 5)), _run(copy.deepcopy(norm), range(3, 5)))
+        assert clone is not norm
+        assert clone.ema.data_ptr() != norm.ema.data_ptr()  # its own statistics
+        got = _run(clone, range(3, 5))
+        for g, want in zip(got, expected[3:], strict=True):
+            assert torch.equal(g, want)
+    assert norm.count.tolist() == [3, 3]  # the copies' steps did not reach the original
     wide = copy.deepcopy(norm).to(torch.float64)
     assert wide.ema.dtype == torch.float64
     torch.testing.assert_close(
-        _run(wide, range(3, 5)), _run(norm, range(3, 5)), rtol=1e-6, atol=0, check_dtype=False
+        _run(wide, range(3, 5)), expected[3:], rtol=1e-6, atol=0, check_dtype=False
     )
 
 
@@ -387,10 +394,18 @@ def test_version_1_checkpoint_without_accumulation_window_loads():
 
 
 def test_state_dict_without_version_metadata_loads():
-    norm = LossNormalizer({"a": 1})
-    _run_state = norm.state_dict()
-    del _run_state._metadata[""]["version"]  # type: ignore[attr-defined]
-    LossNormalizer({"a": 1}).load_state_dict(_run_state)
+    norm = LossNormalizer({"a": 1, "b": 3})
+    _run(norm, range(3))
+    state = norm.state_dict()
+    del state._metadata[""]["version"]  # type: ignore[attr-defined]
+    resumed = LossNormalizer({"a": 1, "b": 3})
+    resumed.load_state_dict(state)  # strict: no key may be missing or unexpected
+    for key, value in norm.state_dict().items():
+        got = resumed.state_dict()[key]
+        assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, key
+    assert resumed.count.tolist() == [3, 3]
+    for got, want in zip(_run(resumed, range(3, 5)), _run(norm, range(3, 5)), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_repr_shows_hyperparameters():

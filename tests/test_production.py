@@ -1,165 +1,165 @@
-"""Every weighting where users train: compile, resume, AMP, partial labels, hostile input."""
+"""Every weighting where users train: compile, resume, AMP, partial labels, hostile input.
+
+Each suite parametrized over ``case`` runs every entry of ``tests/registry.py`` through a real
+training step (a trunk, one head per task, the features through ``branch`` for feature-level
+methods, GradNorm on the trunk's parameters). A case that cannot run a suite is marked where the
+suite parametrizes, with the reason.
+"""
 
 from __future__ import annotations
 
-import copy
 import io
+import itertools
 import math
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import Tensor, nn
+from torch import nn
 
 import balanced_losses as bl
-from tests.registry import CASES, Case, learnable
+from tests.registry import (
+    CASES,
+    FEATURES,
+    Driver,
+    assert_state_moved,
+    learnable,
+    params,
+    same,
+)
 
 TASKS = ("pointer", "countdown", "aux")
 
 
-class TwoHeads(nn.Module):
-    """A shared trunk and one head per task, each head with its own output size."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
-        self.heads = nn.ModuleDict({t: nn.Linear(16, 1 + 13 * i) for i, t in enumerate(TASKS)})
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        feats = self.trunk(x)
-        return {t: head(feats) for t, head in self.heads.items()}
+def _train(driver: Driver, steps: range) -> list[torch.Tensor]:
+    return [driver.step(step) for step in steps]
 
 
-def _batch(step: int) -> tuple[Tensor, dict[str, Tensor]]:
-    gen = torch.Generator().manual_seed(step)
-    x = torch.randn(8, 4, generator=gen)
-    targets = {t: 3 * torch.randn(8, 1 + 13 * i, generator=gen) for i, t in enumerate(TASKS)}
-    return x, targets
-
-
-def _losses(model: TwoHeads, step: int) -> dict[str, Tensor]:
-    x, targets = _batch(step)
-    out = model(x)
-    return {t: bl.functional.huber_loss(out[t], targets[t]) for t in TASKS}
-
-
-def _train(
-    case: Case,
-    model: TwoHeads,
-    weighting: bl.Weighting,
-    opt: torch.optim.Optimizer,
-    steps: range,
-) -> list[Tensor]:
-    totals = []
-    for step in steps:
-        opt.zero_grad()
-        losses = _losses(model, step)
-        total = weighting(losses)
-        total.backward()
-        opt.step()
-        totals.append(total.detach())
-        if case.after_step is not None:
-            case.after_step(weighting, {t: v.detach() for t, v in _losses(model, step).items()})
-        if case.epoch_end is not None and (step + 1) % case.epoch_length == 0:
-            case.epoch_end(weighting)
-    return totals
-
-
-def _fresh(case: Case) -> tuple[TwoHeads, bl.Weighting, torch.optim.Optimizer]:
-    torch.manual_seed(1)
-    model = TwoHeads()
-    weighting = case.build(TASKS, False)
-    opt = torch.optim.Adam([*model.parameters(), *learnable(weighting)], lr=1e-2)
-    return model, weighting, opt
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", params())
 def test_resume_from_checkpoint_is_bit_identical(case):
-    model_ref, weighting_ref, opt_ref = _fresh(case)
-    expected = _train(case, model_ref, weighting_ref, opt_ref, range(8))
+    reference = Driver(case, TASKS)
+    expected = _train(reference, range(8))
 
-    model, weighting, opt = _fresh(case)
-    _train(case, model, weighting, opt, range(4))
+    first = Driver(case, TASKS)
+    _train(first, range(4))
+    # The checkpoint is taken with statistics in it (feature-level EMA norms included),
+    # mid-window for LossNormalizer-accumulate and mid-epoch for DWA.
+    assert_state_moved(case, first.weighting.state_dict(), first.fresh_state())
     buffer = io.BytesIO()
     torch.save(
-        {"model": model.state_dict(), "opt": opt.state_dict(), "w": weighting.state_dict()}, buffer
+        {
+            "model": first.model.state_dict(),
+            "opt": first.optimizer.state_dict(),
+            "w": first.weighting.state_dict(),
+        },
+        buffer,
     )
     buffer.seek(0)
-    state = torch.load(buffer)
-    model2, weighting2, opt2 = _fresh(case)
-    model2.load_state_dict(state["model"])
-    weighting2.load_state_dict(state["w"])
-    opt2.load_state_dict(state["opt"])
-    resumed = _train(case, model2, weighting2, opt2, range(4, 8))
+    state = torch.load(buffer, weights_only=True)
+    resumed = Driver(case, TASKS, seed=2)  # different initial weights, all overwritten
+    resumed.model.load_state_dict(state["model"])
+    resumed.weighting.load_state_dict(state["w"])
+    resumed.optimizer.load_state_dict(state["opt"])
+    totals = _train(resumed, range(4, 8))
 
-    for got, want in zip(resumed, expected[4:], strict=True):
+    for got, want in zip(totals, expected[4:], strict=True):
         assert torch.equal(got, want)
-    for p, q in zip(model_ref.parameters(), model2.parameters(), strict=True):
+    for p, q in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)
-    for key, value in weighting_ref.state_dict().items():
-        assert _same(weighting2.state_dict()[key], value), key
+    ref_state = reference.weighting.state_dict()
+    assert same(resumed.weighting.state_dict(), ref_state)
+    assert_state_moved(case, ref_state, state["w"])  # steps 4-7 changed the state again
 
 
-def _assert_state_close(got: dict, want: dict) -> None:
-    """Tensors close (assert_close's default tolerances), everything else equal."""
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        if isinstance(value, Tensor):
-            torch.testing.assert_close(got[key], value, msg=key)
-        else:
-            assert got[key] == value, key
+COMPILE_CASES = [
+    *params(
+        GradNorm=pytest.mark.xfail(
+            strict=True,
+            reason="GradNorm calls autograd.grad in forward; under AOTAutograd (aot_eager, "
+            "inductor) PyTorch 2.13 gives the model's gradients with the weights after the "
+            "in-place update. It compiles with backend='eager' (the -eager ids)",
+        ),
+        GradNorm_sgd=pytest.mark.xfail(
+            strict=True, reason="as GradNorm: wrong gradients under AOTAutograd"
+        ),
+    ),
+]
 
 
-def _same(a: object, b: object) -> bool:
-    """Bitwise equality of tensors, recursively through dicts, lists and tuples."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
+def _compile_params() -> list:
+    out = [pytest.param(p.values[0], "aot_eager", id=p.id, marks=p.marks) for p in COMPILE_CASES]
+    out += [
+        pytest.param(case, "eager", id=f"{case.name}-eager")
+        for case in CASES
+        if case.name.startswith("GradNorm")
+    ]
+    return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_compile_fullgraph_equals_eager(case):
-    eager = case.build(TASKS, True)
-    compiled_module = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+# Seconds of tracing per case (the whole step, forward and backward, twice for the missing
+# task): CI's `-m slow` run covers every case.
+@pytest.mark.slow
+# Dynamo itself instantiates autograd.Function subclasses while tracing and warns about it.
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+@pytest.mark.parametrize(("case", "backend"), _compile_params())
+def test_compile_fullgraph_equals_eager(case, backend):
+    """The whole step compiles with fullgraph=True: model, branch, weighting, its backward."""
     steps = [
         {"pointer": 0.5, "countdown": 12.0, "aux": 3.0},
         {"pointer": 0.4, "countdown": 11.0, "aux": 2.5},
-        {"pointer": 0.3, "aux": 2.0},
+        {"pointer": 0.3, "aux": 2.0},  # a task missing: allow_missing
     ]
-    for values in steps:
-        losses = {t: torch.tensor(v, requires_grad=True) for t, v in values.items()}
-        got, want = compiled(losses), eager(losses)
-        torch.testing.assert_close(got, want)
-        (g_got,) = torch.autograd.grad(got, losses["pointer"])
-        (g_want,) = torch.autograd.grad(want, losses["pointer"])
-        torch.testing.assert_close(g_got, g_want)
-    _assert_state_close(compiled_module.state_dict(), eager.state_dict())
+    torch._dynamo.reset()  # `step` below is one code object for every case: no cache limit
+    runs = []
+    for compiled in (False, True):
+        driver = Driver(case, TASKS, allow_missing=True)
+
+        def step(x, targets, values, driver=driver):
+            return driver.weighting(driver.compute(x, targets, values))
+
+        fn = torch.compile(step, fullgraph=True, backend=backend) if compiled else step
+        totals, grads = [], []
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            for i, values in enumerate(steps):
+                driver.optimizer.zero_grad()
+                total = fn(*driver.data(i, values))
+                total.backward()
+                grads.append([p.grad.clone() for p in driver.model.trunk.parameters()])
+                driver.optimizer.step()
+                driver.hooks(i, values)
+                totals.append(total.detach())
+        runs.append((totals, grads, driver.weighting.state_dict()))
+    (t_eager, g_eager, s_eager), (t_comp, g_comp, s_comp) = runs
+    torch.testing.assert_close(t_comp, t_eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
+    assert s_comp.keys() == s_eager.keys()
+    for key, value in s_eager.items():
+        torch.testing.assert_close(s_comp[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert_state_moved(case, s_eager, Driver(case, TASKS).fresh_state())
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", params())
 def test_autocast_bf16_keeps_statistics_in_float32(case):
-    torch.manual_seed(1)
-    model = TwoHeads()
-    reference = case.build(TASKS, False)
-    weighting = copy.deepcopy(reference)
+    driver = Driver(case, TASKS)
+    reference = Driver(case, TASKS)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x, targets = _batch(0)
-        out = model(x)
-        assert out["pointer"].dtype == torch.bfloat16
-        losses = {t: bl.functional.huber_loss(out[t], targets[t]) for t in TASKS}
-        total = weighting(losses)
+        x, targets, _ = driver.data(0)
+        assert driver.model.heads["pointer"](driver.model.trunk(x)).dtype == torch.bfloat16
+        losses = driver.compute(x, targets, None)
+        total = driver.weighting(losses)
     assert total.dtype == torch.float32
-    for name, buf in weighting.named_buffers():
-        assert buf.dtype in (torch.float32, torch.long, torch.bool, torch.uint8), name
     total.backward()
-    expected = reference({t: v.detach().float() for t, v in losses.items()})
-    torch.testing.assert_close(total.detach(), expected, rtol=1e-5, atol=1e-6)
+    driver.optimizer.step()
+    for name, buf in driver.weighting.named_buffers():
+        assert buf.dtype in (torch.float32, torch.long, torch.bool, torch.uint8), name
+    # The same loss values in float32, without autocast: the same total.
+    values = {t: v.item() for t, v in losses.items()}
+    expected = reference.weighting(reference.losses(0, values))
+    torch.testing.assert_close(total.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    if case.level == FEATURES:
+        assert torch.isfinite(driver.weighting.last_weights).all()
+    assert_state_moved(case, driver.weighting.state_dict(), driver.fresh_state())
 
 
 # ----------------------------------------------------------------------------- hostile input
@@ -172,7 +172,16 @@ loss_values = st.one_of(
 )
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+def _assert_statistics_finite(weighting: bl.Weighting) -> None:
+    # The state_dict is the statistics. Non-persistent buffers are logs of the last step (a
+    # logged weight may overflow where the true derivative does, GeometricMean's G / (K L_k) at
+    # L_k = 1e-30; a logged norm is what was measured, inf included) or constants.
+    for name, tensor in weighting.state_dict().items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            assert bool(torch.isfinite(tensor).all()), name
+
+
+@pytest.mark.parametrize("case", params())
 @given(
     steps=st.lists(
         st.fixed_dictionaries(dict.fromkeys(TASKS, loss_values)), min_size=1, max_size=5
@@ -180,54 +189,53 @@ loss_values = st.one_of(
     drop=st.lists(st.sampled_from(TASKS), max_size=3),
 )
 def test_fuzz_never_corrupts_statistics(case, steps, drop):
-    weighting = case.build(TASKS, True)
-    for values in steps:
-        losses = {t: torch.tensor(v) for t, v in values.items() if v is not None and t not in drop}
+    driver = Driver(case, TASKS, allow_missing=True)
+    weighting = driver.weighting
+    for i, values in enumerate(steps):
+        values = {t: None if t in drop else v for t, v in values.items()}
         if case.positive:
-            losses = {t: v for t, v in losses.items() if not (v == 0).item()}
+            values = {t: None if v == 0 else v for t, v in values.items()}
+        losses = driver.losses(i, values)
         total = weighting(losses)
-        finite_input = all(math.isfinite(v.item()) for v in losses.values())
+        total.backward()  # feature-level methods measure and update here
+        finite_input = all(math.isfinite(v) for v in values.values() if v is not None)
         if finite_input:
             assert torch.isfinite(total), (values, total)
-            # A logged weight may overflow where the true derivative does (GeometricMean's
-            # G / (K L_k) at L_k = 1e-30), but it is never NaN or negative.
             assert not bool(torch.isnan(weighting.last_weights).any())
             assert bool((weighting.last_weights >= 0).all())
-        for name, tensor in [*weighting.named_buffers(), *weighting.named_parameters()]:
-            if tensor.is_floating_point() and name != "last_weights":
-                assert bool(torch.isfinite(tensor).all()), name
-        if case.after_step is not None and losses:
-            case.after_step(weighting, losses)
-        if case.epoch_end is not None:
-            case.epoch_end(weighting)
+        _assert_statistics_finite(weighting)
+        driver.hooks(i, values)
+        _assert_statistics_finite(weighting)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", params())
 def test_one_task_and_unknown_task(case):
-    weighting = case.build(["only"], False)
-    assert torch.isfinite(weighting({"only": torch.tensor(2.0)}))
+    driver = Driver(case, ["only"])
+    total = driver.weighting(driver.losses(0, {"only": 2.0}))
+    assert torch.isfinite(total)
+    total.backward()
     with pytest.raises(KeyError, match=r"unknown task `other`; expected one of \['only'\]"):
-        weighting({"only": torch.tensor(2.0), "other": torch.tensor(1.0)})
+        driver.weighting({**driver.losses(1, {"only": 2.0}), "other": torch.tensor(1.0)})
     with pytest.raises(KeyError, match=r"missing loss for task\(s\) \['only'\]"):
-        weighting({})
+        driver.weighting({})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", params())
 def test_no_host_device_sync_on_cuda(case):
-    model = TwoHeads().cuda()
-    weighting = case.build(TASKS, True).cuda()
-    x, targets = _batch(0)
-    x, targets = x.cuda(), {t: v.cuda() for t, v in targets.items()}
-    for _ in range(2):  # the second step runs with statistics present
-        out = model(x)
-        losses = {t: bl.functional.huber_loss(out[t], targets[t]) for t in TASKS}
+    driver = Driver(case, TASKS, allow_missing=True, device="cuda")
+    for step in range(3):  # the later steps run with statistics present
+        x, targets, _ = driver.data(step)
+        driver.optimizer.zero_grad()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            total = weighting(losses)
+            total = driver.weighting(driver.compute(x, targets, None))
             total.backward()
+            driver.optimizer.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        driver.hooks(step)
+    assert_state_moved(case, driver.weighting.state_dict(), driver.fresh_state())
 
 
 def test_grad_scaler_overflow_steps_leave_gradient_statistics_finite():
@@ -276,113 +284,54 @@ def test_grad_scaler_overflow_steps_leave_gradient_statistics_finite():
     assert skipped_steps > 0
 
 
-class _Trunk(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(4, 8)
-        self.head_a = nn.Linear(8, 2)
-        self.head_b = nn.Linear(8, 30)
-
-
-def _two_tasks(seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(5, 4, generator=gen),
-        torch.randn(5, 2, generator=gen),
-        torch.randn(5, 30, generator=gen),
-    )
-
-
-# Dynamo itself instantiates autograd.Function subclasses while tracing and warns about it.
-@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
-@pytest.mark.parametrize(
-    ("method", "backend"), [("GradientBalancer", "aot_eager"), ("GradNorm", "eager")]
-)
-def test_compiled_training_step_equals_eager(method, backend):
-    """The whole step compiles with fullgraph=True: model, weighting and its backward logic.
-
-    GradNorm calls ``torch.autograd.grad`` through the model's graph, so it compiles as part of
-    the training step (with ``trace_autograd_ops``), not as a module on its own; under
-    AOTAutograd backends PyTorch 2.13 gets its gradients wrong (see GradNorm's docstring).
-    """
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        net = _Trunk()
-        weighting: bl.Weighting
-        if method == "GradientBalancer":
-            weighting = bl.GradientBalancer(["a", "b"], momentum=0.5)
-        else:
-            weighting = bl.GradNorm(["a", "b"], net.trunk.weight, lr=0.05)
-
-        def step(x: Tensor, ya: Tensor, yb: Tensor, net: _Trunk = net, w=weighting) -> Tensor:
-            feats = net.trunk(x)
-            views = (
-                w.branch(feats) if isinstance(w, bl.GradientBalancer) else {"a": feats, "b": feats}
-            )
-            return w(
-                {
-                    "a": bl.functional.huber_loss(net.head_a(views["a"]), ya),
-                    "b": bl.functional.huber_loss(net.head_b(views["b"]), yb),
-                }
-            )
-
-        fn = torch.compile(step, fullgraph=True, backend=backend) if compiled else step
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        totals = []
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            for seed in range(3):
-                opt.zero_grad()
-                total = fn(*_two_tasks(seed))
-                total.backward()
-                opt.step()
-                totals.append(total.detach())
-        runs.append((totals, [p.detach() for p in net.parameters()], weighting.state_dict()))
-    (t_eager, p_eager, s_eager), (t_comp, p_comp, s_comp) = runs
-    torch.testing.assert_close(t_comp, t_eager)
-    torch.testing.assert_close(p_comp, p_eager)
-    _assert_state_close(s_comp, s_eager)
-
-
 # ------------------------------------------------ regressions found in review (each failed before)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", params())
 def test_batch_with_every_task_missing_still_backpropagates(case):
-    weighting = case.build(TASKS, True)
-    total = weighting({})
+    driver = Driver(case, TASKS, allow_missing=True)
+    driver.step(0)  # with statistics present
+    losses = driver.losses(1, dict.fromkeys(TASKS))
+    assert losses == {}
+    total = driver.weighting(losses)
     total.backward()  # a training loop's unconditional backward must not raise
     assert total.item() == 0.0
+    driver.hooks(1, dict.fromkeys(TASKS))
+    _assert_statistics_finite(driver.weighting)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", params())
 def test_kept_weights_are_not_overwritten_by_the_next_step(case):
-    weighting = case.build(TASKS, False)
-    weighting(
-        {"pointer": torch.tensor(0.5), "countdown": torch.tensor(12.0), "aux": torch.tensor(3.0)}
-    )
-    kept = weighting.weights
-    snapshot = {t: w.clone() for t, w in kept.items()}
-    weighting(
-        {"pointer": torch.tensor(0.1), "countdown": torch.tensor(40.0), "aux": torch.tensor(1.0)}
-    )
-    for task, value in snapshot.items():
-        assert torch.equal(kept[task], value), task
+    driver = Driver(case, TASKS)
+    kept, snapshots = [], []
+    for step in range(8):
+        driver.step(step)
+        kept.append(driver.weighting.weights)
+        snapshots.append({t: w.clone() for t, w in kept[-1].items()})
+    for step, (weights, snapshot) in enumerate(zip(kept, snapshots, strict=True)):
+        for task, value in snapshot.items():
+            assert torch.equal(weights[task], value), (step, task)
+    # Otherwise the check above could not tell a kept copy from the live buffer.
+    changed = [not same(a, b) for a, b in itertools.pairwise(snapshots)]
+    assert any(changed), f"{case.name}'s weights never changed over 8 steps"
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", params())
 def test_finite_float64_loss_beyond_float32_range_never_enters_statistics(case):
-    weighting = case.build(TASKS, False)
-    losses = {
-        t: torch.tensor(v, dtype=torch.float64)
-        for t, v in zip(TASKS, (1e40, 2.0, 3.0), strict=True)
-    }
-    weighting(losses)
-    if case.after_step is not None:
-        case.after_step(weighting, losses)
-    for name, tensor in [*weighting.named_buffers(), *weighting.named_parameters()]:
-        if tensor.is_floating_point() and name != "last_weights":
-            assert bool(torch.isfinite(tensor).all()), name
+    driver = Driver(case, TASKS)
+    values = dict(zip(TASKS, (1e40, 2.0, 3.0), strict=True))
+    losses = driver.losses(0, values, dtype=torch.float64)
+    assert losses["pointer"].dtype == torch.float64
+    assert losses["pointer"].item() == 1e40
+    total = driver.weighting(losses)
+    total.backward()
+    driver.hooks(0, values)
+    _assert_statistics_finite(driver.weighting)
+    # The finite tasks did enter: the state is not simply untouched. Learned parameters move
+    # only through the user's optimizer, which this test does not run (a gradient of 1e40
+    # overflows a float32 parameter of any model alike).
+    if not learnable(driver.weighting):
+        assert_state_moved(case, driver.weighting.state_dict(), driver.fresh_state())
 
 
 def test_famo_loss_at_its_bound_does_not_poison_the_logits():
@@ -419,17 +368,26 @@ def test_gradient_report_accepts_a_parameter_generator_with_cosines():
     out = net(x)
     losses = {"a": out[:, 0].square().mean(), "b": out[:, 1].abs().mean()}
     report = bl.diagnostics.gradient_report(losses, net.parameters(), cosines=True)
-    assert set(report.norms) == {"a", "b"}
-    assert len(report.cosines) == 1
+    # The same numbers as from a list: the generator was not exhausted by a first pass.
+    listed = bl.diagnostics.gradient_report(losses, list(net.parameters()), cosines=True)
+    assert report.norms == pytest.approx(listed.norms, rel=1e-12)
+    assert all(n > 0 for n in report.norms.values())
+    assert list(report.cosines) == [("a", "b")]
+    assert report.cosines == pytest.approx(listed.cosines, rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", params())
 def test_half_precision_model_keeps_statistics_in_float32(case, dtype):
+    driver = Driver(case, TASKS)
+    driver.step(0)
     model = nn.Module()
-    model.weighting = case.build(TASKS, False)
+    model.weighting = driver.weighting
     model.to(dtype)
-    for name, buffer in model.weighting.named_buffers():
+    floats = [name for name, b in driver.weighting.named_buffers() if b.is_floating_point()]
+    for name, buffer in driver.weighting.named_buffers():
         if buffer.is_floating_point():
             assert buffer.dtype == torch.float32, name
-    assert model.weighting.double().last_weights.dtype == torch.float64  # widening still works
+    wide = driver.weighting.double()  # widening still works
+    assert wide.last_weights.dtype == torch.float64
+    assert all(b.dtype == torch.float64 for n, b in wide.named_buffers() if n in floats)

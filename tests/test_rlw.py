@@ -8,11 +8,11 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from weighting_helpers import TASKS, leaf_losses, losses_at
 
 from balanced_losses import RLW
 from balanced_losses._numerics import philox4x32 as _philox4x32
 from balanced_losses._numerics import standard_normal as _standard_normal
+from tests.registry import TASKS, leaf_losses, losses_at
 
 # Known-answer vectors of Philox4x32-10, from the Random123 distribution (tests/kat_vectors):
 # counter words, key words, expected output words, all hex.

@@ -62,6 +62,8 @@ def test_upgrad_fills_the_shared_gradients(example: ModuleType) -> None:
     for p in model.parameters():
         assert p.grad is not None
         assert torch.isfinite(p.grad).all()
+    # UPGrad wrote a real, non-zero gradient into the shared encoder.
+    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
 
 
 def test_main_runs_with_a_small_step_count(

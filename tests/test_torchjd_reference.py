@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
-from weighting_helpers import TASKS, effective_weights, leaf_losses, losses_at
 
 from balanced_losses import DWA, FAMO, IMTLL, RLW, GeometricMean, UncertaintyWeighting
 from balanced_losses._numerics import standard_normal as _standard_normal
+from tests.registry import TASKS, effective_weights, leaf_losses, losses_at
 
 pytest.importorskip("torchjd")
 scalarization = pytest.importorskip("torchjd.scalarization")

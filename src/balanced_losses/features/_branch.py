@@ -156,6 +156,9 @@ class FeatureWeighting(Weighting):
                 stacklevel=2,
             )
         self._branched = False
+        if not self._last_present:
+            # No task has a loss in this batch: no gradient is expected at the views.
+            self._awaiting_backward = False
         return values.sum()
 
     # ----------------------------------------------------------------------------- backward

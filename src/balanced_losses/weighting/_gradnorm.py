@@ -246,16 +246,19 @@ class GradNorm(Weighting):
             self.grad_norms.copy_(norm)
 
             if self.optimizer == "adam":
-                steps = self.optimizer_steps + valid.to(self.optimizer_steps.dtype)
                 delta, exp_avg, exp_avg_sq = adam_update(
                     grad,
                     self.exp_avg,
                     self.exp_avg_sq,
-                    steps,
+                    self.optimizer_steps + valid.to(self.optimizer_steps.dtype),
                     lr=self.lr,
                     betas=self.betas,
                     eps=self.adam_eps,
                 )
+                # A finite norm above ~1.8e19 squares to inf in float32: skip that task's step
+                # rather than store an infinite second moment, which would freeze its weight.
+                valid = valid & torch.isfinite(exp_avg_sq)
+                steps = self.optimizer_steps + valid.to(self.optimizer_steps.dtype)
                 self.exp_avg.copy_(torch.where(valid, exp_avg, self.exp_avg))
                 self.exp_avg_sq.copy_(torch.where(valid, exp_avg_sq, self.exp_avg_sq))
                 self.optimizer_steps.copy_(steps)
