@@ -129,7 +129,8 @@ def test_mgda_matches_torchjd_and_quadprog(kind: str, k: int, n: int) -> None:
     1.3e-10 of ||J||_F).
     (2) TorchJD's MGDA(epsilon=1e-9, max_iters=3000): Frank-Wolfe converges as O(1/t), so even
     this budget leaves up to 1.2e-3 of ||J||_F on the vector (measured); only 2e-2 relative
-    can be asserted. A zero row puts 0 in the hull: the exact vector is 0, checked with an absolute tolerance."""
+    can be asserted. A zero row puts 0 in the hull: the exact vector is 0, checked with an
+    absolute tolerance."""
     jac = _jacobian(kind, k, n)
     gram = jac @ jac.T
     ours = mgda_weights(gram) @ jac
