@@ -21,22 +21,17 @@ TASKS = ["a", "b", "c"]
 
 def _aggregators() -> list[tuple[str, type, dict, object]]:
     """(id, our class, its options, TorchJD aggregator computing the same thing)."""
-    cases = [
+    return [
+        ("UPGrad", bl.UPGrad, {}, torchjd.UPGrad()),
+        # TorchJD's Frank-Wolfe is loose by default; tightened so it reaches the optimum.
+        ("MGDA", bl.MGDA, {}, torchjd.MGDA(epsilon=1e-12, max_iters=20000)),
+        # TorchJD's CAGrad solves its dual with cvxpy's default tolerances: good to ~1e-4 here
+        # (test_aggregation_qp.py checks ours against a tightened solver to 1e-6).
+        ("CAGrad", bl.CAGrad, {"c": 0.4}, torchjd.CAGrad(c=0.4)),
         ("IMTLG", bl.IMTLG, {}, torchjd.IMTLG()),
         ("AlignedMTL", bl.AlignedMTL, {}, torchjd.AlignedMTL()),
         ("FairGrad", bl.FairGrad, {"alpha": 1.0}, torchjd.FairGrad(alpha=1.0, max_iters=2000)),
     ]
-    for name, kwargs, reference in [
-        ("UPGrad", {}, lambda: torchjd.UPGrad()),
-        ("MGDA", {}, lambda: torchjd.MGDA(epsilon=1e-12, max_iters=20000)),
-        ("CAGrad", {"c": 0.4}, lambda: torchjd.CAGrad(c=0.4)),
-    ]:
-        if hasattr(bl, name):
-            try:
-                cases.append((name, getattr(bl, name), kwargs, reference()))
-            except ImportError:  # CAGrad's reference needs cvxpy
-                pass
-    return cases
 
 
 CASES = _aggregators()
@@ -83,8 +78,9 @@ def test_trunk_gradient_equals_torchjd_on_the_feature_jacobian(name, cls, kwargs
     weighting = cls(TASKS, **kwargs).double()
     views = weighting.branch(model.trunk(x))
     weighting(_losses(model, views, y)).backward()
+    rtol, atol = (2e-3, 1e-7) if name == "CAGrad" else (1e-5, 1e-10)
     for p, want in zip(model.trunk.parameters(), expected, strict=True):
-        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-10)
+        torch.testing.assert_close(p.grad, want, rtol=rtol, atol=atol)
 
 
 def test_pcgrad_trunk_gradient_equals_torchjd_for_two_tasks() -> None:

@@ -13,12 +13,15 @@ Every public class is imported from here, and only from here.
 from balanced_losses import diagnostics, functional
 from balanced_losses._base import Weighting
 from balanced_losses.features._aligned_mtl import AlignedMTL
+from balanced_losses.features._cagrad import CAGrad
 from balanced_losses.features._dbmtl import DBMTL
 from balanced_losses.features._fairgrad import FairGrad
 from balanced_losses.features._gradient_balancer import GradientBalancer
 from balanced_losses.features._imtlg import IMTLG
+from balanced_losses.features._mgda import MGDA
 from balanced_losses.features._nash_mtl import NashMTL
 from balanced_losses.features._pcgrad import PCGrad
+from balanced_losses.features._upgrad import UPGrad
 from balanced_losses.losses import HuberLoss
 from balanced_losses.weighting._dwa import DWA
 from balanced_losses.weighting._famo import FAMO
@@ -37,8 +40,10 @@ __all__ = [
     "FAMO",
     "IMTLG",
     "IMTLL",
+    "MGDA",
     "RLW",
     "AlignedMTL",
+    "CAGrad",
     "FairGrad",
     "GeometricMean",
     "GradNorm",
@@ -47,6 +52,7 @@ __all__ = [
     "LossNormalizer",
     "NashMTL",
     "PCGrad",
+    "UPGrad",
     "UncertaintyWeighting",
     "Weighting",
     "__version__",

@@ -29,10 +29,11 @@ def work_dtype(gramian: Tensor) -> torch.dtype:
 
 
 def check_gramian(gramian: Tensor) -> int:
-    """Return ``K`` for a ``(K, K)`` floating ``gramian``; raise ``ValueError`` otherwise."""
-    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
+    """Return ``K`` for a ``(K, K)`` floating ``gramian`` with K >= 1; raise ``ValueError``."""
+    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
         raise ValueError(
-            f"`gramian` must be a square (K, K) matrix, got shape {tuple(gramian.shape)}"
+            "`gramian` must be a square (K, K) matrix with K >= 1, got shape "
+            f"{tuple(gramian.shape)}"
         )
     if not gramian.is_floating_point():
         raise ValueError(f"`gramian` must be a floating-point tensor, got dtype {gramian.dtype}")

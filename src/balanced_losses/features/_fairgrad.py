@@ -179,10 +179,10 @@ class FairGrad(GramianAggregator):
     without its clip), larger :math:`\alpha` moves towards max-min fairness. Solved exactly
     (a convex problem's stationary point, Newton with a fixed budget).
 
-    Acts on each task's gradient at the shared features inside the one backward pass (route the
-    features through :meth:`branch`); the docs page "When task gradients conflict" says what it
-    costs and when the representation-level version differs from the parameter-level one. The forward total is the
-    plain sum of the losses.
+    It acts on each task's gradient at the shared features inside the one backward pass (route
+    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
+    docs page "When task gradients conflict" says what it costs and when the representation-level
+    version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.

@@ -80,10 +80,10 @@ class IMTLG(GramianAggregator):
     (Liu et al. 2021, "impartial" gradient: every task improves at the same rate along its own
     direction). Use it when tasks conflict and none should dominate the shared layers.
 
-    Acts on each task's gradient at the shared features inside the one backward pass (route the
-    features through :meth:`branch`); the docs page "When task gradients conflict" says what it
-    costs and when the representation-level version differs from the parameter-level one. The forward total is the
-    plain sum of the losses.
+    It acts on each task's gradient at the shared features inside the one backward pass (route
+    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
+    docs page "When task gradients conflict" says what it costs and when the representation-level
+    version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.

@@ -139,10 +139,10 @@ class PCGrad(GramianAggregator):
     (Philox, as :class:`~balanced_losses.RLW`) at ``(seed, num_steps)``: reproducible, the same on
     every rank, and resumed exactly from ``state_dict``.
 
-    Acts on each task's gradient at the shared features inside the one backward pass (route the
-    features through :meth:`branch`); the docs page "When task gradients conflict" says what it
-    costs and when the representation-level version differs from the parameter-level one. The forward total is the
-    plain sum of the losses.
+    It acts on each task's gradient at the shared features inside the one backward pass (route
+    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
+    docs page "When task gradients conflict" says what it costs and when the representation-level
+    version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.
