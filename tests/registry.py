@@ -164,6 +164,59 @@ CASES: list[Case] = [
         level=FEATURES,
         positive=True,
     ),
+    # The conflict-aware aggregators at the shared features (one backward, Gramian weights).
+    Case(
+        "UPGrad",
+        lambda s: bl.UPGrad(s.tasks, allow_missing=s.allow_missing),
+        level=FEATURES,
+        stateless=True,
+    ),
+    Case(
+        "UPGrad-balanced",  # norm balancing, then UPGrad: EMA statistics to resume and sync
+        lambda s: bl.UPGrad(s.tasks, balance_norms=True, allow_missing=s.allow_missing),
+        level=FEATURES,
+    ),
+    Case(
+        "MGDA",
+        lambda s: bl.MGDA(s.tasks, allow_missing=s.allow_missing),
+        level=FEATURES,
+        stateless=True,
+    ),
+    Case(
+        "CAGrad",
+        lambda s: bl.CAGrad(s.tasks, allow_missing=s.allow_missing),
+        level=FEATURES,
+        stateless=True,
+    ),
+    Case(
+        "IMTLG",
+        lambda s: bl.IMTLG(s.tasks, allow_missing=s.allow_missing),
+        level=FEATURES,
+        stateless=True,
+    ),
+    Case(
+        "AlignedMTL",
+        lambda s: bl.AlignedMTL(s.tasks, allow_missing=s.allow_missing),
+        level=FEATURES,
+        stateless=True,
+    ),
+    Case(
+        "NashMTL",
+        lambda s: bl.NashMTL(s.tasks, allow_missing=s.allow_missing),
+        level=FEATURES,
+        stateless=True,
+    ),
+    Case(
+        "FairGrad",
+        lambda s: bl.FairGrad(s.tasks, allow_missing=s.allow_missing),
+        level=FEATURES,
+        stateless=True,
+    ),
+    Case(
+        "PCGrad",
+        lambda s: bl.PCGrad(s.tasks, seed=0, allow_missing=s.allow_missing),
+        level=FEATURES,
+    ),
 ]
 BY_NAME: dict[str, Case] = {case.name: case for case in CASES}
 

@@ -18,12 +18,23 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from balanced_losses import _numerics
 from balanced_losses.features._aligned_mtl import aligned_mtl_weights
 from balanced_losses.features._eigh import default_sweeps, jacobi_eigh, pinv_psd
 from balanced_losses.features._fairgrad import fairgrad_weights
 from balanced_losses.features._imtlg import imtlg_weights
 from balanced_losses.features._nash_mtl import nash_mtl_weights
 from balanced_losses.features._pcgrad import pcgrad_orders, pcgrad_weights
+
+
+@pytest.fixture(autouse=True)
+def _accelerator_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check the fixed-budget path an accelerator runs, not the CPU's early exits and LAPACK.
+
+    tests/test_aggregators.py checks that both paths give the same weights.
+    """
+    monkeypatch.setattr(_numerics, "HOST_SHORTCUTS", False)
+
 
 torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
 
@@ -519,6 +530,17 @@ _SYNC_PACKETS = {
 
 class _NoSync(TorchDispatchMode):
     """Fail on every op that would make the host wait for the device."""
+
+    # The CPU shortcuts (early exits, LAPACK) read values on the host, which is free on the
+    # CPU; switched off here so the path an accelerator runs is the one under the guard.
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self._shortcuts = _numerics.HOST_SHORTCUTS
+        _numerics.HOST_SHORTCUTS = False
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        _numerics.HOST_SHORTCUTS = self._shortcuts
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in _SYNC_OPS or func.overloadpacket in _SYNC_PACKETS:

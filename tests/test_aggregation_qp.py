@@ -11,10 +11,21 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from balanced_losses import _numerics
 from balanced_losses.features._cagrad import cagrad_weights
 from balanced_losses.features._mgda import mgda_weights
 from balanced_losses.features._qp import bound_qp, simplex_qp, simplex_soc, sweeps
 from balanced_losses.features._upgrad import upgrad_weights
+
+
+@pytest.fixture(autouse=True)
+def _accelerator_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check the fixed-budget path an accelerator runs, not the CPU's early exits and LAPACK.
+
+    tests/test_aggregators.py checks that both paths give the same weights.
+    """
+    monkeypatch.setattr(_numerics, "HOST_SHORTCUTS", False)
+
 
 quadprog = pytest.importorskip("quadprog")
 aggregation = pytest.importorskip("torchjd.aggregation")
@@ -390,6 +401,17 @@ def test_cagrad_c_zero_is_the_mean() -> None:
 
 class _NoSync(TorchDispatchMode):
     """Fails on the ops behind `.item()`, `float(t)`, `bool(t)` and boolean-mask indexing."""
+
+    # The CPU shortcuts (early exits, LAPACK) read values on the host, which is free on the
+    # CPU; switched off here so the path an accelerator runs is the one under the guard.
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self._shortcuts = _numerics.HOST_SHORTCUTS
+        _numerics.HOST_SHORTCUTS = False
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        _numerics.HOST_SHORTCUTS = self._shortcuts
+        return super().__exit__(*exc)
 
     FORBIDDEN = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "equal")
 

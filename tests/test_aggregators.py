@@ -13,6 +13,16 @@ import torch
 from torch import Tensor, nn
 
 import balanced_losses as bl
+from balanced_losses import _numerics
+from balanced_losses.features import (
+    _aligned_mtl,
+    _cagrad,
+    _fairgrad,
+    _imtlg,
+    _mgda,
+    _nash_mtl,
+    _upgrad,
+)
 
 torchjd = pytest.importorskip("torchjd.aggregation")
 
@@ -172,3 +182,33 @@ def test_cosines_and_norms_are_logged() -> None:
     unit = rows / rows.norm(dim=1, keepdim=True)
     torch.testing.assert_close(weighting.cosines.double(), unit @ unit.T, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weighting.grad_norms.double(), rows.norm(dim=1), rtol=1e-5, atol=0)
+
+
+WEIGHT_FUNCTIONS = {
+    "UPGrad": lambda g: _upgrad.upgrad_weights(g),
+    "MGDA": lambda g: _mgda.mgda_weights(g),
+    "CAGrad": lambda g: _cagrad.cagrad_weights(g),
+    "IMTLG": lambda g: _imtlg.imtlg_weights(g),
+    "AlignedMTL": lambda g: _aligned_mtl.aligned_mtl_weights(g),
+    "NashMTL": lambda g: _nash_mtl.nash_mtl_weights(g),
+    "FairGrad": lambda g: _fairgrad.fairgrad_weights(g, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHT_FUNCTIONS))
+def test_cpu_shortcuts_give_the_weights_of_the_fixed_budget_path(name, monkeypatch) -> None:
+    # On the CPU the solvers stop once converged and call LAPACK; on an accelerator they run
+    # their fixed budget without a sync. Both must give the same weights.
+    fn = WEIGHT_FUNCTIONS[name]
+    g = torch.Generator().manual_seed(7)
+    for k, rank in [(2, 2), (3, 3), (5, 3), (10, 10), (16, 6)]:
+        j = torch.randn(k, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, 40, generator=g, dtype=torch.float64
+        )
+        j[0] *= 1e3  # very different scales
+        gram = j @ j.T
+        fast = fn(gram)
+        monkeypatch.setattr(_numerics, "HOST_SHORTCUTS", False)
+        slow = fn(gram)
+        monkeypatch.setattr(_numerics, "HOST_SHORTCUTS", True)
+        torch.testing.assert_close(fast @ j, slow @ j, rtol=1e-7, atol=1e-9 * j.norm().item())

@@ -7,7 +7,19 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["MASK32", "adam_update", "debiased", "philox4x32", "standard_normal"]
+__all__ = [
+    "MASK32",
+    "adam_update",
+    "debiased",
+    "host_shortcuts",
+    "philox4x32",
+    "settled",
+    "standard_normal",
+]
+
+#: Whether fixed-budget solvers may take host shortcuts on CPU tensors (see
+#: :func:`host_shortcuts`). Tests switch it off to run the accelerator path on the CPU.
+HOST_SHORTCUTS = True
 
 
 def debiased(ema: Tensor, count: Tensor, momentum: float) -> Tensor:
@@ -19,6 +31,25 @@ def debiased(ema: Tensor, count: Tensor, momentum: float) -> Tensor:
     """
     correction = 1.0 - momentum ** count.to(ema.dtype)
     return torch.where(count > 0, ema / correction.clamp_min(1e-38), torch.nan)
+
+
+def host_shortcuts(tensor: Tensor) -> bool:
+    """Whether code may read ``tensor``'s values on the host for free.
+
+    True for a CPU tensor outside ``torch.compile``: there is no device for the host to wait
+    for. The fixed-budget solvers then stop once converged (:func:`settled`) or call LAPACK,
+    with the same result; on an accelerator they run their whole budget without a sync.
+    """
+    return HOST_SHORTCUTS and tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def settled(done: Tensor) -> bool:
+    """Whether a fixed-budget loop may stop now: ``done`` holds, read where that is free.
+
+    A converged iterate is a fixed point of these loops, so stopping early changes nothing but
+    the time; where reading ``done`` would need a host-device sync this is always False.
+    """
+    return host_shortcuts(done) and bool(done.all())
 
 
 def adam_update(

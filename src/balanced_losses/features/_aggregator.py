@@ -102,8 +102,11 @@ class GramianAggregator(FeatureWeighting):
         self.balance_norms = bool(balance_norms)
         self.momentum = check_momentum(momentum)
         k = len(self.tasks)
-        self._add_state("ema", torch.zeros(k))
-        self._add_state("count", torch.zeros(k, dtype=torch.long))
+        if self.balance_norms:
+            # The norm statistics exist only where they are used: a plain aggregator's
+            # checkpoint holds no tensors.
+            self._add_state("ema", torch.zeros(k))
+            self._add_state("count", torch.zeros(k, dtype=torch.long))
         self._add_state("grad_norms", torch.zeros(k), kind="output")
         self._add_state("cosines", torch.zeros(k, k), kind="output")
 
@@ -116,7 +119,13 @@ class GramianAggregator(FeatureWeighting):
 
     @property
     def running_norm(self) -> Tensor:
-        r"""Bias-corrected EMA :math:`\hat n_k` of each task's gradient norm, NaN where unseen."""
+        r"""Bias-corrected EMA :math:`\hat n_k` of each task's gradient norm, NaN where unseen.
+
+        Raises:
+            AttributeError: Without ``balance_norms``, which keeps no norm statistics.
+        """
+        if not self.balance_norms:
+            raise AttributeError("`running_norm` exists only with `balance_norms=True`")
         return debiased(self.ema, self.count, self.momentum)
 
     def _current_coefficients(self) -> Tensor:
@@ -124,7 +133,7 @@ class GramianAggregator(FeatureWeighting):
 
     def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
         k = len(self.tasks)
-        device, dtype = self.ema.device, self.ema.dtype
+        device, dtype = self.grad_norms.device, self.grad_norms.dtype
         with torch.no_grad():
             gram = gramian(per_task)
             if self.sync_dist:
@@ -143,7 +152,10 @@ class GramianAggregator(FeatureWeighting):
                 blended = self.momentum * self.ema + (1.0 - self.momentum) * measured
                 self.ema.copy_(torch.where(valid, blended, self.ema))
                 self.count.add_(valid.to(self.count.dtype))
-                scale = self._norm_scale().to(gram.dtype)
+                # Only rows that take part: an absent task's scale may be huge (a tiny EMA
+                # against a large target) and must not meet its zero row (inf * 0 = NaN).
+                took_part = finite & torch.tensor(got, device=finite.device)
+                scale = torch.where(took_part, self._norm_scale().to(gram), 0.0)
                 gram = gram * scale[:, None] * scale[None, :]
             else:
                 scale = torch.ones(k, dtype=gram.dtype, device=gram.device)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from balanced_losses._checks import check_number
+from balanced_losses._numerics import settled
 from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian, work_dtype
 
@@ -107,6 +108,8 @@ def solve_power_equation(gram: Tensor, alive: Tensor, p: float, steps: int) -> T
         # (gather, not ts[index]: a 0-d index tensor is read on the host.)
         t = ts.gather(0, torch.argmax(accept.to(torch.int32)).reshape(1))[0]
         w = w + t * step
+        if settled(t * step.abs() <= 4 * eps * w.abs()):
+            break
     return torch.where(alive, w, torch.zeros_like(w))
 
 

@@ -42,6 +42,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from balanced_losses._numerics import settled
+
 __all__ = [
     "bound_qp",
     "normalize_gramian",
@@ -113,8 +115,12 @@ def _active_set(x: Tensor, free: Tensor, face: _Face, num_sweeps: int) -> Tensor
         best = mu_fixed.amin(-1, keepdim=True)
         add = (mu_fixed <= best) & (best < -tol)
         any_infeasible = infeasible.any(-1, keepdim=True)
-        x = torch.where(any_infeasible, stepped, z.clamp(min=0.0))
-        free = torch.where(any_infeasible, free & ~blocked, free | add)
+        new_x = torch.where(any_infeasible, stepped, z.clamp(min=0.0))
+        new_free = torch.where(any_infeasible, free & ~blocked, free | add)
+        done = settled((new_x == x).all() & (new_free == free).all())
+        x, free = new_x, new_free
+        if done:
+            break
     return x
 
 
