@@ -660,6 +660,10 @@ BLOCKS: dict[str, Block] = {
 FILES: dict[str, tuple[str, Callable[[], str]]] = {
     "benchmarks/results/quality.md": (QUALITY, lambda: quality_markdown(load(QUALITY))),
     "benchmarks/results/speed.md": (SPEED, lambda: speed_markdown(load(SPEED))),
+    "benchmarks/results/aggregators_speed.md": (
+        AGGREGATORS_SPEED,
+        lambda: aggregators_speed_markdown(load(AGGREGATORS_SPEED)),
+    ),
 }
 #: Files whose generated blocks are rewritten in place.
 PAGES = (
