@@ -28,12 +28,12 @@ Writes ``<out>/aggregators_speed.json`` (every row, the settings, the machine) a
 
 Usage (from the repository root)::
 
-    OMP_NUM_THREADS=1 python benchmarks/aggregators_speed.py   # 25 rounds: about 7 minutes
+    OMP_NUM_THREADS=1 python benchmarks/aggregators_speed.py   # 25 rounds: about 6 minutes
     python benchmarks/aggregators_speed.py --smoke             # seconds, for CI
 
-On the 2-core development machine a round of the four configurations takes about 13 s with
-16 methods (the wide trunk with K = 10 and TorchJD's Jacobians take most of it), so the default
-25 rounds keep a full run under 10 minutes even with the methods still to come.
+On the shared 2-core development machine a round of the four configurations takes about 13 s
+with 20 methods (the wide trunk with K = 10 and TorchJD's Jacobians take most of it): the default
+25 rounds took 344 s in all, under the 10 minutes a full run should take.
 
 TorchJD (``pip install torchjd``) is optional: without it, or without an aggregator's solver
 (cvxpy for CAGrad and NashMTL), those rows are skipped with a printed note.
@@ -78,8 +78,13 @@ AGGREGATORS = ("UPGrad", "MGDA", "CAGrad", "IMTLG", "AlignedMTL", "NashMTL", "Fa
 BALANCED = ("UPGrad", "IMTLG")
 #: The per-step time targets for our aggregators, as a ratio to a plain sum, by K.
 TARGETS = {3: 1.10, 10: 1.25}
-CAGRAD_C = 0.5  # CAGrad's radius scale (Liu et al. 2021's default); TorchJD has no default
-FAIRGRAD_ALPHA = 1.0  # our FairGrad's default; TorchJD has no default
+CAGRAD_C = 0.4  # CAGrad's radius scale: our default; TorchJD's CAGrad has none
+FAIRGRAD_ALPHA = 1.0  # FairGrad's alpha: our default; TorchJD's FairGrad has none
+#: The options both libraries' aggregators get, so that each pair solves the same problem.
+OPTIONS: dict[str, dict[str, float]] = {
+    "CAGrad": {"c": CAGRAD_C},
+    "FairGrad": {"alpha": FAIRGRAD_ALPHA},
+}
 LOSS_SCALES = (0.1, 1.0, 10.0)
 
 
@@ -241,11 +246,11 @@ def torchjd_aggregators(k: int) -> tuple[dict[str, Callable[[], Any]], list[str]
     factories: dict[str, Callable[[], Any]] = {
         "UPGrad": tja.UPGrad,
         "MGDA": tja.MGDA,
-        "CAGrad": lambda: tja.CAGrad(c=CAGRAD_C),
+        "CAGrad": lambda: tja.CAGrad(**OPTIONS["CAGrad"]),
         "IMTLG": tja.IMTLG,
         "AlignedMTL": tja.AlignedMTL,
         "NashMTL": lambda: tja.NashMTL(n_tasks=k),
-        "FairGrad": lambda: tja.FairGrad(alpha=FAIRGRAD_ALPHA),
+        "FairGrad": lambda: tja.FairGrad(**OPTIONS["FairGrad"]),
         "PCGrad": tja.PCGrad,
     }
     missing = {name: _solver_missing(factory) for name, factory in factories.items()}
@@ -293,9 +298,10 @@ def method_plan(k: int) -> tuple[list[Method], list[str]]:
         Method("GradientBalancer", "baseline", ours(bl.GradientBalancer)),
     ]
     for name, cls in found.items():
-        plan.append(Method(name, "ours", ours(cls), name))
+        options = OPTIONS.get(name, {})
+        plan.append(Method(name, "ours", ours(cls, **options), name))
         if name in BALANCED:
-            balanced = ours(cls, balance_norms=True)
+            balanced = ours(cls, balance_norms=True, **options)
             plan.append(Method(f"{name}(balance_norms=True)", "ours", balanced, name))
     plan += [Method(f"torchjd.{n}", "torchjd", theirs(f), n) for n, f in jd.items()]
     return plan, notes + jd_notes

@@ -557,9 +557,9 @@ def aggregators_speed_markdown(record: dict[str, Any], *, source: str = AGGREGAT
         "same round's `sum` step time [interquartile range]. Peak: highest live CPU tensor bytes "
         "during one step above its starting level (torch.profiler). TorchJD / ours: median over "
         "rounds of TorchJD's step time divided by the same round's step time of our aggregator "
-        "of the same name (above 1: ours is faster). TorchJD's CAGrad with "
-        f"c = {record['cagrad_c']}, FairGrad with alpha = {record['fairgrad_alpha']}, other "
-        "options at their defaults.",
+        "of the same name (above 1: ours is faster). CAGrad with "
+        f"c = {record['cagrad_c']} and FairGrad with alpha = {record['fairgrad_alpha']} in both "
+        "libraries, other options at their defaults.",
         "",
     ]
     by_config = {(c["trunk"], c["tasks"]): c for c in configs}
