@@ -10,6 +10,8 @@ and this script rewrites every block from the JSON that the measuring script wro
 
 - ``benchmarks/results/quality_runs.json``: ``benchmarks/quality.py`` (training quality);
 - ``benchmarks/results/speed.json``: ``benchmarks/speed.py`` (step time and memory);
+- ``benchmarks/results/aggregators_speed.json``: ``benchmarks/aggregators_speed.py`` (step time
+  and memory of the aggregators, ours and TorchJD's);
 - ``benchmarks/results/init_gradients.json``: ``benchmarks/init_gradients.py`` (gradients at
   initialization);
 - ``examples/results/pointer_countdown.json``: ``examples/pointer_countdown.py`` (the demo).
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 QUALITY = "benchmarks/results/quality_runs.json"
 SPEED = "benchmarks/results/speed.json"
+AGGREGATORS_SPEED = "benchmarks/results/aggregators_speed.json"
 INIT = "benchmarks/results/init_gradients.json"
 DEMO = "examples/results/pointer_countdown.json"
 
@@ -531,6 +534,111 @@ def speed_markdown(record: dict[str, Any], *, source: str = SPEED) -> str:
     return "\n".join(lines)
 
 
+def _ratio_cell(value: float, iqr: Sequence[float], digits: int = 3) -> str:
+    return f"{value:.{digits}f} [{iqr[0]:.{digits}f}, {iqr[1]:.{digits}f}]"
+
+
+def aggregators_speed_markdown(record: dict[str, Any], *, source: str = AGGREGATORS_SPEED) -> str:
+    threads = record["threads"]
+    configs = record["configs"]
+    lines = [
+        _open("aggregators-speed-md", source),
+        "# Aggregators: per-step cost relative to a plain sum, ours and TorchJD's",
+        "",
+        f"Rendered by `python benchmarks/render.py` from `{Path(source).name}`, which "
+        f"`{command_text(record)}` wrote on {record['date']} ({record['rounds']} interleaved "
+        f"rounds after {record['warmup']} warmup rounds, batch {record['batch_size']}, "
+        f"{record['time_steps']} time steps, {threads} torch thread{'s' if threads != 1 else ''}, "
+        f"CPU; balanced_losses {record['balanced_losses']}, TorchJD {record['torchjd']}). "
+        "Ours (`balanced_losses.IMTLG`, ...) combine the tasks' gradients at the shared "
+        "features inside the one backward pass; TorchJD's (`torchjd.IMTLG`, ...) combine the "
+        "rows of the Jacobian with respect to the trunk's parameters (`mtl_backward`, then "
+        "`jac_to_grad`). Time ratio: median over rounds of the method's step time divided by the "
+        "same round's `sum` step time [interquartile range]. Peak: highest live CPU tensor bytes "
+        "during one step above its starting level (torch.profiler). TorchJD / ours: median over "
+        "rounds of TorchJD's step time divided by the same round's step time of our aggregator "
+        "of the same name (above 1: ours is faster). CAGrad with "
+        f"c = {record['cagrad_c']} and FairGrad with alpha = {record['fairgrad_alpha']} in both "
+        "libraries, other options at their defaults.",
+        "",
+    ]
+    by_config = {(c["trunk"], c["tasks"]): c for c in configs}
+    compared = list(
+        dict.fromkeys(
+            row["aggregator"] for c in configs for row in c["rows"] if "torchjd_over_ours" in row
+        )
+    )
+    if compared:
+        heads = [f"{c['trunk']}, K = {c['tasks']}" for c in configs]
+        lines += [
+            "## TorchJD's step time / ours",
+            "",
+            "| aggregator | " + " | ".join(heads) + " |",
+            "|---|" + "---:|" * len(heads),
+        ]
+        for agg in compared:
+            cells = []
+            for c in configs:
+                row = next((r for r in c["rows"] if r["method"] == agg), None)
+                ok = row is not None and "torchjd_over_ours" in row
+                cells.append(f"{row['torchjd_over_ours']:.2f}" if ok else "-")
+            lines.append(f"| {agg} | " + " | ".join(cells) + " |")
+        lines.append("")
+    over = []
+    for (trunk, k), c in by_config.items():
+        target = record["targets"].get(str(k))
+        if target is None:
+            continue
+        over += [
+            f"{r['method']} ({trunk}, K = {k}: {r['ratio']:.2f})"
+            for r in c["rows"]
+            if r["family"] == "ours" and r["ratio"] > target
+        ]
+    targets = ", ".join(f"{v:.2f} for K = {k}" for k, v in record["targets"].items())
+    lines += [
+        f"Targets for ours, step time / sum: at most {targets}. "
+        + (f"Above: {', '.join(over)}." if over else "All of ours are within them."),
+        "",
+    ]
+    for c in configs:
+        heads_text = ", ".join(
+            f"{h['outputs']}{' per step' if h['per_step'] else ' pooled'} x{h['scale']:g}"
+            for h in c["heads"]
+        )
+        lines += [
+            f"## {c['trunk']} trunk (GRU hidden {c['gru_hidden']}), K = {c['tasks']}",
+            "",
+            f"Heads (outputs, target scale): {heads_text}.",
+            "",
+            "| method | step (ms) | time / sum | peak (MB) | peak / sum | TorchJD / ours |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in c["rows"]:
+            vs = (
+                _ratio_cell(row["torchjd_over_ours"], row["torchjd_over_ours_iqr"], 2)
+                if "torchjd_over_ours" in row
+                else ""
+            )
+            lines.append(
+                f"| {row['method']} | {row['ms']:.1f} | {_ratio_cell(row['ratio'], row['iqr'])} "
+                f"| {row['peak'] / 2**20:.1f} | {row['peak_ratio']:.2f} | {vs} |"
+            )
+        lines.append("")
+    start = " / ".join(f"{x:.1f}" for x in record["load_average_1_5_15_min_at_start"])
+    machine = record["machine"]
+    end = " / ".join(f"{x:.1f}" for x in machine["load_average_1_5_15_min"])
+    notes = "".join(f" Note: {n}." for n in record["notes"])
+    lines += [
+        f"Wall time {record['wall_seconds']:.0f} s on a {machine['cpu_count']}-core "
+        f"{machine['cpu']}, torch {machine['torch']}. Load average (1/5/15 min) at the start "
+        f"{start}, at the end {end}: other processes shared the machine, which adds noise to "
+        f"the ratios (wider ranges) but, interleaved, not a bias.{notes}",
+        _close("aggregators-speed-md"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ the machinery
 
 
@@ -552,6 +660,10 @@ BLOCKS: dict[str, Block] = {
 FILES: dict[str, tuple[str, Callable[[], str]]] = {
     "benchmarks/results/quality.md": (QUALITY, lambda: quality_markdown(load(QUALITY))),
     "benchmarks/results/speed.md": (SPEED, lambda: speed_markdown(load(SPEED))),
+    "benchmarks/results/aggregators_speed.md": (
+        AGGREGATORS_SPEED,
+        lambda: aggregators_speed_markdown(load(AGGREGATORS_SPEED)),
+    ),
 }
 #: Files whose generated blocks are rewritten in place.
 PAGES = (

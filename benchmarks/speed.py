@@ -39,8 +39,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -63,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Stepper(Protocol):
+    """Anything that runs one training step and returns its wall time in seconds."""
+
+    def step(self) -> float: ...
+
+
 class Runner:
     """One method's model, optimizer and strategy, stepping through fixed batches."""
 
@@ -82,7 +89,7 @@ class Runner:
         return time.perf_counter() - start
 
 
-def peak_step_bytes(runner: Runner) -> tuple[int, int]:
+def peak_step_bytes(runner: Stepper) -> tuple[int, int]:
     """Peak live bytes above the step's starting level, and total bytes allocated, in a step."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -97,38 +104,65 @@ def peak_step_bytes(runner: Runner) -> tuple[int, int]:
     return max([0, *live]), sum(n for _, n in events if n > 0)
 
 
+def interleave(
+    runners: Mapping[str, Stepper], *, rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Each runner's step times, one per round, the order of the runners rotating every round.
+
+    ``warmup`` rounds first (not recorded): caches, allocator pools and lazy initialization.
+    """
+    names = list(runners)
+    for _ in range(warmup):
+        for runner in runners.values():
+            runner.step()
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for m in order:
+            times[m].append(runners[m].step())
+    return times
+
+
+def median_iqr(values: Sequence[float]) -> tuple[float, list[float]]:
+    """The median and the interquartile range ``[q1, q3]`` of ``values``."""
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return statistics.median(values), [q1, q3]
+
+
+def cost_rows(
+    runners: Mapping[str, Stepper], times: Mapping[str, list[float]], baseline: str = "sum"
+) -> list[dict[str, Any]]:
+    """Per runner: median step time, per-round time ratio to ``baseline``, memory and ratios.
+
+    The memory is measured here, one more step of each runner under the profiler.
+    """
+    memory = {m: peak_step_bytes(runner) for m, runner in runners.items()}
+    rows = []
+    for m in runners:
+        ratio, iqr = median_iqr([t / s for t, s in zip(times[m], times[baseline], strict=True)])
+        rows.append(
+            {
+                "method": m,
+                "ms": 1e3 * statistics.median(times[m]),
+                "ratio": ratio,
+                "iqr": iqr,
+                "peak": memory[m][0],
+                "peak_ratio": memory[m][0] / max(memory[baseline][0], 1),
+                "alloc": memory[m][1],
+                "alloc_ratio": memory[m][1] / max(memory[baseline][1], 1),
+            }
+        )
+    return rows
+
+
 def measure(methods: list[str], hidden: int, args: argparse.Namespace) -> list[dict]:
     data = lib.make_data(8 * args.batch_size, seed=1)
     batches = [
         data.index(slice(i, i + args.batch_size)) for i in range(0, len(data), args.batch_size)
     ]
     runners = {m: Runner(m, hidden, batches) for m in methods}
-    for _ in range(args.warmup):
-        for runner in runners.values():
-            runner.step()
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for r in range(args.rounds):
-        order = methods[r % len(methods) :] + methods[: r % len(methods)]
-        for m in order:
-            times[m].append(runners[m].step())
-    memory = {m: peak_step_bytes(runners[m]) for m in methods}
-    rows = []
-    for m in methods:
-        ratios = [t / s for t, s in zip(times[m], times["sum"], strict=True)]
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-        rows.append(
-            {
-                "method": m,
-                "ms": 1e3 * statistics.median(times[m]),
-                "ratio": statistics.median(ratios),
-                "iqr": [q1, q3],
-                "peak": memory[m][0],
-                "peak_ratio": memory[m][0] / max(memory["sum"][0], 1),
-                "alloc": memory[m][1],
-                "alloc_ratio": memory[m][1] / max(memory["sum"][1], 1),
-            }
-        )
-    return rows
+    times = interleave(runners, rounds=args.rounds, warmup=args.warmup)
+    return cost_rows(runners, times)
 
 
 def to_json(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -82,6 +83,28 @@ def test_speed_smoke(tmp_path: Path) -> None:
     assert "| sum | " in table
     assert "wide" in table
     assert "| uncertainty |" in table
+
+
+@pytest.mark.slow
+def test_aggregators_speed_smoke(tmp_path: Path) -> None:
+    _run("benchmarks/aggregators_speed.py", "--smoke", "--out", tmp_path)
+    table = (tmp_path / "aggregators_speed_smoke.md").read_text()
+    record = json.loads((tmp_path / "aggregators_speed_smoke.json").read_text())
+    assert record["smoke"] is True
+    assert "load_average_1_5_15_min" in record["machine"]
+    (config,) = record["configs"]
+    assert (config["trunk"], config["tasks"]) == ("demo", 3)
+    rows = {row["method"]: row for row in config["rows"]}
+    assert list(rows)[:2] == ["sum", "GradientBalancer"]
+    assert {"IMTLG", "IMTLG(balance_norms=True)", "PCGrad"} <= set(rows)
+    for row in rows.values():
+        assert math.isfinite(row["ratio"])
+        assert row["peak"] > 0
+    assert "| IMTLG | " in table
+    if importlib.util.find_spec("torchjd") is not None:
+        assert rows["torchjd.IMTLG"]["family"] == "torchjd"
+        assert rows["IMTLG"]["torchjd_over_ours"] > 0
+        assert "TorchJD's step time / ours" in table
 
 
 def test_registry_skips_missing_classes(capsys: pytest.CaptureFixture[str]) -> None:
