@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from registry import CASES, Case
+from registry import CASES, Case, Driver
 from torch import Tensor, nn
 
 import balanced_losses as bl
@@ -29,20 +29,12 @@ def _losses(step: int) -> dict[str, Tensor]:
     }
 
 
-def _train(case: Case, weighting: bl.Weighting, steps: int = 4) -> None:
-    params = [p for p in weighting.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.1) if params else None
+def _trained(case: Case, steps: int = 4) -> Driver:
+    """A weighting after ``steps`` real training steps, per-task statistics apart."""
+    driver = Driver(case, TASKS)
     for step in range(steps):
-        losses = _losses(step)
-        total = weighting(losses)
-        total.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad()
-        if case.after_step is not None:
-            case.after_step(weighting, {k: 0.9 * v.detach() for k, v in losses.items()})
-        if case.epoch_end is not None and step % 2 == 1:
-            case.epoch_end(weighting)
+        driver.step(step)
+    return driver
 
 
 def _per_task_tensors(weighting: bl.Weighting) -> dict[str, tuple[Tensor, int]]:
@@ -67,12 +59,13 @@ def _tensor_state(weighting: nn.Module) -> dict[str, Tensor]:
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_checkpoint_saved_in_another_task_order_is_mapped_by_name(case: Case) -> None:
-    saved = case.build(TASKS, False)
-    _train(case, saved)
+    driver = _trained(case)
+    saved = driver.weighting
     buffer = io.BytesIO()
     torch.save(saved.state_dict(), buffer)
     buffer.seek(0)
-    swapped = case.build(list(reversed(TASKS)), False)
+    shared = driver.model.trunk.parameters()
+    swapped = case.make(list(reversed(TASKS)), shared=shared)
     swapped.load_state_dict(torch.load(buffer, weights_only=True))
     original, loaded = _per_task_tensors(saved), _per_task_tensors(swapped)
     assert original.keys() == loaded.keys()
@@ -84,16 +77,19 @@ def test_checkpoint_saved_in_another_task_order_is_mapped_by_name(case: Case) ->
     if original:
         # The statistics differ between the tasks, so a positional load would have failed.
         assert moved, "training left every per-task entry equal across tasks: the test is vacuous"
+    else:
+        # Stateless, or state shared by all tasks (RLW's and PCGrad's random stream).
+        assert case.stateless or case.name in ("RLW", "PCGrad"), case.name
+    assert swapped.state_dict()["_extra_state"]["tasks"] == list(reversed(TASKS))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_checkpoint_of_other_tasks_is_refused_naming_both_lists(case: Case) -> None:
-    saved = case.build(TASKS, False)
-    other = case.build(["pointer", "countdwn"], False)
-    with pytest.raises(
-        RuntimeError, match=r"\['pointer', 'countdown'\].*\['pointer', 'countdwn'\]"
-    ):
-        other.load_state_dict(saved.state_dict())
+    driver = Driver(case, TASKS)
+    other = case.make(["pointer", "countdwn"], shared=driver.model.trunk.parameters())
+    both = r"\['pointer', 'countdown'\].*\['pointer', 'countdwn'\]"
+    with pytest.raises(RuntimeError, match=both):
+        other.load_state_dict(driver.weighting.state_dict())
 
 
 def test_checkpoint_without_task_names_loads_in_order_as_before() -> None:
@@ -119,8 +115,7 @@ def test_checkpoint_without_task_names_loads_in_order_as_before() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_half_precision_conversion_keeps_state_bit_identical(case: Case, dtype) -> None:
-    weighting = case.build(TASKS, False)
-    _train(case, weighting)
+    weighting = _trained(case).weighting
     before = copy.deepcopy(_tensor_state(weighting))
     params_before = [p.detach().clone() for p in weighting.parameters()]
     weighting.to(dtype)
@@ -160,18 +155,23 @@ def test_double_still_widens() -> None:
 # ------------------------------------------------------- statistics move only with grad mode
 
 
+# Loss-level weightings whose state moves elsewhere than in forward: learned parameters (the
+# optimizer moves them), FAMO's logits (in update()).
+NOT_MOVED_BY_FORWARD = {"UncertaintyWeighting", "UncertaintyWeighting-positive", "IMTLL", "FAMO"}
+
+
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_validation_in_training_mode_without_grad_leaves_state_untouched(
     case: Case, context: str
 ) -> None:
-    weighting = case.build(TASKS, False)
-    _train(case, weighting, steps=2)
+    driver = _trained(case, steps=2)
+    weighting = driver.weighting
     assert weighting.training
     before = copy.deepcopy(weighting.state_dict())
     guard = torch.no_grad() if context == "no_grad" else torch.inference_mode()
     with guard:
-        total = weighting({k: v.detach() * 3 for k, v in _losses(5).items()})
+        total = weighting(driver.losses(5))
     assert torch.isfinite(total)
     after = weighting.state_dict()
     assert after.keys() == before.keys()
@@ -180,6 +180,13 @@ def test_validation_in_training_mode_without_grad_leaves_state_untouched(
             assert torch.equal(after[key], value), key
         else:
             assert after[key] == value, key
+    # The same call with gradients enabled does move a loss-level weighting's statistics.
+    if not case.stateless and case.level == "loss" and case.name not in NOT_MOVED_BY_FORWARD:
+        weighting(driver.losses(5))
+        moved = weighting.state_dict()
+        assert any(
+            isinstance(v, Tensor) and not torch.equal(moved[k], v) for k, v in before.items()
+        ), "a forward with gradients did not move the state: the test above is vacuous"
 
 
 def test_training_mode_with_grad_does_move_the_statistics() -> None:

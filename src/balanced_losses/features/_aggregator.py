@@ -16,13 +16,15 @@ __all__ = ["GramianAggregator", "gramian"]
 
 
 def gramian(per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
-    r"""The ``(K, K)`` Gramian :math:`G = J J^\top` of the tasks' gradients, in float64.
+    r"""The ``(K, K)`` Gramian :math:`G = J J^\top` of the tasks' gradients, summed in float64.
 
     Row :math:`k` of :math:`J` is task :math:`k`'s gradient at every shared tensor, flattened
-    (a None entry counts as zero). Each shared tensor is read in chunks of about
-    :math:`n / 2K` elements (:math:`n` its size), so the stacked chunk, in float64, takes no
-    more memory than one float32 copy of the tensor: the extra memory is that buffer and the
-    Gramian. On MPS, which has no float64, it accumulates in float32.
+    (a None entry counts as zero). Each shared tensor is read in chunks of :math:`n / K`
+    elements (:math:`n` its size): the stacked ``(K, n / K)`` chunk is one feature-sized
+    buffer, and its product :math:`C C^\top` runs as one matmul in the gradients' precision
+    (at least float32). Before it each row is divided by a power of two near its largest
+    magnitude, so no product overflows whatever GradScaler's scale (any finite gradient); the
+    products are scaled back and summed in float64 (float32 on MPS, which has no float64).
     """
     k = len(per_task)
     num_inputs = len(per_task[0]) if per_task else 0
@@ -36,11 +38,18 @@ def gramian(per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
             continue
         flat = [grads[i].reshape(-1) for i in present]  # type: ignore[union-attr]
         n = flat[0].numel()
-        chunk = max(1, n // (2 * k))
+        chunk = max(1, -(-n // k))
         block = torch.zeros(len(present), len(present), dtype=wide, device=ref.device)
         for start in range(0, n, chunk):
-            rows = torch.stack([f[start : start + chunk] for f in flat]).to(wide)
-            block += rows @ rows.T
+            rows = torch.stack([f[start : start + chunk] for f in flat])
+            rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+            # Per row, a power of two near its largest magnitude: dividing by it is exact, and
+            # a non-finite row (an AMP overflow) spoils its own row and column only.
+            peak = rows.abs().amax(dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
+            scale = torch.exp2(torch.ceil(torch.log2(peak)))
+            rows.div_(scale[:, None])
+            outer = scale.to(wide)[:, None] * scale.to(wide)[None, :]
+            block += (rows @ rows.T).to(wide) * outer
         if len(present) == k:
             total += block
         else:
@@ -56,8 +65,8 @@ class GramianAggregator(FeatureWeighting):
 
     In the one backward pass the :math:`K` tasks' gradients at the shared features are the
     rows of :math:`J`; the trunk receives :math:`J^\top c` for a coefficient vector :math:`c`
-    computed from the :math:`K \times K` Gramian :math:`G = J J^\top` alone (accumulated in
-    float64). A subclass gives the weights :meth:`weights_from_gramian`.
+    computed from the :math:`K \times K` Gramian :math:`G = J J^\top` alone (float32
+    products summed in float64, see :func:`gramian`). A subclass gives the weights :meth:`weights_from_gramian`.
 
     **Norm balancing first** (``balance_norms=True``): each task's gradient is first scaled to
     the mean of the tasks' EMA gradient norms, as :class:`~balanced_losses.GradientBalancer`
