@@ -150,14 +150,16 @@ def _check_lightning_run(tmp_path: Path, weighting: str, state: str) -> None:
 
 @needs_examples
 def test_lightning_example_with_uncertainty_weighting(tmp_path):
-    _check_lightning_run(tmp_path, "uncertainty", "['log_vars']")
+    _check_lightning_run(tmp_path, "uncertainty", "['_extra_state', 'log_vars']")
 
 
 @pytest.mark.slow
 @needs_examples
 def test_lightning_example_with_loss_normalizer(tmp_path):
     _check_lightning_run(
-        tmp_path, "normalizer", "['count', 'ema', 'micro_step', 'pending_count', 'pending_sum']"
+        tmp_path,
+        "normalizer",
+        "['_extra_state', 'count', 'ema', 'micro_step', 'pending_count', 'pending_sum']",
     )
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import balanced_losses as bl
 from tests.registry import (
     CASES,
+    FEATURES,
     TASKS,
     Case,
     Setup,
@@ -36,11 +37,18 @@ _NO_SCALARS = {
     "GradientBalancer": "acts in backward at the shared features: with scalar losses nothing is "
     "measured and its weights are 0 (test_gradient.py and test_production.py drive it)",
 }
+_FEATURES = (
+    "acts in backward at the shared features: with scalar losses nothing reaches it "
+    "(test_production.py drives it through a model; test_aggregators.py, test_dbmtl.py and "
+    "test_gradient.py check its values)"
+)
 SCALAR = params(
     **{
-        case.name.replace("-", "_"): pytest.mark.skip(reason=_NO_SCALARS[case.name.split("-")[0]])
+        case.name.replace("-", "_"): pytest.mark.skip(
+            reason=_NO_SCALARS.get(case.name.split("-")[0], _FEATURES)
+        )
         for case in CASES
-        if case.name.split("-")[0] in _NO_SCALARS
+        if case.name.split("-")[0] in _NO_SCALARS or case.level == FEATURES
     }
 )
 SCALAR_CASES = [p.values[0] for p in SCALAR if not p.marks]
@@ -110,39 +118,43 @@ def test_reset_returns_to_a_fresh_module(case: Case) -> None:
         assert torch.equal(weights_a, weights_b)
 
 
+# Every state_dict also holds `_extra_state`: the task names (and FAMO's pending flag).
 STATE_KEYS = {
     "LossNormalizer": {"ema", "count", "pending_sum", "pending_count", "micro_step"},
     "UncertaintyWeighting": {"log_vars"},
-    "DBMTL": {"balancer.ema", "balancer.count"},
+    "DBMTL": {"balancer.ema", "balancer.count", "balancer._extra_state"},
     "DWA": {"epoch_sum", "epoch_count", "batches", "means", "epochs"},
-    "FAMO": {
-        "logits",
-        "exp_avg",
-        "exp_avg_sq",
-        "adam_step",
-        "prev_losses",
-        "prev_valid",
-        "_extra_state",
-    },
+    "FAMO": {"logits", "exp_avg", "exp_avg_sq", "adam_step", "prev_losses", "prev_valid"},
     "GeometricMean": set(),
     "GradNorm": {
         "loss_weights",
         "initial_losses",
         "initialized",
-        "step",
+        "num_steps",
         "exp_avg",
         "exp_avg_sq",
         "optimizer_steps",
     },
     "GradientBalancer": {"ema", "count"},
     "IMTLL": {"log_scales"},
-    "RLW": {"seed", "step"},
+    "RLW": {"seed", "num_steps"},
+    # The aggregators keep norm statistics only with balance_norms, PCGrad its random stream.
+    "UPGrad": set(),
+    "UPGrad-balanced": {"ema", "count"},
+    "MGDA": set(),
+    "CAGrad": set(),
+    "IMTLG": set(),
+    "AlignedMTL": set(),
+    "NashMTL": set(),
+    "FairGrad": set(),
+    "PCGrad": {"seed", "num_steps"},
 }
 
 
 @pytest.mark.parametrize("case", params())
 def test_state_dict_keys_are_stable(case: Case) -> None:
-    assert set(_make(case).state_dict()) == STATE_KEYS[type(_make(case)).__name__]
+    keys = STATE_KEYS.get(case.name, STATE_KEYS[type(_make(case)).__name__])
+    assert set(_make(case).state_dict()) == keys | {"_extra_state"}
 
 
 @pytest.mark.parametrize("case", params())
@@ -159,8 +171,13 @@ def test_unknown_and_missing_tasks_are_named(case: Case) -> None:
 @pytest.mark.parametrize(
     "case",
     params(
-        GradientBalancer=pytest.mark.skip(reason="takes no `check_inputs`: sums any losses"),
-        GradientBalancer_max=pytest.mark.skip(reason="takes no `check_inputs`: sums any losses"),
+        **{
+            case.name.replace("-", "_"): pytest.mark.skip(
+                reason="takes no `check_inputs`: its forward is the plain sum of any losses"
+            )
+            for case in CASES
+            if case.level == FEATURES and case.name != "DBMTL"
+        }
     ),
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])

@@ -148,7 +148,9 @@ class GramianAggregator(FeatureWeighting):
             if self.sync_dist:
                 gram = distributed.mean_gramian(gram)
             diag = torch.diagonal(gram)
-            finite = torch.isfinite(gram).all(dim=1) & torch.isfinite(diag)
+            # A non-finite gradient has a non-finite squared norm; its NaN row and column are
+            # zeroed below, and a finite row's products with the other finite rows are finite.
+            finite = torch.isfinite(diag)
             both = finite[:, None] & finite[None, :]
             gram = torch.where(both, gram, torch.zeros_like(gram))
             norms = torch.diagonal(gram).clamp_min(0).sqrt()
@@ -178,7 +180,11 @@ class GramianAggregator(FeatureWeighting):
                 zero = gram.new_zeros(())
                 parts = dict(zip(present, solved.unbind(0), strict=True))
                 weights = torch.stack([parts.get(i, zero) for i in range(k)])
-            coefficients = (scale * weights.to(scale.dtype)).to(device=device, dtype=dtype)
+            # Computed in float64; a coefficient beyond the weights' dtype (a gradient of norm
+            # ~1e-30 projected against one of ~1e28) is clamped to its range: finite weights.
+            limit = torch.finfo(dtype).max
+            coefficients = (scale * weights.to(scale.dtype)).clamp(-limit, limit)
+            coefficients = coefficients.to(device=device, dtype=dtype)
             coefficients = torch.where(finite.to(device), coefficients, 0.0)
             self._record(coefficients, self._all_present.to(device))
             self._advance()

@@ -184,7 +184,9 @@ class GradientBalancer(FeatureWeighting):
             target = known.sum() / available.sum().clamp_min(1).to(known.dtype)
         else:
             target = known.max()
-        scale = target / known.clamp_min(self.eps)
+        # A task whose EMA norm is ~1e-30 next to one of ~1e28 would need a multiplier beyond
+        # float32's range: clamp it there, so the weights stay finite.
+        scale = (target / known.clamp_min(self.eps)).clamp_max(torch.finfo(known.dtype).max)
         return self.task_weights * torch.where(available, scale, torch.ones_like(scale))
 
     def _current_coefficients(self) -> Tensor:
