@@ -165,7 +165,10 @@ class GramianAggregator(FeatureWeighting):
                 self.count.add_(valid.to(self.count.dtype))
                 # Only rows that take part: an absent task's scale may be huge (a tiny EMA
                 # against a large target) and must not meet its zero row (inf * 0 = NaN).
-                took_part = finite & torch.tensor(got, device=finite.device)
+                took_part = finite.clone()
+                for i in range(k):
+                    if not got[i]:
+                        took_part[i] = False  # a fill with a Python index: no host-device copy
                 scale = torch.where(took_part, self._norm_scale().to(gram), 0.0)
                 gram = gram * scale[:, None] * scale[None, :]
             else:

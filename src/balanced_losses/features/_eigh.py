@@ -113,8 +113,12 @@ def jacobi_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tens
         sweeps = default_sweeps(k)
     if n < 2:
         return a.diagonal(), v
+    # Built on the host and copied without waiting (non_blocking): no sync on an accelerator.
     rounds = [
-        (torch.tensor(partner, device=a.device), torch.tensor(is_first, device=a.device))
+        (
+            torch.tensor(partner).to(a.device, non_blocking=True),
+            torch.tensor(is_first).to(a.device, non_blocking=True),
+        )
         for partner, is_first in _round_robin(n)
     ]
     for _ in range(sweeps):
