@@ -23,9 +23,11 @@ per-method unit tests, which feed hand-picked loss values straight to a loss-lev
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -385,6 +387,21 @@ class Driver:
     def fresh_state(self) -> dict[str, Any]:
         """The state_dict of a freshly built weighting of this case (to tell that state moved)."""
         return Driver(self.case, self.tasks).weighting.state_dict()
+
+
+@contextlib.contextmanager
+def cuda_sync_errors() -> Iterator[None]:
+    """Inside, any host-device synchronization on CUDA raises (torch's sync debug mode).
+
+    Switching the mode on warns once that it is a prototype; that warning is not the test's.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def learnable(weighting: nn.Module) -> list[nn.Parameter]:

@@ -22,7 +22,7 @@ from balanced_losses.features import (
     _pcgrad,
     _upgrad,
 )
-from tests.registry import Driver, params
+from tests.registry import Driver, cuda_sync_errors, params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -37,16 +37,13 @@ def test_fp16_autocast_with_grad_scaler_trains_and_skips_overflow_steps(case):
     for step in range(6):
         x, targets, _ = driver.data(step)
         driver.optimizer.zero_grad()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_sync_errors():
             with torch.autocast("cuda", dtype=torch.float16):
                 losses = driver.compute(x, targets, None)
                 total = driver.weighting(losses)
             # Step 3 overflows fp16 on purpose: the scaler must skip it, statistics stay finite.
             factor = 1e30 if step == 3 else 1.0
             scaler.scale(total * factor).backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         scale = scaler.get_scale()
         scaler.step(driver.optimizer)
         scaler.update()
@@ -84,11 +81,8 @@ def test_weights_on_the_device_equal_the_cpu_and_do_not_sync(name, k):
     expected = fn(gram)
     device_gram = gram.cuda()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with cuda_sync_errors():
         got = fn(device_gram)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     tol = 1e-6 * math.sqrt(float(gram.diagonal().sum()))
     torch.testing.assert_close((got.cpu() @ j), expected @ j, rtol=1e-6, atol=tol)
 
@@ -96,9 +90,7 @@ def test_weights_on_the_device_equal_the_cpu_and_do_not_sync(name, k):
 def test_pcgrad_orders_on_the_device_equal_the_cpu():
     seed, step = torch.tensor(3), torch.tensor(11)
     cpu = _pcgrad.pcgrad_orders(5, seed, step, "cpu")
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        gpu = _pcgrad.pcgrad_orders(5, seed.cuda(), step.cuda(), "cuda")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    seed, step = seed.cuda(), step.cuda()
+    with cuda_sync_errors():
+        gpu = _pcgrad.pcgrad_orders(5, seed, step, "cuda")
     assert torch.equal(gpu.cpu(), cpu)

@@ -24,6 +24,7 @@ from tests.registry import (
     FEATURES,
     Driver,
     assert_state_moved,
+    cuda_sync_errors,
     learnable,
     params,
     same,
@@ -233,13 +234,10 @@ def test_no_host_device_sync_on_cuda(case):
     for step in range(3):  # the later steps run with statistics present
         x, targets, _ = driver.data(step)
         driver.optimizer.zero_grad()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_sync_errors():
             total = driver.weighting(driver.compute(x, targets, None))
             total.backward()
             driver.optimizer.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         driver.hooks(step)
     assert_state_moved(case, driver.weighting.state_dict(), driver.fresh_state())
 
