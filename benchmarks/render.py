@@ -639,6 +639,64 @@ def aggregators_speed_markdown(record: dict[str, Any], *, source: str = AGGREGAT
     return "\n".join(lines)
 
 
+def block_aggregators_cost() -> str:
+    """Step time and peak memory of each aggregator, ours and TorchJD's, per configuration."""
+    record = load(AGGREGATORS_SPEED)
+    configs = record["configs"]
+    heads = [f"{c['trunk']}, K = {c['tasks']}" for c in configs]
+    lines = [
+        "Step time / a plain sum's (peak memory / a plain sum's), measured interleaved in one "
+        f"process on {machine_text(record['machine'])}, {record['rounds']} rounds; `demo` is the "
+        "bidirectional GRU of the pointer/countdown demo (hidden 32), `wide` the same with "
+        f"hidden 128. Reproduce with `{command_text(record)}`; every row and the interquartile "
+        "ranges are in `benchmarks/results/aggregators_speed.md`.",
+        "",
+        "| method | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(heads),
+    ]
+    methods = list(dict.fromkeys(r["method"] for c in configs for r in c["rows"]))
+    for method in methods:
+        cells = []
+        for c in configs:
+            row = next((r for r in c["rows"] if r["method"] == method), None)
+            cells.append("-" if row is None else f"{row['ratio']:.2f} ({row['peak_ratio']:.2f})")
+        label = f"`{method}`" if not method.startswith("torchjd") else f"TorchJD `{method[8:]}`"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SOLVER_TIMING = (
+    "benchmarks/results/solver_timing_cpu.json",
+    "benchmarks/results/solver_timing_cuda.json",
+)
+
+
+def block_solver_timing() -> str:
+    """Milliseconds per call of each aggregator's weight solver, on the CPU and on a GPU."""
+    records = [load(path) for path in SOLVER_TIMING]
+    lines = [
+        "| solver | "
+        + " | ".join(f"{r['device']}, K = {k}" for r in records for k in (3, 10))
+        + " |",
+        "|---|" + "---:|" * (2 * len(records)),
+    ]
+    solvers = list(dict.fromkeys(row["solver"] for row in records[0]["rows"]))
+    for solver in solvers:
+        cells = []
+        for r in records:
+            for k in (3, 10):
+                row = next(x for x in r["rows"] if x["solver"] == solver and x["k"] == k)
+                cells.append(f"{row['ms']:.2f}")
+        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Median milliseconds per call over "
+        + " and ".join(f"{r['repeats']} calls ({r['device']}, torch {r['torch']})" for r in records)
+        + "; `python benchmarks/solver_timing.py --device cpu` (or `cuda`) writes them.",
+    ]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ the machinery
 
 
@@ -655,6 +713,8 @@ BLOCKS: dict[str, Block] = {
     "demo-curves": Block((DEMO,), block_demo_curves),
     "init-gradients": Block((INIT,), block_init_gradients),
     "normalizer-vs-alone": Block((QUALITY,), block_normalizer_vs_alone),
+    "aggregators-cost": Block((AGGREGATORS_SPEED,), block_aggregators_cost),
+    "solver-timing": Block(SOLVER_TIMING, block_solver_timing),
 }
 #: Files made whole from one JSON each.
 FILES: dict[str, tuple[str, Callable[[], str]]] = {
@@ -673,6 +733,7 @@ PAGES = (
     "docs/choosing.md",
     "docs/why.md",
     "docs/production.md",
+    "docs/conflicts.md",
 )
 
 _BLOCK = re.compile(
