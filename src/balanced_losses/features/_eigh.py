@@ -104,7 +104,8 @@ def jacobi_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tens
     a = (matrix + matrix.mT) / 2
     if host_shortcuts(a):
         # LAPACK on the CPU: exact and fast, and no device to wait for.
-        return torch.linalg.eigh(a)
+        values, vectors = torch.linalg.eigh(a)
+        return values, vectors
     n = k + (k % 2)
     if n != k:
         a = torch.nn.functional.pad(a, (0, 1, 0, 1))
