@@ -46,7 +46,8 @@ class TwoHeads(nn.Module):
 def make_batch(generator: torch.Generator, batch: int = 32) -> tuple[Tensor, dict[str, Tensor]]:
     x = torch.randn(batch, 8, generator=generator)
     pointer = torch.stack([x[:, 0].sigmoid(), x[:, 1].sigmoid()], dim=1)
-    # Large residuals: the countdown loss sits in Huber's linear regime, as in the write-up.
+    # Large residuals: the countdown loss sits in Huber's linear regime, where its gradient per
+    # element is capped at delta however large the loss.
     countdown = 10 * x[:, 2:3] + torch.arange(24.0) - 12.0
     return x, {"pointer": pointer, "countdown": countdown}
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 __all__ = [
+    "check_betas",
     "check_momentum",
     "check_number",
     "check_seed",
@@ -80,6 +81,21 @@ def per_task_values(
             raise ValueError(f"`{name}` of task `{task}` must be a finite number, got {value!r}")
         result.append(float(value))
     return result
+
+
+def check_betas(betas: object) -> tuple[float, float]:
+    """Return Adam's ``betas`` as two floats if they are a pair of numbers in [0, 1)."""
+    ok = (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+            for b in betas
+        )
+    )
+    if not ok:
+        raise ValueError(f"`betas` must be a pair of numbers in [0, 1), got {betas!r}")
+    return float(betas[0]), float(betas[1])  # type: ignore[index]
 
 
 def check_momentum(momentum: float) -> float:

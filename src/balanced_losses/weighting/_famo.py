@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from balanced_losses._base import Weighting
-from balanced_losses._checks import check_number, per_task_values
+from balanced_losses._checks import check_betas, check_number, per_task_values
 from balanced_losses._numerics import adam_update
 
 __all__ = ["FAMO"]
@@ -116,13 +116,7 @@ class FAMO(Weighting):
         )
         self.lr = check_number("lr", lr, low=0.0, strict=False)
         self.weight_decay = check_number("weight_decay", weight_decay, low=0.0, strict=False)
-        if not (
-            isinstance(betas, tuple)
-            and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
-        ):
-            raise ValueError(f"`betas` must be a pair of numbers in [0, 1), got {betas!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
+        self.betas = check_betas(betas)
         self.adam_eps = check_number("adam_eps", adam_eps, low=0.0, strict=True)
         self.eps = check_number("eps", eps, low=0.0, strict=False)
         bounds = per_task_values("min_losses", self.tasks, min_losses, 0.0)

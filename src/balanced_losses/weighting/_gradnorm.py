@@ -12,17 +12,12 @@ from torch import Tensor, nn
 
 from balanced_losses._autograd import as_tensors, gradient_norm, task_gradients
 from balanced_losses._base import Weighting
+from balanced_losses._checks import check_betas, check_number
 from balanced_losses._numerics import adam_update
 
 __all__ = ["GradNorm"]
 
 Optimizer = Literal["adam", "sgd"]
-
-
-def _positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class GradNorm(Weighting):
@@ -153,15 +148,13 @@ class GradNorm(Weighting):
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"`alpha` must be a finite number >= 0, got {alpha!r}")
         self.alpha = float(alpha)
-        self.lr = _positive("lr", lr)
+        self.lr = check_number("lr", lr, low=0.0, strict=True)
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"`optimizer` must be 'adam' or 'sgd', got {optimizer!r}")
         self.optimizer = optimizer
-        if not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
-            raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.adam_eps = _positive("adam_eps", adam_eps)
-        self.min_weight = _positive("min_weight", min_weight)
+        self.betas = check_betas(betas)
+        self.adam_eps = check_number("adam_eps", adam_eps, low=0.0, strict=True)
+        self.min_weight = check_number("min_weight", min_weight, low=0.0, strict=True)
         if self.min_weight >= 1:
             raise ValueError(f"`min_weight` must be < 1, got {min_weight!r}")
         k = len(self.tasks)
