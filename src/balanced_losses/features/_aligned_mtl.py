@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -114,27 +112,6 @@ class AlignedMTL(GramianAggregator):
         Multi-Task Learning. CVPR 2023.
     """
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        *,
-        balance_norms: bool = False,
-        momentum: float = 0.9,
-        allow_missing: bool = False,
-        sync_dist: bool = True,
-    ) -> None:
-        super().__init__(
-            tasks,
-            balance_norms=balance_norms,
-            momentum=momentum,
-            allow_missing=allow_missing,
-            sync_dist=sync_dist,
-        )
-
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """AlignedMTL's weights for a ``(K, K)`` Gramian."""
         return aligned_mtl_weights(gramian)
-
-    def extra_repr(self) -> str:
-        """Hyperparameters shown in the module's repr."""
-        return super().extra_repr()
