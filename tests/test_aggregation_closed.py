@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from balanced_losses import _numerics
 from balanced_losses.features._aligned_mtl import aligned_mtl_weights
@@ -25,6 +24,7 @@ from balanced_losses.features._fairgrad import fairgrad_weights
 from balanced_losses.features._imtlg import imtlg_weights
 from balanced_losses.features._nash_mtl import nash_mtl_weights
 from balanced_losses.features._pcgrad import pcgrad_orders, pcgrad_weights
+from tests.asserts import NoSync
 
 
 @pytest.fixture(autouse=True)
@@ -510,48 +510,6 @@ def test_invalid_arguments_name_the_argument() -> None:
 
 # --- No host-device synchronization ----------------------------------------------------------
 
-_SYNC_OPS = {
-    torch.ops.aten._local_scalar_dense.default,  # .item(), float(t), int(t), bool(t), t[0-d t]
-    torch.ops.aten.is_nonzero.default,  # if tensor:
-    torch.ops.aten._linalg_check_errors.default,  # linalg error checks (a sync on CUDA)
-}
-# Data-dependent shapes, and linalg ops that check their LAPACK info with a sync on CUDA
-# although on CPU they do so without a dispatched op (so the check above cannot see it).
-_SYNC_PACKETS = {
-    torch.ops.aten.nonzero,
-    torch.ops.aten.masked_select,
-    torch.ops.aten._linalg_eigh,
-    torch.ops.aten._linalg_svd,
-    torch.ops.aten.linalg_pinv,
-    torch.ops.aten.linalg_inv,
-    torch.ops.aten.linalg_cholesky,
-}
-
-
-class _NoSync(TorchDispatchMode):
-    """Fail on every op that would make the host wait for the device."""
-
-    # The CPU shortcuts (early exits, LAPACK) read values on the host, which is free on the
-    # CPU; switched off here so the path an accelerator runs is the one under the guard.
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        self._shortcuts = _numerics.HOST_SHORTCUTS
-        _numerics.HOST_SHORTCUTS = False
-        return super().__enter__()
-
-    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
-        _numerics.HOST_SHORTCUTS = self._shortcuts
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func in _SYNC_OPS or func.overloadpacket in _SYNC_PACKETS:
-            raise AssertionError(f"host-device sync: {func}")
-        if func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put):
-            # A boolean mask index has a data-dependent shape (nonzero inside the kernel).
-            indices = args[1]
-            if any(i is not None and i.dtype == torch.bool for i in indices):
-                raise AssertionError(f"host-device sync: {func} with a boolean mask")
-        return func(*args, **(kwargs or {}))
-
 
 def test_no_sync_guard_catches_syncs() -> None:
     # The guard is real: each way of syncing trips it.
@@ -567,7 +525,7 @@ def test_no_sync_guard_catches_syncs() -> None:
         lambda: torch.linalg.pinv(torch.eye(2)),
     ]
     for sync in syncs:
-        with pytest.raises(AssertionError, match="host-device sync"), _NoSync():
+        with pytest.raises(AssertionError, match="host-device sync"), NoSync():
             sync()
 
 
@@ -576,7 +534,7 @@ def test_no_host_device_sync(name: str) -> None:
     for kind in ("K1", "K3", "zero-rows"):
         jac = _jacobian(kind, positive=True)
         for gram in (jac @ jac.T, (jac @ jac.T).float()):
-            with _NoSync():
+            with NoSync():
                 FUNCTIONS[name](gram)
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from balanced_losses import _numerics
 from balanced_losses.features._cagrad import cagrad_weights
 from balanced_losses.features._mgda import mgda_weights
 from balanced_losses.features._qp import bound_qp, simplex_qp, simplex_soc, sweeps
 from balanced_losses.features._upgrad import upgrad_weights
+from tests.asserts import NoSync
 
 
 @pytest.fixture(autouse=True)
@@ -374,7 +374,7 @@ def test_non_finite_gramian_neither_raises_nor_syncs(name: str, bad: float) -> N
     # Documented: nothing is checked (that would sync) and the weights are then NaN or
     # meaningless (UPGrad, whose active set never grows, returns p); the caller guards.
     gram = torch.tensor([[1.0, bad], [bad, 1.0]], dtype=F64)
-    with _NoSync():
+    with NoSync():
         w = WEIGHTS[name](gram)
     assert w.shape == (2,)
     assert w.dtype == F64
@@ -399,44 +399,16 @@ def test_cagrad_c_zero_is_the_mean() -> None:
 # --- No host-device sync; torch.compile --------------------------------------------------------
 
 
-class _NoSync(TorchDispatchMode):
-    """Fails on the ops behind `.item()`, `float(t)`, `bool(t)` and boolean-mask indexing."""
-
-    # The CPU shortcuts (early exits, LAPACK) read values on the host, which is free on the
-    # CPU; switched off here so the path an accelerator runs is the one under the guard.
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        self._shortcuts = _numerics.HOST_SHORTCUTS
-        _numerics.HOST_SHORTCUTS = False
-        return super().__enter__()
-
-    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
-        _numerics.HOST_SHORTCUTS = self._shortcuts
-        return super().__exit__(*exc)
-
-    FORBIDDEN = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "equal")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        name = func.__name__.split(".")[0]
-        if name in self.FORBIDDEN:
-            raise AssertionError(f"host-device sync through {func}")
-        # Boolean-mask indexing: on CPU the index op computes the nonzero itself.
-        if name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
-        ):
-            raise AssertionError(f"boolean-mask indexing (a sync) through {func}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_sync_guard_catches_item() -> None:
     # The guard is real: the ops behind .item() and a boolean mask are caught.
     t = torch.tensor([1.0, -1.0])
-    with pytest.raises(AssertionError, match="_local_scalar_dense"), _NoSync():
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), NoSync():
         t.sum().item()
-    with pytest.raises(AssertionError, match="nonzero"), _NoSync():
+    with pytest.raises(AssertionError, match="nonzero"), NoSync():
         torch.nonzero(t)
-    with pytest.raises(AssertionError, match="boolean-mask"), _NoSync():
+    with pytest.raises(AssertionError, match="boolean mask"), NoSync():
         t[t > 0]
-    with pytest.raises(AssertionError, match="_local_scalar_dense"), _NoSync():
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), NoSync():
         bool(t.sum() > 0)
 
 
@@ -445,7 +417,7 @@ def test_no_host_device_sync(name: str) -> None:
     jac = _jacobian("duplicate", 5, 7)
     gram = jac @ jac.T
     expected = WEIGHTS[name](gram)
-    with _NoSync():
+    with NoSync():
         ours = WEIGHTS[name](gram)
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
