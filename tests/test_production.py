@@ -73,6 +73,17 @@ def test_resume_from_checkpoint_is_bit_identical(case):
     assert_state_moved(case, ref_state, state["w"])  # steps 4-7 changed the state again
 
 
+# In the compiled backward a task absent from the step arrives at the branch node as a zero
+# gradient, not None, and the forward's record of which tasks were present is not yet written
+# when the backward is traced: the step's third batch (a task missing) then solves with a zero
+# row. MGDA, CAGrad, UPGrad and Aligned-MTL weigh a zero row differently from a dropped task;
+# IMTL-G, Nash-MTL, FairGrad and PCGrad give it no weight and agree. Documented in
+# GramianAggregator; every task present, they compile and agree (steps 1-2 of this test).
+_ABSENT = pytest.mark.xfail(
+    strict=True,
+    reason="under torch.compile a missing task is a zero row, not dropped (see comment above)",
+)
+
 COMPILE_CASES = [
     *params(
         GradNorm=pytest.mark.xfail(
@@ -84,6 +95,7 @@ COMPILE_CASES = [
         GradNorm_sgd=pytest.mark.xfail(
             strict=True, reason="as GradNorm: wrong gradients under AOTAutograd"
         ),
+        **dict.fromkeys(("UPGrad", "UPGrad_balanced", "MGDA", "CAGrad", "AlignedMTL"), _ABSENT),
     ),
 ]
 

@@ -75,8 +75,13 @@ class GramianAggregator(FeatureWeighting):
     by the aggregator.
 
     **Tasks without a gradient** (absent labels under ``allow_missing``) are dropped from the
-    problem: the weights are those of the present tasks alone. A task whose gradient is not
-    finite (an AMP overflow step) leaves the statistics untouched and is dropped from the
+    problem: the weights are those of the present tasks alone. Under ``torch.compile`` the
+    compiled backward cannot tell an absent task from a zero gradient, so it enters as a zero
+    row: IMTL-G, Nash-MTL, FairGrad and PCGrad give it no weight (the same result), while MGDA
+    (whose minimum-norm point a zero row is), CAGrad, UPGrad and Aligned-MTL solve a different
+    problem on such a step. With those, compile only where every task is present in every batch.
+
+    A task whose gradient is not finite (an AMP overflow step) leaves the statistics untouched and is dropped from the
     Gramian; its coefficient is that of the finite problem's weights (0), and the trunk's
     gradient is non-finite because that task's gradient is, as in a plain sum, so GradScaler
     skips the step.
