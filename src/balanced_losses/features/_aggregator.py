@@ -81,10 +81,9 @@ class GramianAggregator(FeatureWeighting):
     (whose minimum-norm point a zero row is), CAGrad, UPGrad and Aligned-MTL solve a different
     problem on such a step. With those, compile only where every task is present in every batch.
 
-    A task whose gradient is not finite (an AMP overflow step) leaves the statistics untouched and is dropped from the
-    Gramian; its coefficient is that of the finite problem's weights (0), and the trunk's
-    gradient is non-finite because that task's gradient is, as in a plain sum, so GradScaler
-    skips the step.
+    A task whose gradient is not finite (an AMP overflow step) leaves the statistics untouched
+    and is dropped from the Gramian (coefficient 0); the trunk's gradient is non-finite because
+    that task's gradient is, as in a plain sum, so GradScaler skips the step.
 
     **Distributed.** With ``sync_dist`` and a multi-rank process group, the Gramian is summed
     over ranks (the batch is split across ranks, so the cross-rank blocks of :math:`J J^\top`
