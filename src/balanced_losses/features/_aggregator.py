@@ -82,7 +82,7 @@ class GramianAggregator(FeatureWeighting):
     problem on such a step. With those, compile only where every task is present in every batch.
 
     A task whose gradient is not finite (an AMP overflow step) leaves the statistics untouched
-    and is dropped from the Gramian (coefficient 0); the trunk's gradient is non-finite because
+    and its row is zeroed (coefficient 0); the trunk's gradient is non-finite because
     that task's gradient is, as in a plain sum, so GradScaler skips the step.
 
     **Distributed.** With ``sync_dist`` and a multi-rank process group, the Gramian is summed
