@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from balanced_losses import distributed
 from balanced_losses._checks import check_task_names
@@ -21,6 +23,37 @@ _HALF = (torch.float16, torch.bfloat16)
 # Forward calls in a row with gradients but unchanged parameters before _watch_parameters
 # warns: more than any gradient-accumulation window in practice.
 _STALE_STEPS = 50
+
+# Ids of the weightings' learned parameters, and of those an optimizer stepped since the last
+# check: filled by a step hook that every torch optimizer calls, registered on first use.
+_WATCHED: dict[int, weakref.ref[Tensor]] = {}
+_STEPPED: dict[int, bool] = {}
+_HOOK: list[Any] = []
+
+
+def _mark_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            ref = _WATCHED.get(id(param))
+            if ref is not None and ref() is param:
+                _STEPPED[id(param)] = True
+
+
+def _forget(ref: weakref.ref[Tensor]) -> None:
+    for key in [key for key, value in _WATCHED.items() if value is ref]:
+        del _WATCHED[key]
+        _STEPPED.pop(key, None)
+
+
+def _watch(params: list[nn.Parameter]) -> None:
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_post_hook(_mark_stepped))
+    for param in params:
+        ref = _WATCHED.get(id(param))
+        # Ids are reused once an object is freed: a dead or foreign entry is replaced.
+        if ref is None or ref() is not param:
+            _WATCHED[id(param)] = weakref.ref(param, _forget)
+            _STEPPED.pop(id(param), None)
 
 
 def _initial(default: Tensor) -> Tensor:
@@ -122,8 +155,7 @@ class Weighting(nn.Module):
         self.sync_dist = bool(sync_dist)
         # name -> (kind, default, task axis) of every declared tensor; see _add_state.
         self._declared: dict[str, tuple[StateKind, Tensor, int | None]] = {}
-        # What _watch_parameters compares across steps (Python values, never saved).
-        self._parameter_versions: tuple[int, ...] = ()
+        # Forward calls in a row with gradients and no optimizer step (never saved).
         self._stale_steps = 0
         self._parameters_warned = False
         k = len(self._tasks)
@@ -209,30 +241,28 @@ class Weighting(nn.Module):
         self._set_python_state({key: value for key, value in state.items() if key != "tasks"})
 
     def _watch_parameters(self) -> None:
-        """Warn once when the learned parameters get gradients but never change.
+        """Warn once when the learned parameters get gradients but no optimizer steps them.
 
         That happens when they were not given to any optimizer: the weighting then stays at its
-        initial values, silently. Read from Python-side counters (each tensor's ``_version``,
-        bumped by in-place updates such as an optimizer's step): no host-device sync.
+        initial values, silently. Read from Python-side records (which parameters an optimizer
+        stepped, through torch's optimizer step hook; whether a gradient exists): no sync.
         """
         if self._parameters_warned or not self._updating or torch.compiler.is_compiling():
             return
         params = [p for p in self.parameters(recurse=False) if p.requires_grad]
-        versions = tuple(p._version for p in params)
+        _watch(params)
+        stepped = any(_STEPPED.pop(id(p), False) for p in params)
         got_grad = any(p.grad is not None for p in params)
-        if got_grad and versions == self._parameter_versions:
-            self._stale_steps += 1
-        else:
-            self._stale_steps = 0
-        self._parameter_versions = versions
+        self._stale_steps = self._stale_steps + 1 if got_grad and not stepped else 0
         if self._stale_steps >= _STALE_STEPS:
             self._parameters_warned = True
             names = ", ".join(f"`{name}`" for name, _ in self.named_parameters(recurse=False))
             warnings.warn(
                 f"{type(self).__name__}'s parameters {names} have received gradients for "
-                f"{_STALE_STEPS} steps without changing: pass `weighting.parameters()` to the "
-                "optimizer (e.g. `torch.optim.Adam([*model.parameters(), "
-                "*weighting.parameters()])`), or the weights stay at their initial values",
+                f"{_STALE_STEPS} steps and no optimizer stepped them: pass "
+                "`weighting.parameters()` to the optimizer (e.g. "
+                "`torch.optim.Adam([*model.parameters(), *weighting.parameters()])`), or the "
+                "weights stay at their initial values",
                 UserWarning,
                 stacklevel=3,
             )
@@ -386,27 +416,33 @@ class Weighting(nn.Module):
                 extra = state_dict.get(prefix + "_extra_state")
                 extra = dict(extra) if isinstance(extra, dict) else {}
                 state_dict[prefix + "_extra_state"] = {"tasks": list(self._tasks), **extra}
-        self._map_tasks_by_name(state_dict, prefix, error_msgs)
+        if not self._map_tasks_by_name(state_dict, prefix, error_msgs):
+            # Another task set: load nothing, so a caller who catches the error keeps this
+            # module's state intact rather than another task's statistics.
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def _map_tasks_by_name(
         self, state_dict: dict[str, Any], prefix: str, error_msgs: list[str]
-    ) -> None:
-        """Permute the per-task entries of ``state_dict`` from the saved order to this one."""
+    ) -> bool:
+        """Permute the per-task entries of ``state_dict`` from the saved order to this one.
+
+        Returns False (with an error message) when the state was saved for other tasks.
+        """
         extra = state_dict.get(prefix + "_extra_state")
         if not isinstance(extra, dict) or extra.get("tasks") is None:
-            return
+            return True
         saved = list(extra["tasks"])
         if tuple(saved) == self._tasks:
-            return
+            return True
         if sorted(saved) != sorted(self._tasks):
             error_msgs.append(
                 f"the state was saved for tasks {saved}, but this "
                 f"{type(self).__name__} has tasks {list(self._tasks)}"
             )
-            return
+            return False
         order = torch.tensor([saved.index(name) for name in self._tasks])
         for name, (kind, _, axis) in self._declared.items():
             key = prefix + name
@@ -415,6 +451,7 @@ class Weighting(nn.Module):
             value = state_dict[key]
             state_dict[key] = value.index_select(axis, order.to(value.device))
         state_dict[prefix + "_extra_state"] = {**extra, "tasks": list(self._tasks)}
+        return True
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

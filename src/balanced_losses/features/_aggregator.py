@@ -141,12 +141,25 @@ class GramianAggregator(FeatureWeighting):
             raise AttributeError("`running_norm` exists only with `balance_norms=True`")
         return debiased(self.ema, self.count, self.momentum)
 
+    def _reset_python_state(self) -> None:
+        super()._reset_python_state()
+        # Whether a training backward has set `last_weights` (a Python flag: no sync).
+        self._measured = False
+
     def _current_coefficients(self) -> Tensor:
-        return self.last_weights
+        # A diagnostic measures one task at a time, which cannot reproduce the joint weights:
+        # it shows the last training step's coefficients, or each gradient as it is before any.
+        return self.last_weights if self._measured else torch.ones_like(self.last_weights)
 
     def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
         k = len(self.tasks)
         device, dtype = self.grad_norms.device, self.grad_norms.dtype
+        if not torch.compiler.is_compiling():
+            self._measured = True
+        if self.sync_dist and distributed.is_distributed():
+            # Another rank may have the labels this one lacks, and every rank must solve the
+            # same problem: keep all tasks (one absent everywhere is a zero row of the sum).
+            got = [True] * k
         with torch.no_grad():
             gram = gramian(per_task)
             if self.sync_dist:

@@ -39,6 +39,11 @@ def flatten(feats: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
     return leaves, rebuild
 
 
+def per_task_dtype(per_task: Sequence[Sequence[Tensor | None]], j: int) -> torch.dtype:
+    """The dtype of shared tensor ``j``'s gradients (that of the first task that has one)."""
+    return next(task[j].dtype for task in per_task if task[j] is not None)  # type: ignore[union-attr]
+
+
 class _Branch(torch.autograd.Function):
     """Identity from M shared tensors to K*M task views; combines all K gradients in backward.
 
@@ -100,6 +105,8 @@ class FeatureWeighting(Weighting):
         # met their backward yet: Python flags, so the checks cost no sync.
         self._branched = False
         self._awaiting_backward = False
+        # The views of the last branch() call, until forward() (a Python tuple of tensors).
+        self._outputs: tuple[Tensor, ...] = ()
 
     # ------------------------------------------------------------------------------ forward
 
@@ -117,9 +124,17 @@ class FeatureWeighting(Weighting):
         leaves, rebuild = flatten(feats)
         if not self._updating:
             return dict.fromkeys(self.tasks, feats)
+        # Activation checkpointing calls branch again during the backward pass (recomputation):
+        # that call is part of the step already counted, so it moves no flag.
+        recomputing = torch._C._current_graph_task_id() != -1
         tracked = [i for i, t in enumerate(leaves) if t.is_floating_point() and t.requires_grad]
         if not tracked:
+            # A frozen trunk: branch was called, there is just nothing to balance.
+            self._branched = self._branched or not recomputing
             return dict.fromkeys(self.tasks, feats)
+        if recomputing:
+            outputs = _Branch.apply(self, len(self.tasks), *(leaves[i] for i in tracked))  # type: ignore[no-untyped-call]
+            return self._views(leaves, rebuild, tracked, outputs)
         if self._awaiting_backward:
             warnings.warn(
                 f"{self._method_name}: the views returned by the previous `branch` call received "
@@ -132,8 +147,18 @@ class FeatureWeighting(Weighting):
         self._branched = True
         # Compiled code cannot carry this flag into the traced backward: checked in eager only.
         self._awaiting_backward = not torch.compiler.is_compiling()
-        k, m = len(self.tasks), len(tracked)
-        outputs = _Branch.apply(self, k, *(leaves[i] for i in tracked))  # type: ignore[no-untyped-call]
+        outputs = _Branch.apply(self, len(self.tasks), *(leaves[i] for i in tracked))  # type: ignore[no-untyped-call]
+        self._outputs = outputs
+        return self._views(leaves, rebuild, tracked, outputs)
+
+    def _views(
+        self,
+        leaves: list[Tensor],
+        rebuild: Callable[[list[Tensor]], Any],
+        tracked: list[int],
+        outputs: Sequence[Tensor],
+    ) -> dict[str, Any]:
+        m = len(tracked)
         views: dict[str, Any] = {}
         for task_index, task in enumerate(self.tasks):
             task_leaves = list(leaves)
@@ -156,10 +181,14 @@ class FeatureWeighting(Weighting):
                 stacklevel=2,
             )
         self._branched = False
-        if not self._last_present:
-            # No task has a loss in this batch: no gradient is expected at the views.
-            self._awaiting_backward = False
-        return values.sum()
+        total = values.sum()
+        outputs, self._outputs = self._outputs, ()
+        if not self._last_present and outputs and self._updating:
+            # No task has a loss in this batch. The views still join the total (times zero), so
+            # the branch node runs in backward as on every other rank: under DDP its collective
+            # must not be skipped on one rank while the others wait in it.
+            total = total + sum(o.sum() for o in outputs) * 0.0
+        return total
 
     # ----------------------------------------------------------------------------- backward
 
@@ -205,13 +234,17 @@ class FeatureWeighting(Weighting):
         merged: list[Tensor | None] = []
         for j in range(m):
             total: Tensor | None = None
+            dtype: torch.dtype | None = None
             for i in range(k):
                 g = per_task[i][j]
                 if g is None:
                     continue
-                factor = scale[i].to(device=g.device, dtype=g.dtype)
+                # At least float32: a multiplier above 65504 (a tiny task scaled to a large
+                # one) would be inf in fp16 and spoil every later step.
+                dtype = torch.promote_types(g.dtype, torch.float32)
+                factor = scale[i].to(device=g.device, dtype=dtype)
                 # In place after the first task: one feature-sized buffer, as a plain sum's
                 # gradient accumulation needs, instead of one temporary per task.
-                total = g * factor if total is None else total.addcmul_(g, factor)
-            merged.append(total)
+                total = g.to(dtype) * factor if total is None else total.addcmul_(g, factor)
+            merged.append(None if total is None else total.to(per_task_dtype(per_task, j)))
         return merged
