@@ -66,7 +66,8 @@ class GramianAggregator(FeatureWeighting):
     In the one backward pass the :math:`K` tasks' gradients at the shared features are the
     rows of :math:`J`; the trunk receives :math:`J^\top c` for a coefficient vector :math:`c`
     computed from the :math:`K \times K` Gramian :math:`G = J J^\top` alone (float32
-    products summed in float64, see :func:`gramian`). A subclass gives the weights :meth:`weights_from_gramian`.
+    products summed in float64, see :func:`gramian`). A subclass gives the weights
+    :meth:`weights_from_gramian`.
 
     **Norm balancing first** (``balance_norms=True``): each task's gradient is first scaled to
     the mean of the tasks' EMA gradient norms, as :class:`~balanced_losses.GradientBalancer`
