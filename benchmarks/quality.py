@@ -92,7 +92,7 @@ def plot(rows: list[dict], runs: list[dict[str, Any]], path: Path, *, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(max(15.0, 0.9 * len(rows)), 4.5))
     names = [row["method"] for row in rows]
     xs = range(len(names))
     for ax, task in zip(axes[:2], lib.TASKS, strict=False):
@@ -196,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     call["machine"] = lib.machine_info()  # the load average at the end
     runs_path.write_text(json.dumps(record, indent=1) + "\n")
     summary = render.quality_summary(runs)
-    rows = [{"method": m, **row} for m, row in summary.items() if m in methods]
+    # Every method of the file, not only this call's: a `--methods --reuse` call redraws all.
+    rows = [{"method": m, **row} for m, row in summary.items()]
+    all_seeds = sorted({r["seed"] for r in runs})
     md_path = args.out / ("quality_smoke.md" if args.smoke else "quality.md")
     md_path.write_text(render.quality_markdown(record, source=render.relative(runs_path)))
     png_path = md_path.with_suffix(".png")
-    plot(rows, runs, png_path, title=f"pointer/countdown, {epochs} epochs, seeds {seeds}")
+    plot(rows, runs, png_path, title=f"pointer/countdown, {epochs} epochs, seeds {all_seeds}")
     print(md_path.read_text())
     print(f"wrote {runs_path}, {md_path}, {png_path}")
     if not args.smoke:

@@ -62,6 +62,15 @@ LABELS = {
     "famo": "`FAMO`",
     "geometric-mean": "`GeometricMean`",
     "dbmtl": '`DBMTL` (log transform + `GradientBalancer(target="max")`)',
+    "upgrad": "`UPGrad`",
+    "upgrad-balanced": "`UPGrad(balance_norms=True)`",
+    "mgda": "`MGDA`",
+    "cagrad": "`CAGrad`",
+    "imtlg": "`IMTLG`",
+    "aligned-mtl": "`AlignedMTL`",
+    "nash-mtl": "`NashMTL`",
+    "fairgrad": "`FairGrad`",
+    "pcgrad": "`PCGrad`",
 }
 SHORT = {m: (label.split("`")[1] if "`" in label else label) for m, label in LABELS.items()}
 SHORT["normalizer"] = 'LossNormalizer(correction="none")'
@@ -82,6 +91,15 @@ DESCRIPTIONS = {
     "famo": "FAMO (Liu et al. 2023), lr 0.025, wd 1e-3",
     "geometric-mean": "geometric mean of losses",
     "dbmtl": "Dual-Balancing MTL (Lin et al. 2023)",
+    "upgrad": "UPGrad (Quinton & Rey 2024) at the shared features",
+    "upgrad-balanced": "UPGrad on gradients first scaled to the mean EMA norm (balance_norms)",
+    "mgda": "MGDA-UB, min-norm point (Sener & Koltun 2018) at the shared features",
+    "cagrad": "CAGrad (Liu et al. 2021), c = 0.4, at the shared features",
+    "imtlg": "IMTL-G (Liu et al. 2021) at the shared features",
+    "aligned-mtl": "Aligned-MTL (Senushkin et al. 2023) at the shared features",
+    "nash-mtl": "Nash-MTL (Navon et al. 2022), max_norm 1, at the shared features",
+    "fairgrad": "FairGrad (Ban & Ji 2024), alpha 1, at the shared features",
+    "pcgrad": "PCGrad (Yu et al. 2020), seeded by the run, at the shared features",
 }
 
 

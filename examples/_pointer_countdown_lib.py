@@ -14,6 +14,9 @@ Everything a training method needs is behind :class:`Strategy`, built by a facto
     def _dwa(ctx: MethodContext) -> Strategy:
         return Strategy(ctx.tasks, bl.DWA(ctx.tasks, temperature=2.0), epoch_hook="step")
 
+A weighting that acts at the shared features (``GradientBalancer``, the aggregators) is one
+line: ``register_feature_level("upgrad", "UPGrad", description=...)``.
+
 ``requires`` names classes of :mod:`balanced_losses`; a method whose class is missing is skipped
 with a printed note (see :func:`resolve_methods`).
 """
@@ -49,6 +52,7 @@ __all__ = [
     "machine_info",
     "make_data",
     "register",
+    "register_feature_level",
     "resolve_methods",
     "train",
 ]
@@ -202,8 +206,9 @@ class Strategy:
         step_hook: Name of a method of ``weighting`` called after each optimizer step with the
             losses on the same batch recomputed under ``no_grad`` (FAMO's ``update``).
 
-    A weighting with a callable ``branch`` attribute (GradientBalancer) branches the shared
-    features: ``views = weighting.branch(feats)``; every head reads its own view.
+    A weighting with a callable ``branch`` attribute (GradientBalancer, DBMTL, the
+    aggregators) branches the shared features: ``views = weighting.branch(feats)``; every head
+    reads its own view.
     """
 
     def __init__(
@@ -423,13 +428,29 @@ def _uncertainty(ctx: MethodContext) -> Strategy:
     return Strategy(ctx.tasks, bl.UncertaintyWeighting(ctx.tasks), optimize_weighting=True)
 
 
-@register(
+def register_feature_level(
+    name: str, cls: str, *, description: str, seeded: bool = False, **options: Any
+) -> None:
+    """Register a method whose weighting acts at the shared features: ``bl.<cls>(tasks, ...)``.
+
+    The strategy routes the encoder's output through ``weighting.branch`` (see
+    :class:`Strategy`) and the combination happens in the backward pass. ``options`` are passed
+    to the constructor as given (nothing tuned per method); ``seeded`` adds ``seed=<run seed>``
+    for weightings with a random stream (PCGrad's order of projections).
+    """
+
+    def factory(ctx: MethodContext) -> Strategy:
+        kwargs = {**options, **({"seed": ctx.seed} if seeded else {})}
+        return Strategy(ctx.tasks, getattr(bl, cls)(ctx.tasks, **kwargs))
+
+    register(name, requires=(cls,), description=description)(factory)
+
+
+register_feature_level(
     "gradient-balancer",
-    requires=("GradientBalancer",),
+    "GradientBalancer",
     description="per-task gradients rescaled at the shared features in one backward pass",
 )
-def _gradient_balancer(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.GradientBalancer(ctx.tasks))
 
 
 @register(
@@ -473,6 +494,29 @@ def _geometric_mean(ctx: MethodContext) -> Strategy:
 @register("dbmtl", requires=("DBMTL",), description="Dual-Balancing MTL (Lin et al. 2023)")
 def _dbmtl(ctx: MethodContext) -> Strategy:
     return Strategy(ctx.tasks, bl.DBMTL(ctx.tasks))
+
+
+# Conflict-aware aggregators at the shared features, defaults as shipped.
+register_feature_level("upgrad", "UPGrad", description="UPGrad (Quinton & Rey 2024)")
+register_feature_level(
+    "upgrad-balanced",
+    "UPGrad",
+    balance_norms=True,
+    description="UPGrad on gradients first scaled to the mean EMA norm (balance_norms=True)",
+)
+register_feature_level("mgda", "MGDA", description="MGDA-UB, min-norm point (Sener & Koltun 2018)")
+register_feature_level("cagrad", "CAGrad", description="CAGrad (Liu et al. 2021), c = 0.4")
+register_feature_level("imtlg", "IMTLG", description="IMTL-G (Liu et al. 2021)")
+register_feature_level(
+    "aligned-mtl", "AlignedMTL", description="Aligned-MTL (Senushkin et al. 2023)"
+)
+register_feature_level(
+    "nash-mtl", "NashMTL", description="Nash-MTL (Navon et al. 2022), max_norm = 1"
+)
+register_feature_level("fairgrad", "FairGrad", description="FairGrad (Ban & Ji 2024), alpha = 1")
+register_feature_level(
+    "pcgrad", "PCGrad", seeded=True, description="PCGrad (Yu et al. 2020), seeded by the run"
+)
 
 
 # ------------------------------------------------------------------------------------ training

@@ -232,3 +232,54 @@ def test_strategy_hooks_branching_and_extra_parameters() -> None:
         scale[1].item() * probe["countdown"] / (2.0 * scale[0].item() * probe["pointer"]),
         rel=1e-6,
     )
+
+
+def test_feature_level_methods_branch_with_shipped_defaults() -> None:
+    """GradientBalancer and the aggregators share one factory: the weighting branches the
+    encoder's output, its constructor gets the defaults (PCGrad: the run's seed), and the probe
+    of the effective weights reads the coefficients without touching the strategy's state."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import _pointer_countdown_lib as lib
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    import torch
+
+    import balanced_losses as bl
+
+    expected = {
+        "gradient-balancer": bl.GradientBalancer,
+        "upgrad": bl.UPGrad,
+        "upgrad-balanced": bl.UPGrad,
+        "mgda": bl.MGDA,
+        "cagrad": bl.CAGrad,
+        "imtlg": bl.IMTLG,
+        "aligned-mtl": bl.AlignedMTL,
+        "nash-mtl": bl.NashMTL,
+        "fairgrad": bl.FairGrad,
+        "pcgrad": bl.PCGrad,
+    }
+    batch = lib.make_data(8, seed=0)
+    for name, cls in expected.items():
+        model = lib.PointerCountdownNet(hidden=4)
+        ctx = lib.MethodContext(lib.TASKS, dict(lib.OUTPUT_SIZES), model, 5)
+        strategy = lib.REGISTRY[name].factory(ctx)
+        assert type(strategy.weighting) is cls, name
+        assert strategy.branches, name
+        weighting = strategy.weighting
+        if name != "gradient-balancer":
+            assert weighting.balance_norms is (name == "upgrad-balanced"), name
+        before = {k: v.clone() for k, v in weighting.named_buffers()}
+        probe = lib.weighted_gradient_ratio(model, strategy, batch)
+        assert math.isfinite(probe["ratio"]), name
+        assert probe["ratio"] > 0, name
+        after = dict(weighting.named_buffers())
+        assert before, name
+        assert all(torch.equal(before[k], after[k]) for k in before), name
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        losses = strategy.step(model, optimizer, batch)
+        assert all(math.isfinite(float(v)) for v in losses.values()), name
+    pcgrad = lib.REGISTRY["pcgrad"].factory(
+        lib.MethodContext(lib.TASKS, dict(lib.OUTPUT_SIZES), lib.PointerCountdownNet(hidden=4), 5)
+    )
+    assert int(pcgrad.weighting.seed) == 5  # the run's seed, from the context
