@@ -126,7 +126,8 @@ class FeatureWeighting(Weighting):
             return dict.fromkeys(self.tasks, feats)
         # Activation checkpointing calls branch again during the backward pass (recomputation):
         # that call is part of the step already counted, so it moves no flag.
-        recomputing = torch._C._current_graph_task_id() != -1
+        # (Asked in eager only: compiled code cannot query autograd's engine.)
+        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
         tracked = [i for i, t in enumerate(leaves) if t.is_floating_point() and t.requires_grad]
         if not tracked:
             # A frozen trunk: branch was called, there is just nothing to balance.
