@@ -12,6 +12,7 @@ __all__ = [
     "adam_update",
     "debiased",
     "host_shortcuts",
+    "norm_scales",
     "philox4x32",
     "settled",
     "standard_normal",
@@ -31,6 +32,24 @@ def debiased(ema: Tensor, count: Tensor, momentum: float) -> Tensor:
     """
     correction = 1.0 - momentum ** count.to(ema.dtype)
     return torch.where(count > 0, ema / correction.clamp_min(1e-38), torch.nan)
+
+
+def norm_scales(running: Tensor, count: Tensor, target: str, eps: float) -> Tensor:
+    r"""Factors :math:`T / \hat n_k` that bring each task's norm to a common target.
+
+    ``running`` holds the bias-corrected EMA norms :math:`\hat n_k` (NaN where unseen) and
+    ``count`` their update counts; :math:`T` is their mean (``"mean"``) or maximum (``"max"``)
+    over the tasks that have one. A task without a usable norm gets 1. A factor beyond the
+    dtype's range (a norm of ~1e-30 next to one of ~1e28) is clamped there: finite weights.
+    """
+    available = (count > 0) & (running > 0)  # NaN > 0 is False
+    known = torch.where(available, running, torch.zeros_like(running))
+    if target == "mean":
+        level = known.sum() / available.sum().clamp_min(1).to(known.dtype)
+    else:
+        level = known.max()
+    scale = (level / known.clamp_min(eps)).clamp_max(torch.finfo(known.dtype).max)
+    return torch.where(available, scale, torch.ones_like(scale))
 
 
 def host_shortcuts(tensor: Tensor) -> bool:

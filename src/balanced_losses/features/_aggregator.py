@@ -9,7 +9,7 @@ from torch import Tensor
 
 from balanced_losses import distributed
 from balanced_losses._checks import check_momentum
-from balanced_losses._numerics import debiased
+from balanced_losses._numerics import debiased, norm_scales
 from balanced_losses.features._branch import FeatureWeighting
 
 __all__ = ["GramianAggregator", "gramian"]
@@ -212,12 +212,7 @@ class GramianAggregator(FeatureWeighting):
 
     def _norm_scale(self) -> Tensor:
         """GradientBalancer's multipliers with target "mean": ``T / n_k``, 1 where unseen."""
-        running = self.running_norm
-        available = (self.count > 0) & (running > 0)
-        known = torch.where(available, running, torch.zeros_like(running))
-        target = known.sum() / available.sum().clamp_min(1).to(known.dtype)
-        scale = target / known.clamp_min(1e-12)
-        return torch.where(available, scale, torch.ones_like(scale))
+        return norm_scales(self.running_norm, self.count, "mean", 1e-12)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from balanced_losses._autograd import gradient_norm
 from balanced_losses._checks import check_momentum, check_number, check_task_weights
-from balanced_losses._numerics import debiased
+from balanced_losses._numerics import debiased, norm_scales
 from balanced_losses.features._branch import FeatureWeighting
 
 __all__ = ["GradientBalancer"]
@@ -177,17 +177,8 @@ class GradientBalancer(FeatureWeighting):
 
         :math:`s_k = w_k` where task :math:`k` has no usable EMA yet.
         """
-        running = self.running_norm
-        available = (self.count > 0) & (running > 0)  # NaN > 0 is False
-        known = torch.where(available, running, torch.zeros_like(running))
-        if self.target == "mean":
-            target = known.sum() / available.sum().clamp_min(1).to(known.dtype)
-        else:
-            target = known.max()
-        # A task whose EMA norm is ~1e-30 next to one of ~1e28 would need a multiplier beyond
-        # float32's range: clamp it there, so the weights stay finite.
-        scale = (target / known.clamp_min(self.eps)).clamp_max(torch.finfo(known.dtype).max)
-        return self.task_weights * torch.where(available, scale, torch.ones_like(scale))
+        scales = norm_scales(self.running_norm, self.count, self.target, self.eps)
+        return self.task_weights * scales
 
     def _current_coefficients(self) -> Tensor:
         return self.multipliers()
