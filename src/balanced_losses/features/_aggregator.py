@@ -186,7 +186,9 @@ class GramianAggregator(FeatureWeighting):
                 for i in range(k):
                     if not got[i]:
                         took_part[i] = False  # a fill with a Python index: no host-device copy
-                scale = torch.where(took_part, self._norm_scale().to(gram), 0.0)
+                # GradientBalancer's multipliers with target "mean": T / n_k, 1 where unseen.
+                norm_scale = norm_scales(self.running_norm, self.count, "mean", 1e-12)
+                scale = torch.where(took_part, norm_scale.to(gram), 0.0)
                 gram = gram * scale[:, None] * scale[None, :]
             else:
                 scale = torch.ones(k, dtype=gram.dtype, device=gram.device)
@@ -209,10 +211,6 @@ class GramianAggregator(FeatureWeighting):
             self._record(coefficients, self._all_present.to(device))
             self._advance()
         return coefficients
-
-    def _norm_scale(self) -> Tensor:
-        """GradientBalancer's multipliers with target "mean": ``T / n_k``, 1 where unseen."""
-        return norm_scales(self.running_norm, self.count, "mean", 1e-12)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
