@@ -24,6 +24,9 @@ from balanced_losses.features import (
     _upgrad,
 )
 
+# These tests scale losses by constants on purpose (to show a method's invariance).
+pytestmark = pytest.mark.filterwarnings("ignore:.*multiplied by a constant:UserWarning")
+
 torchjd = pytest.importorskip("torchjd.aggregation")
 
 TASKS = ["a", "b", "c"]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from balanced_losses import DBMTL
 from tests.registry import TASKS, effective_weights, leaf_losses
+
+# These tests scale losses by constants on purpose (to show a method's invariance).
+pytestmark = pytest.mark.filterwarnings("ignore:.*multiplied by a constant:UserWarning")
 
 
 def test_total_and_weights_by_hand() -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.registry import same
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The release check runs a copy of tests/ against the installed wheel, without examples/.
@@ -275,7 +277,7 @@ def test_feature_level_methods_branch_with_shipped_defaults() -> None:
         assert probe["ratio"] > 0, name
         after = dict(weighting.named_buffers())
         assert before, name
-        assert all(torch.equal(before[k], after[k]) for k in before), name
+        assert same(before, after), name
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         losses = strategy.step(model, optimizer, batch)
         assert all(math.isfinite(float(v)) for v in losses.values()), name

@@ -14,6 +14,9 @@ from torch import Tensor, nn
 
 from balanced_losses import GradientBalancer
 
+# These tests scale losses by constants on purpose (to show a method's invariance).
+pytestmark = pytest.mark.filterwarnings("ignore:.*multiplied by a constant:UserWarning")
+
 DT = torch.float64
 
 

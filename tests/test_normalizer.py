@@ -30,7 +30,8 @@ def test_first_step_is_normalized_by_its_own_value():
     w = effective_weights(total, losses)
     torch.testing.assert_close(w["pointer"], torch.tensor(0.7 * 0.25 / 0.2, dtype=torch.float64))
     torch.testing.assert_close(w["countdown"], torch.tensor(1.75 / 15.7, dtype=torch.float64))
-    torch.testing.assert_close(total, torch.tensor(0.7 * 0.25 + 1.75, dtype=torch.float64))
+    # The user's factor scales the gradient, not the value: L_k / m_k = 1 at the first step.
+    torch.testing.assert_close(total, torch.tensor(0.25 + 1.75, dtype=torch.float64))
     torch.testing.assert_close(norm.weights["countdown"], torch.tensor(1.75 / 15.7).double())
 
 

@@ -33,6 +33,10 @@ class TwoHeads(nn.Module):
         self.pointer_head = nn.Linear(16, 2)
         self.countdown_head = nn.Linear(16, 105)
 
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.encoder(x)
+        return {"pointer": self.pointer_head(feats), "countdown": self.countdown_head(feats)}
+
 
 def test_readme_has_python_blocks() -> None:
     assert len(python_blocks()) >= 3
@@ -68,5 +72,7 @@ def test_readme_python_blocks_run_in_order() -> None:
     assert set(report.norms) == {"pointer", "countdown"}
     assert all(n > 0 for n in report.norms.values())
     out = printed.getvalue()
+    assert "train loss" in out  # the log_dict block printed on its first call
+    assert "grad_share/countdown" in out
     assert "pointer" in out
     assert "countdown" in out

@@ -342,6 +342,7 @@ def test_activation_checkpointing_around_branch_does_not_warn() -> None:
     assert weighting.count.tolist() == [3, 3]
 
 
+@pytest.mark.filterwarnings("ignore:.*multiplied by a constant:UserWarning")
 def test_fp16_features_take_a_multiplier_beyond_fp16_range() -> None:
     trunk, head_a, head_b = _model()
     weighting = bl.GradientBalancer(["a", "b"])

@@ -13,6 +13,7 @@ Every public class is imported from here, and only from here.
 from balanced_losses import diagnostics, functional
 from balanced_losses._base import Weighting
 from balanced_losses.features._aligned_mtl import AlignedMTL
+from balanced_losses.features._attach import Attachment
 from balanced_losses.features._cagrad import CAGrad
 from balanced_losses.features._dbmtl import DBMTL
 from balanced_losses.features._fairgrad import FairGrad
@@ -43,6 +44,7 @@ __all__ = [
     "MGDA",
     "RLW",
     "AlignedMTL",
+    "Attachment",
     "CAGrad",
     "FairGrad",
     "GeometricMean",

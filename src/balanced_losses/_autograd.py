@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["as_tensors", "gradient_norm", "is_measuring", "measuring", "task_gradients"]
+__all__ = [
+    "as_tensors",
+    "constant_factor",
+    "gradient_norm",
+    "is_measuring",
+    "measuring",
+    "scale_gradient",
+    "task_gradients",
+]
 
 # How many measurements are in progress. A process-wide counter, not a thread-local or a
 # ContextVar: autograd runs the backward of CUDA graphs on its own device threads, which would
@@ -95,3 +104,49 @@ def gradient_norm(grads: list[Tensor | None]) -> Tensor | None:
         return parts[0]
     norm: Tensor = torch.linalg.vector_norm(torch.stack([p.to(parts[0].device) for p in parts]))
     return norm
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by fixed factors in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, factors: Tensor) -> Tensor:
+        ctx.save_for_backward(factors)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (factors,) = ctx.saved_tensors
+        return grad * factors, None
+
+
+def scale_gradient(values: Tensor, factors: Tensor) -> Tensor:
+    """``values`` unchanged, with the gradient flowing back through them times ``factors``."""
+    scaled: Tensor = _ScaleGradient.apply(values, factors)  # type: ignore[no-untyped-call]
+    return scaled
+
+
+def constant_factor(loss: Tensor) -> float | None:
+    """The Python number ``loss`` was last multiplied by (``0.1 * loss``, ``loss * 3``), or None.
+
+    Reads the autograd node that made ``loss`` (eager mode only): a product whose second operand
+    (where PyTorch puts a Python number, whichever side it was written on) is a 0-dim CPU
+    tensor of Python's number types, float64 or int64. A tensor factor the user computed, such
+    as ``loss * (1 / mask.sum())``, has the loss's dtype or device and is not reported.
+    """
+    node = loss.grad_fn
+    if node is None or node.name() != "MulBackward0":
+        return None
+    if sum(f is not None for f, _ in node.next_functions) != 1:
+        return None
+    saved = getattr(node, "_saved_other", None)
+    if (
+        isinstance(saved, Tensor)
+        and saved.dim() == 0
+        and saved.device.type == "cpu"
+        and saved.dtype in (torch.float64, torch.int64)
+        and not saved.requires_grad
+    ):
+        # A factor of 0 is not cancelled: it removes the task.
+        return float(saved) or None
+    return None

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from balanced_losses import distributed
-from balanced_losses._checks import check_task_names
+from balanced_losses._autograd import constant_factor, scale_gradient
+from balanced_losses._checks import check_task_names, check_task_weights
 
 __all__ = ["StateKind", "Weighting"]
 
@@ -78,10 +79,17 @@ class Weighting(nn.Module):
       had not happened.
     - **Input checks** that need the loss *values* (finite, non-negative, positive) cost a
       host-device sync, so they run only when ``check_inputs=True``.
+    - **Your own factors** go in ``weights={task: factor}`` (default 1 each), not into the
+      losses: many methods cancel a constant factor of a loss (a normalizer divides it out, a
+      logarithm turns it into a constant). A factor :math:`w_k` multiplies the gradient that
+      task :math:`k` sends (to its head and to the shared parameters) *after* the method has
+      balanced it; the method's statistics and the value of the total never see it. A loss
+      multiplied by a Python number before a method that cancels such factors warns once.
     - **Logging**: :attr:`weights` holds the effective weight of each task at the last step,
-      :math:`\partial\,\text{total} / \partial L_k`, as tensors (no sync until you ask).
-      :class:`~balanced_losses.GradientBalancer` acts in backward, not on the total: its
+      :math:`\partial\,\text{total} / \partial L_k` (your factor included), as tensors (no
+      sync until you ask). A feature-level method acts in backward, not on the total: its
       weights are the multipliers it applied to each task's gradient at the shared features.
+      :meth:`log_dict` turns a step into a flat dict of floats for a logger, every N steps.
     - **Distributed**: with ``sync_dist=True`` (the default) and an initialized multi-rank
       process group, the losses that enter statistics are first averaged over ranks, so every
       rank keeps the same statistics and applies the same weights.
@@ -104,6 +112,8 @@ class Weighting(nn.Module):
 
     Args:
         tasks: Task names, in order.
+        weights: Your fixed factor per task (finite, >= 0; 1 for a task not named), applied
+            after the method's balancing (see above).
         allow_missing: Accept mappings without some tasks (partial labels).
         check_inputs: Validate loss values, at the cost of a host-device sync per step.
         sync_dist: Average statistics' inputs across ranks when ``torch.distributed`` is
@@ -136,13 +146,21 @@ class Weighting(nn.Module):
     #: "nonnegative" or "positive".
     _loss_domain: str | None = "nonnegative"
 
+    #: Whether the method cancels a constant factor of a loss (so a hand-tuned factor
+    #: multiplied into the loss has no effect, and :meth:`_stack` warns about one).
+    _cancels_factors: bool = False
+
     last_weights: Tensor
+    last_losses: Tensor
+    last_total: Tensor
+    task_weights: Tensor
     _all_present: Tensor
 
     def __init__(
         self,
         tasks: Iterable[str],
         *,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
@@ -158,8 +176,21 @@ class Weighting(nn.Module):
         # Forward calls in a row with gradients and no optimizer step (never saved).
         self._stale_steps = 0
         self._parameters_warned = False
+        # Python-side bookkeeping (never saved): whether the losses were checked for constant
+        # factors, how often log_dict was called.
+        self._factors_checked = False
+        self._log_calls = 0
+        # Models this method is attached to (feature-level methods' ``attach``).
+        self._attachments: list[Any] = []
         k = len(self._tasks)
+        weight_list = check_task_weights(self._tasks, weights)
+        #: The user's factors as floats, for code that must not touch a tensor (backward hooks).
+        self._weight_list = weight_list
+        self._weighted = any(w != 1.0 for w in weight_list)
+        self._add_state("task_weights", torch.tensor(weight_list), kind="constant")
         self._add_state("last_weights", torch.zeros(k), kind="output")
+        self._add_state("last_losses", torch.full((k,), math.nan), kind="output")
+        self._add_state("last_total", torch.tensor(math.nan), kind="output", task_axis=None)
         self._add_state("_all_present", torch.ones(k, dtype=torch.bool), kind="constant")
 
     # ------------------------------------------------------------------------ declared state
@@ -225,6 +256,13 @@ class Weighting(nn.Module):
     def _reset_python_state(self) -> None:
         """Reset state kept in Python attributes (see :meth:`_get_python_state`)."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or a pickle of a weighting is not attached to the original's model (and must
+        # not drag that model along).
+        state = dict(self.__dict__)
+        state["_attachments"] = []
+        return state
+
     def _get_python_state(self) -> dict[str, Any]:
         """Python (non-tensor) state needed to resume; saved in ``_extra_state``."""
         return {}
@@ -284,6 +322,68 @@ class Weighting(nn.Module):
         # these tensors to convert on a later logging step must see this step's values.
         return {name: self.last_weights[i].clone() for i, name in enumerate(self._tasks)}
 
+    def _sent_to_features(self) -> tuple[Tensor, Tensor] | None:
+        """The last backward's multiplier and gradient norm of each task at the shared features.
+
+        None for a method that does not see gradients (the loss-level ones).
+        """
+        return None
+
+    def log_dict(self, every: int = 1, *, prefix: str = "") -> dict[str, float]:
+        r"""The last training step as a flat dict of Python floats, on every ``every``-th call.
+
+        Call it once per training step, after ``backward``; it returns ``{}`` on the other calls
+        (no host-device sync there), and on calls 0, ``every``, ``2 * every``, ... one dict read
+        with a single sync:
+
+        - ``loss/<task>``: the raw loss the method received (NaN for an absent task);
+        - ``loss/sum``: the plain sum of the raw losses. Unlike the weighting's total (negative
+          under a logarithm, divided by running means under a normalizer), it means what a
+          plain-sum training loss means: print or log it to compare with a validation loss;
+        - ``loss/total``: the value the weighting returned;
+        - ``weight/<task>``: the effective weight of :attr:`weights`;
+        - ``grad_share/<task>``: for the feature-level methods, each task's part of the gradient
+          sent into the shared features, :math:`|c_k|\,\lVert g_k\rVert / \sum_j |c_j|\,\lVert
+          g_j\rVert` (the loss-level methods do not see gradients: use
+          :class:`~balanced_losses.diagnostics.GradientMonitor` there).
+
+        Args:
+            every: Return the dict on every this many calls (an integer >= 1).
+            prefix: Prepended to every key (e.g. ``"train/"``).
+        """
+        if isinstance(every, bool) or not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"`every` must be an integer >= 1, got {every!r}")
+        due = self._log_calls % every == 0
+        self._log_calls += 1
+        if not due:
+            return {}
+        k = len(self._tasks)
+        losses = self.last_losses.detach()
+        parts = [
+            losses.double(),
+            torch.nansum(losses).double().reshape(1),
+            self.last_total.detach().double().reshape(1).to(losses.device),
+            self.last_weights.detach().double().to(losses.device),
+        ]
+        measured = self._sent_to_features()
+        if measured is not None:
+            multipliers, norms = measured
+            sent = multipliers.detach().double().abs() * norms.detach().double()
+            total = sent.sum()
+            parts.append(torch.where(total > 0, sent / total.clamp_min(1e-300), math.nan))
+        numbers = torch.cat([p.to(losses.device) for p in parts]).tolist()  # the one sync
+        out: dict[str, float] = {}
+        for i, task in enumerate(self._tasks):
+            out[f"{prefix}loss/{task}"] = numbers[i]
+        out[f"{prefix}loss/sum"] = numbers[k]
+        out[f"{prefix}loss/total"] = numbers[k + 1]
+        for i, task in enumerate(self._tasks):
+            out[f"{prefix}weight/{task}"] = numbers[k + 2 + i]
+        if measured is not None:
+            for i, task in enumerate(self._tasks):
+                out[f"{prefix}grad_share/{task}"] = numbers[2 * k + 2 + i]
+        return out
+
     # ------------------------------------------------------------------ helpers for subclasses
 
     def _unknown(self, names: Iterable[str]) -> KeyError:
@@ -292,11 +392,15 @@ class Weighting(nn.Module):
         shown = ", ".join(f"`{name}`" for name in unknown)
         return KeyError(f"unknown {label} {shown}; expected one of {list(self._tasks)}")
 
-    def _stack(self, losses: Mapping[str, Tensor | None]) -> tuple[Tensor, Tensor]:
+    def _stack(
+        self, losses: Mapping[str, Tensor | None], *, scale_gradients: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """Stack a loss mapping into ``(values, present)``, both of shape ``(K,)``.
 
         ``values`` is differentiable, in the losses' floating dtype promoted to at least float32;
-        absent entries are 0. ``present`` is boolean.
+        absent entries are 0. ``present`` is boolean. With ``scale_gradients`` (the default) and
+        user ``weights``, the gradient reaching loss :math:`k` through ``values`` is multiplied
+        by :math:`w_k`, while the values themselves, which statistics see, are unchanged.
         """
         if not isinstance(losses, Mapping):
             raise TypeError(
@@ -342,7 +446,37 @@ class Weighting(nn.Module):
                 present[self._index[name]] = False
         if self.check_inputs:
             self._check_values(values, present)
+        if self._cancels_factors and not self._factors_checked and self._updating:
+            self._check_factors(given)
+        if self._updating:
+            # For log_dict: the raw losses of this training step (NaN where absent).
+            with torch.no_grad():
+                raw = torch.where(present, values.detach(), math.nan)
+                self.last_losses.copy_(raw)
+        if scale_gradients and self._weighted and values.requires_grad:
+            values = scale_gradient(values, self.task_weights.to(values.device, values.dtype))
         return values, present
+
+    def _check_factors(self, given: Mapping[str, Tensor]) -> None:
+        """Warn once about losses multiplied by a Python number, which this method cancels."""
+        if torch.compiler.is_compiling():
+            return
+        self._factors_checked = True
+        factors = {name: constant_factor(loss) for name, loss in given.items()}
+        found = {name: f for name, f in factors.items() if f is not None and f != 1.0}
+        if not found:
+            return
+        shown = ", ".join(f"`{name}` (x{f:g})" for name, f in found.items())
+        suggestion = ", ".join(f"{name!r}: {f:g}" for name, f in found.items())
+        method = getattr(self, "_method_name", type(self).__name__)
+        warnings.warn(
+            f"{method}: the losses of {shown} are multiplied by a constant, and {method} "
+            "cancels a constant factor of a loss, so that factor does not change training. "
+            f"Drop it from the loss and pass `weights={{{suggestion}}}` to {method} instead: "
+            "that scales the task's gradient after balancing",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _check_values(self, values: Tensor, present: Tensor) -> None:
         # Opt-in: every .tolist() here is a host-device sync.
@@ -371,10 +505,28 @@ class Weighting(nn.Module):
             return distributed.mean_over_ranks(detached, valid)
         return torch.where(valid, detached, torch.zeros_like(detached)), valid
 
+    def _returned(self, total: Tensor) -> Tensor:
+        """Keep a training step's total for :meth:`log_dict`; return it (every forward's end).
+
+        Also drops the features that ``attach`` held for the step: the heads have run.
+        """
+        for attachment in self._attachments:
+            attachment._release()
+        if self._updating:
+            with torch.no_grad():
+                self.last_total.copy_(total.detach())
+        return total
+
     def _record(self, weights: Tensor, present: Tensor) -> None:
-        """Store the effective weights of this step for :attr:`weights` (0 for absent tasks)."""
+        """Store the effective weights of this step for :attr:`weights` (0 for absent tasks).
+
+        ``weights`` are the method's own; the user's factors are multiplied in here.
+        """
         # Logging only: the stored copy must not keep the graph alive.
-        shown = torch.where(present, weights.detach(), torch.zeros_like(weights.detach()))
+        effective = weights.detach()
+        if self._weighted:
+            effective = effective * self.task_weights.to(effective.device, effective.dtype)
+        shown = torch.where(present, effective, torch.zeros_like(effective))
         self.last_weights.copy_(shown)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Weighting:

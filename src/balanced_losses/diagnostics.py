@@ -41,12 +41,21 @@ Params = nn.Module | Tensor | Iterable[Tensor]
 
 
 def _check_losses(losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    if not isinstance(losses, Mapping) or not losses:
-        raise ValueError(f"`losses` must be a non-empty mapping of task name to loss, got {losses}")
+    # The same errors as the weightings' (Weighting._stack): TypeError for a wrong type.
+    if not isinstance(losses, Mapping):
+        raise TypeError(
+            f"`losses` must be a mapping from task name to scalar loss, got {type(losses)}"
+        )
+    if not losses:
+        raise ValueError("`losses` must name at least one task, got an empty mapping")
     for name, loss in losses.items():
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss)
-            raise ValueError(f"loss of task `{name}` must be a scalar tensor, got {shape}")
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss of task `{name}` must be a Tensor, got {type(loss)}")
+        if loss.dim() != 0:
+            raise ValueError(
+                f"loss of task `{name}` must be a scalar (0-dim) tensor, got shape "
+                f"{tuple(loss.shape)}; reduce it first"
+            )
     return dict(losses)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -108,11 +108,14 @@ class GramianAggregator(FeatureWeighting):
         *,
         balance_norms: bool = False,
         momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         sync_dist: bool = True,
     ) -> None:
-        super().__init__(tasks, allow_missing=allow_missing, sync_dist=sync_dist)
+        super().__init__(tasks, weights=weights, allow_missing=allow_missing, sync_dist=sync_dist)
         self.balance_norms = bool(balance_norms)
+        # Norm balancing makes the method invariant to a constant factor of a loss.
+        self._cancels_factors = self._cancels_factors or self.balance_norms
         self.momentum = check_momentum(momentum)
         k = len(self.tasks)
         if self.balance_norms:

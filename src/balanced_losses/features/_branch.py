@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from balanced_losses._autograd import is_measuring
 from balanced_losses._base import Weighting
+from balanced_losses.features._attach import Attachment, ModuleRef
 
 __all__ = ["FeatureWeighting", "flatten"]
 
@@ -67,6 +69,12 @@ class _Branch(torch.autograd.Function):
         return (None, None, *merged)
 
 
+def _replace_gradient(combined: Tensor, grad: Tensor) -> Tensor | None:
+    """Tensor hook of a measured attachment: the combined gradient replaces the summed one."""
+    # A diagnostic's autograd.grad sees each task's own gradient, unchanged.
+    return None if is_measuring() else combined
+
+
 class FeatureWeighting(Weighting):
     r"""Base of the feature-level methods: per-task views of the shared features.
 
@@ -86,12 +94,17 @@ class FeatureWeighting(Weighting):
         self,
         tasks: Sequence[str],
         *,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
-            tasks, allow_missing=allow_missing, check_inputs=check_inputs, sync_dist=sync_dist
+            tasks,
+            weights=weights,
+            allow_missing=allow_missing,
+            check_inputs=check_inputs,
+            sync_dist=sync_dist,
         )
         self._reset_python_state()
         #: The name warnings use for this method (a wrapper such as DBMTL sets its own).
@@ -152,6 +165,101 @@ class FeatureWeighting(Weighting):
         self._outputs = outputs
         return self._views(leaves, rebuild, tracked, outputs)
 
+    def attach(
+        self,
+        model: nn.Module,
+        trunk: ModuleRef,
+        heads: Mapping[str, ModuleRef | Sequence[ModuleRef]] | None = None,
+    ) -> Attachment:
+        """Balance at the shared features of ``model`` without changing its ``forward``.
+
+        Hooks do what :meth:`branch` does by hand; the training loop stays as it was
+        (``total = weighting(losses); total.backward()``). Two ways, both exact:
+
+        - **Heads named** (``heads={task: head}``): after ``trunk`` runs in a training step, its
+          output goes through :meth:`branch`, and each head's first positional input, which
+          must be that output (or one of its tensors, for a trunk that returns a tuple such as
+          a GRU's ``(output, h_n)``), is replaced by its task's view. No extra cost.
+        - **Heads not named** (``heads=None``), for a forward that transforms the trunk's output
+          before a head (pooling, slicing, a function): at the weighting's call, each task's
+          gradient at the trunk's output is taken with ``torch.autograd.grad`` through that
+          task's part of the graph only (its head and the operations after the trunk), and a
+          hook on the output replaces the summed gradient of ``total.backward()`` with the
+          balanced one. Cost: one extra backward pass through each head, none through the trunk.
+          Every use of the trunk's output must belong to some task's loss.
+
+        Works under DDP (attach to the wrapped module or to DDP's), ``torch.compile`` (attach
+        before compiling) and non-reentrant activation checkpointing
+        (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``) of the trunk. In eval
+        mode or under ``torch.no_grad()`` nothing is routed.
+
+        Args:
+            model: The model holding ``trunk`` and the heads.
+            trunk: The submodule whose output the heads take: its name in ``model`` (a dotted
+                path, as in ``model.get_submodule``) or the module.
+            heads: Task name to its head (a name or a module), or to several heads; None to
+                measure each task's gradient instead (see above).
+
+        Returns:
+            An :class:`~balanced_losses.Attachment`; its ``remove()`` takes the hooks off, and
+            ``with weighting.attach(...):`` removes them on exit.
+
+        Raises:
+            RuntimeError: In the forward pass, when a head's first input is not the trunk's
+                output; the message names the head and what it received.
+
+        Example:
+            >>> import torch
+            >>> from balanced_losses import GradientBalancer
+            >>> class Net(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.trunk = torch.nn.Linear(3, 8)
+            ...         self.digit, self.parity = torch.nn.Linear(8, 10), torch.nn.Linear(8, 2)
+            ...     def forward(self, x):
+            ...         h = self.trunk(x)
+            ...         return self.digit(h), self.parity(h)
+            >>> net = Net()
+            >>> balancer = GradientBalancer(["digit", "parity"])
+            >>> hooks = balancer.attach(net, "trunk", {"digit": "digit", "parity": "parity"})
+            >>> digit, parity = net(torch.randn(4, 3))
+            >>> losses = {"digit": digit.square().mean(), "parity": parity.square().mean()}
+            >>> balancer(losses).backward()
+            >>> bool(balancer.grad_norms.gt(0).all())  # both gradients met at the trunk
+            True
+            >>> hooks.remove()
+        """
+        return Attachment(self, model, trunk, heads)
+
+    def _route_measured(self, values: Tensor) -> bool:
+        """Balance at an attached trunk's output whose heads were not named; True if attached.
+
+        Each task's gradient at the trunk's output is taken here with ``autograd.grad`` (through
+        its head only, not the trunk), combined as the backward node would, and a hook on the
+        output replaces the summed gradient of the coming backward pass with the combination.
+        """
+        leaves = next(
+            (t for t in (a.tracked() for a in self._attachments if a.measures) if t is not None),
+            None,
+        )
+        if leaves is None:
+            return False
+        if not leaves or not values.requires_grad:
+            return True
+        per_task: list[Tensor | None] = []
+        for i, task in enumerate(self.tasks):
+            if self._last_present is not None and task not in self._last_present:
+                per_task.extend([None] * len(leaves))
+                continue
+            per_task.extend(
+                torch.autograd.grad(values[i], leaves, retain_graph=True, allow_unused=True)
+            )
+        merged = self._combine_gradients(per_task, len(leaves))
+        for leaf, combined in zip(leaves, merged, strict=True):
+            if combined is not None:
+                leaf.register_hook(functools.partial(_replace_gradient, combined))
+        return True
+
     def _views(
         self,
         leaves: list[Tensor],
@@ -172,6 +280,8 @@ class FeatureWeighting(Weighting):
         """Return the plain sum of the present losses; the balancing happens in backward."""
         values, _ = self._stack(losses)
         self._last_present = frozenset(name for name in self.tasks if losses.get(name) is not None)
+        if self._updating and self._route_measured(values):
+            self._branched = True
         if self._updating and not self._branched:
             warnings.warn(
                 f"{self._method_name}: `branch` was not called in this training step, so its "
@@ -189,7 +299,7 @@ class FeatureWeighting(Weighting):
             # the branch node runs in backward as on every other rank: under DDP its collective
             # must not be skipped on one rank while the others wait in it.
             total = total + sum(o.sum() for o in outputs) * 0.0
-        return total
+        return self._returned(total)
 
     # ----------------------------------------------------------------------------- backward
 
@@ -207,12 +317,32 @@ class FeatureWeighting(Weighting):
         """The coefficients the current statistics give, without measuring or updating."""
         raise NotImplementedError
 
+    def _sent_to_features(self) -> tuple[Tensor, Tensor] | None:
+        norms: Tensor | None = getattr(self, "grad_norms", None)
+        return None if norms is None else (self.last_weights, norms)
+
     def _combine_gradients(
         self, grads: Sequence[Tensor | None], num_inputs: int
     ) -> list[Tensor | None]:
         """Turn the K tasks' gradients at the views into one gradient per shared tensor."""
         k, m = len(self.tasks), num_inputs
         per_task = [grads[i * m : (i + 1) * m] for i in range(k)]
+        if self._weighted:
+            # The user's factors reached these gradients through the losses (Weighting._stack):
+            # the method measures the gradients without them, and they stay in what is merged.
+            # A task with factor 0 sends nothing and is not measured.
+            per_task = [
+                [None for _ in task_grads] if w == 0.0 else task_grads
+                for task_grads, w in zip(per_task, self._weight_list, strict=True)
+            ]
+            measured: list[Sequence[Tensor | None]] = [
+                [None if g is None else g / w for g in task_grads]
+                if w not in (0.0, 1.0)
+                else task_grads
+                for task_grads, w in zip(per_task, self._weight_list, strict=True)
+            ]
+        else:
+            measured = per_task
         if is_measuring():
             # A diagnostic's autograd.grad (one task at a time): show what each task sends
             # with the current coefficients, and leave statistics and logs alone.
@@ -223,15 +353,15 @@ class FeatureWeighting(Weighting):
                 self._awaiting_backward = False
             got = [any(g is not None for g in task_grads) for task_grads in per_task]
             expected = self._last_present
-            for task, has_grad in zip(self.tasks, got, strict=True):
-                if not has_grad and (expected is None or task in expected):
+            for task, has_grad, w in zip(self.tasks, got, self._weight_list, strict=True):
+                if not has_grad and w != 0.0 and (expected is None or task in expected):
                     warnings.warn(
                         f"task `{task}`'s view received no gradient: no loss used it, or its "
                         "loss does not depend on it",
                         UserWarning,
                         stacklevel=2,
                     )
-            scale = self._coefficients(per_task, got)
+            scale = self._coefficients(measured, got)
         merged: list[Tensor | None] = []
         for j in range(m):
             total: Tensor | None = None

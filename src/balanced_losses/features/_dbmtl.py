@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_number
+from balanced_losses.features._attach import Attachment, ModuleRef
 from balanced_losses.features._gradient_balancer import GradientBalancer
 
 __all__ = ["DBMTL"]
@@ -63,6 +64,8 @@ class DBMTL(Weighting):
         eps: :math:`\epsilon \ge 0` added inside the logarithm.
         momentum: EMA momentum of the gradient-norm statistics of the gradient half.
         balance_features: Keep the gradient half (default). False: the log transform only.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks; an absent task adds nothing.
         check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
         sync_dist: Average the gradient half's norm statistics across ranks under
@@ -83,6 +86,7 @@ class DBMTL(Weighting):
     """
 
     _loss_domain: str | None = "positive"
+    _cancels_factors = True
 
     def __init__(
         self,
@@ -91,12 +95,14 @@ class DBMTL(Weighting):
         eps: float = 1e-8,
         momentum: float = 0.9,
         balance_features: bool = True,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
             tasks,
+            weights=weights,
             allow_missing=allow_missing,
             check_inputs=check_inputs,
             sync_dist=sync_dist,
@@ -106,12 +112,37 @@ class DBMTL(Weighting):
             self.tasks,
             target="max",
             momentum=momentum,
+            # The user's factors act in the balancer: after it has measured the gradients.
+            weights=weights,
             # This module's own _stack already enforces `allow_missing`.
             allow_missing=True,
             sync_dist=sync_dist,
         )
         self.balancer._method_name = "DBMTL"
         self.balance_features = bool(balance_features)
+
+    def _sent_to_features(self) -> tuple[Tensor, Tensor] | None:
+        if not self.balance_features:
+            return None
+        return self.balancer.last_weights, self.balancer.grad_norms
+
+    def attach(
+        self,
+        model: nn.Module,
+        trunk: ModuleRef,
+        heads: Mapping[str, ModuleRef | Sequence[ModuleRef]] | None = None,
+    ) -> Attachment:
+        """Balance at ``model``'s shared features through hooks, its ``forward`` unchanged.
+
+        See :meth:`~balanced_losses.GradientBalancer.attach`.
+        """
+        if not self.balance_features:
+            raise ValueError(
+                "DBMTL(balance_features=False) is the log transform alone: it has no gradient "
+                "half to attach"
+            )
+        # The gradient half does the balancing: it owns the attachment.
+        return Attachment(self.balancer, model, trunk, heads)
 
     def branch(self, feats: Any) -> dict[str, Any]:
         """One view of the shared ``feats`` per task; see :meth:`GradientBalancer.branch`."""
@@ -138,7 +169,8 @@ class DBMTL(Weighting):
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         r"""Return :math:`\sum_k \log(L_k + \epsilon)` over ``losses``."""
-        values, present = self._stack(losses)
+        # With the gradient half, the balancer applies the user's factors (to the log terms).
+        values, present = self._stack(losses, scale_gradients=not self.balance_features)
         shifted = values + self.eps
         ones = torch.ones_like(shifted)
         # Lin et al. 2023's log transform; its gradient is grad L_k / (L_k + eps).
@@ -152,13 +184,13 @@ class DBMTL(Weighting):
         # d total / d L_k = 1 / (L_k + eps). Logged, not differentiated: cut the graph.
         self._record(1.0 / torch.where(present, shifted.detach(), ones), present)
         if not self.balance_features:
-            return logs.sum()
+            return self._returned(logs.sum())
         # The balancer's forward is the plain sum; it also learns which tasks are present, so
         # that only those are expected to send a gradient through `branch`.
         total: Tensor = self.balancer(
             {n: logs[i] for i, n in enumerate(self.tasks) if losses.get(n) is not None}
         )
-        return total
+        return self._returned(total)
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

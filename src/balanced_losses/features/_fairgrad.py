@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -193,6 +193,8 @@ class FairGrad(GramianAggregator):
         balance_norms: First scale each task's gradient to the mean of the tasks' EMA
             gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
         momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept loss mappings without some tasks; those are dropped from the
             problem for that step.
         sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
@@ -220,6 +222,7 @@ class FairGrad(GramianAggregator):
         alpha: float = 1.0,
         balance_norms: bool = False,
         momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         sync_dist: bool = True,
     ) -> None:
@@ -227,6 +230,7 @@ class FairGrad(GramianAggregator):
             tasks,
             balance_norms=balance_norms,
             momentum=momentum,
+            weights=weights,
             allow_missing=allow_missing,
             sync_dist=sync_dist,
         )

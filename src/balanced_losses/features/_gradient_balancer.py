@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from balanced_losses._autograd import gradient_norm
-from balanced_losses._checks import check_momentum, check_number, check_task_weights
+from balanced_losses._checks import check_momentum, check_number
 from balanced_losses._numerics import debiased, norm_scales
 from balanced_losses.features._branch import FeatureWeighting
 
@@ -122,7 +122,7 @@ class GradientBalancer(FeatureWeighting):
         >>> balancer = GradientBalancer(["a", "b"])
         >>> views = balancer.branch(trunk(torch.randn(8, 3)))
         >>> loss_a = head_a(views["a"]).square().mean()
-        >>> loss_b = 100 * head_b(views["b"]).square().mean()
+        >>> loss_b = head_b(views["b"]).square().sum()  # a sum: a far larger gradient
         >>> balancer({"a": loss_a, "b": loss_b}).backward()
         >>> n = balancer.grad_norms  # measured before rescaling
         >>> s = balancer.last_weights
@@ -139,7 +139,7 @@ class GradientBalancer(FeatureWeighting):
     ema: Tensor
     count: Tensor
     grad_norms: Tensor
-    task_weights: Tensor
+    _cancels_factors = True
 
     def __init__(
         self,
@@ -152,7 +152,7 @@ class GradientBalancer(FeatureWeighting):
         allow_missing: bool = False,
         sync_dist: bool = True,
     ) -> None:
-        super().__init__(tasks, allow_missing=allow_missing, sync_dist=sync_dist)
+        super().__init__(tasks, weights=weights, allow_missing=allow_missing, sync_dist=sync_dist)
         if target not in ("mean", "max"):
             raise ValueError(f"`target` must be 'mean' or 'max', got {target!r}")
         self.momentum = check_momentum(momentum)
@@ -163,9 +163,6 @@ class GradientBalancer(FeatureWeighting):
         self._add_state("count", torch.zeros(k, dtype=torch.long))
         # Output only, overwritten every backward: not needed to resume.
         self._add_state("grad_norms", torch.zeros(k), kind="output")
-        # Constant derived from the constructor's arguments: rebuilt, never loaded.
-        weight_list = check_task_weights(self.tasks, weights)
-        self._add_state("task_weights", torch.tensor(weight_list), kind="constant")
 
     @property
     def running_norm(self) -> Tensor:
@@ -177,11 +174,14 @@ class GradientBalancer(FeatureWeighting):
 
         :math:`s_k = w_k` where task :math:`k` has no usable EMA yet.
         """
-        scales = norm_scales(self.running_norm, self.count, self.target, self.eps)
-        return self.task_weights * scales
+        return self.task_weights * self._scales()
+
+    def _scales(self) -> Tensor:
+        # T / n_k: what the method itself applies to each task's (unweighted) gradient.
+        return norm_scales(self.running_norm, self.count, self.target, self.eps)
 
     def _current_coefficients(self) -> Tensor:
-        return self.multipliers()
+        return self._scales()
 
     def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
         """Measure each task's norm, update the EMAs, return the multipliers."""
@@ -205,7 +205,7 @@ class GradientBalancer(FeatureWeighting):
             self.ema.copy_(torch.where(valid, blended, self.ema))
             self.count.add_(valid.to(self.count.dtype))
             self.grad_norms.copy_(measured)
-            scale = self.multipliers()
+            scale = self._scales()
             present = self._all_present.to(device)
             if not all(got):
                 # In-place fills with Python indices: no host-to-device copy of a list.

@@ -88,6 +88,8 @@ class IMTLG(GramianAggregator):
         balance_norms: First scale each task's gradient to the mean of the tasks' EMA
             gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
         momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept loss mappings without some tasks; those are dropped from the
             problem for that step.
         sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
@@ -108,6 +110,9 @@ class IMTLG(GramianAggregator):
         Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang. Towards Impartial Multi-task Learning.
         ICLR 2021.
     """
+
+    # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
+    _cancels_factors = True
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """IMTLG's weights for a ``(K, K)`` Gramian."""

@@ -96,6 +96,8 @@ class MGDA(GramianAggregator):
         balance_norms: First scale each task's gradient to the mean of the tasks' EMA
             gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
         momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept loss mappings without some tasks; those are dropped from the
             problem for that step.
         sync_dist: Sum the Gramian over ranks under ``torch.distributed``.

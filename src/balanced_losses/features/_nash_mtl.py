@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -108,6 +108,8 @@ class NashMTL(GramianAggregator):
         balance_norms: First scale each task's gradient to the mean of the tasks' EMA
             gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
         momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept loss mappings without some tasks; those are dropped from the
             problem for that step.
         sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
@@ -129,6 +131,9 @@ class NashMTL(GramianAggregator):
         Bargaining Game. ICML 2022.
     """
 
+    # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
+    _cancels_factors = True
+
     def __init__(
         self,
         tasks: Sequence[str],
@@ -136,6 +141,7 @@ class NashMTL(GramianAggregator):
         max_norm: float = 1.0,
         balance_norms: bool = False,
         momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         sync_dist: bool = True,
     ) -> None:
@@ -143,6 +149,7 @@ class NashMTL(GramianAggregator):
             tasks,
             balance_norms=balance_norms,
             momentum=momentum,
+            weights=weights,
             allow_missing=allow_missing,
             sync_dist=sync_dist,
         )

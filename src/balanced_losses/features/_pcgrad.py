@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -150,6 +150,8 @@ class PCGrad(GramianAggregator):
         balance_norms: First scale each task's gradient to the mean of the tasks' EMA
             gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
         momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept loss mappings without some tasks; those are dropped from the
             problem for that step.
         sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
@@ -181,6 +183,7 @@ class PCGrad(GramianAggregator):
         seed: int | None = None,
         balance_norms: bool = False,
         momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         sync_dist: bool = True,
     ) -> None:
@@ -188,6 +191,7 @@ class PCGrad(GramianAggregator):
             tasks,
             balance_norms=balance_norms,
             momentum=momentum,
+            weights=weights,
             allow_missing=allow_missing,
             sync_dist=sync_dist,
         )

@@ -53,6 +53,8 @@ class DWA(Weighting):
         tasks: Task names, in order.
         temperature: :math:`T > 0`; larger values make the weights more uniform. The paper
             uses 2.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks (see :class:`Weighting`).
         check_inputs: Raise ``ValueError`` on non-finite or negative losses (syncs).
         sync_dist: Average the losses that enter the epoch sums across ranks.
@@ -84,12 +86,14 @@ class DWA(Weighting):
         tasks: Iterable[str],
         *,
         temperature: float = 2.0,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
             tasks,
+            weights=weights,
             allow_missing=allow_missing,
             check_inputs=check_inputs,
             sync_dist=sync_dist,
@@ -130,7 +134,7 @@ class DWA(Weighting):
         if self._updating:
             self._accumulate(values, present)
         self._record(weights, present)
-        return (weights * values).sum()
+        return self._returned((weights * values).sum())
 
     @torch.no_grad()
     def _accumulate(self, values: Tensor, present: Tensor) -> None:

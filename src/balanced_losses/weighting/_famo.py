@@ -61,6 +61,8 @@ class FAMO(Weighting):
         adam_eps: Adam's epsilon.
         min_losses: Optional task name to the lower bound :math:`b_k` (default 0).
         eps: :math:`\epsilon` inside the logarithm (1e-8, as the authors' code).
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks; absent tasks get weight 0 and
             :math:`c` sums over the present ones. A task absent before or after the step gets
             :math:`\delta_k = 0` in :meth:`update`.
@@ -84,6 +86,9 @@ class FAMO(Weighting):
         Liu, Liang, Stone, Liu. FAMO: Fast Adaptive Multitask Optimization. NeurIPS 2023.
     """
 
+    # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
+    _cancels_factors = True
+
     _loss_domain: str | None = "positive"
 
     logits: Tensor
@@ -104,12 +109,14 @@ class FAMO(Weighting):
         adam_eps: float = 1e-8,
         min_losses: Mapping[str, float] | None = None,
         eps: float = 1e-8,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
             tasks,
+            weights=weights,
             allow_missing=allow_missing,
             check_inputs=check_inputs,
             sync_dist=sync_dist,
@@ -184,7 +191,7 @@ class FAMO(Weighting):
                 self.prev_valid.copy_(valid)
             self._pending = True
         self._record(weights, present)
-        return total
+        return self._returned(total)
 
     @torch.no_grad()
     def update(self, losses: Mapping[str, Tensor | None]) -> None:

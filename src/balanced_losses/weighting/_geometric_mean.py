@@ -31,6 +31,8 @@ class GeometricMean(Weighting):
 
     Args:
         tasks: Task names, in order.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks; the geometric mean is then taken
             over the present tasks (:math:`K` is their number), and is 0 if none is present.
         check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
@@ -48,16 +50,22 @@ class GeometricMean(Weighting):
         and Geometric Loss Strategy for Multi-Task Learning. CVPR Workshops 2019.
     """
 
+    # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
+    _cancels_factors = True
+
     _loss_domain: str | None = "positive"
 
     def __init__(
         self,
         tasks: Iterable[str],
         *,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
     ) -> None:
-        super().__init__(tasks, allow_missing=allow_missing, check_inputs=check_inputs)
+        super().__init__(
+            tasks, weights=weights, allow_missing=allow_missing, check_inputs=check_inputs
+        )
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the geometric mean of ``losses`` (task name to scalar loss)."""
@@ -75,4 +83,4 @@ class GeometricMean(Weighting):
         # d total / d L_k = total / (K L_k). Logged, not differentiated: cut the graph.
         detached = torch.where(present, values.detach().clamp_min(tiny), ones)
         self._record(total.detach() / (count.clamp_min(1.0) * detached), present)
-        return total
+        return self._returned(total)

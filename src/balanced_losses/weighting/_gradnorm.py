@@ -92,6 +92,8 @@ class GradNorm(Weighting):
         betas: Adam's coefficients.
         adam_eps: Adam's epsilon.
         min_weight: Floor on each weight before renormalization, > 0.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks (see :class:`Weighting`).
         check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
         sync_dist: Average losses and gradient norms across ranks under ``torch.distributed``.
@@ -102,7 +104,7 @@ class GradNorm(Weighting):
         ...     torch.nn.Linear(3, 1))
         >>> gradnorm = GradNorm(["a", "b"], shared.parameters(), lr=0.1, optimizer="sgd")
         >>> h = shared(torch.randn(16, 3))
-        >>> total = gradnorm({"a": head_a(h).square().mean(), "b": 10 * head_b(h).abs().mean()})
+        >>> total = gradnorm({"a": head_a(h).square().mean(), "b": head_b(h).abs().sum()})
         >>> total.backward()  # the model's gradients, with the weights before the update (1, 1)
         >>> round(gradnorm.loss_weights.sum().item(), 6)  # renormalized to K after the update
         2.0
@@ -111,6 +113,9 @@ class GradNorm(Weighting):
         Chen, Badrinarayanan, Lee, Rabinovich. GradNorm: Gradient Normalization for Adaptive
         Loss Balancing in Deep Multitask Networks. ICML 2018.
     """
+
+    # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
+    _cancels_factors = True
 
     _loss_domain = "positive"
 
@@ -135,12 +140,17 @@ class GradNorm(Weighting):
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         min_weight: float = 1e-4,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
         sync_dist: bool = True,
     ) -> None:
         super().__init__(
-            tasks, allow_missing=allow_missing, check_inputs=check_inputs, sync_dist=sync_dist
+            tasks,
+            weights=weights,
+            allow_missing=allow_missing,
+            check_inputs=check_inputs,
+            sync_dist=sync_dist,
         )
         # The model's tensors, not this module's state: a plain list keeps them out of
         # parameters() and state_dict().
@@ -185,7 +195,7 @@ class GradNorm(Weighting):
         total = (used.to(device=values.device, dtype=values.dtype) * values).sum()
         if self._updating:
             self._update(losses, values, present)
-        return total
+        return self._returned(total)
 
     def _task_norms(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         device, dtype = self.loss_weights.device, self.loss_weights.dtype

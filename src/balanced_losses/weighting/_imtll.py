@@ -38,6 +38,8 @@ class IMTLL(Weighting):
     Args:
         tasks: Task names, in order.
         init: Initial value of every :math:`s_k`.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks; an absent task adds neither its
             scaled loss nor :math:`-s_k`, so its scale gets no gradient that step.
         check_inputs: Raise ``ValueError`` on non-finite or negative losses (syncs).
@@ -59,6 +61,9 @@ class IMTLL(Weighting):
         ICLR 2021.
     """
 
+    # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
+    _cancels_factors = True
+
     log_scales: nn.Parameter
 
     def __init__(
@@ -66,10 +71,13 @@ class IMTLL(Weighting):
         tasks: Iterable[str],
         *,
         init: float = 0.0,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
     ) -> None:
-        super().__init__(tasks, allow_missing=allow_missing, check_inputs=check_inputs)
+        super().__init__(
+            tasks, weights=weights, allow_missing=allow_missing, check_inputs=check_inputs
+        )
         self.init = check_number("init", init, low=-float("inf"), strict=True)
         self._add_parameter(
             "log_scales", torch.full((len(self.tasks),), self.init, dtype=torch.float64)
@@ -84,7 +92,7 @@ class IMTLL(Weighting):
         # IMTL-L of Liu et al. 2021: e^s L - s; the -s term stops s from drifting to -inf.
         terms = scales * values - s
         self._record(scales, present)
-        return torch.where(present, terms, torch.zeros_like(terms)).sum()
+        return self._returned(torch.where(present, terms, torch.zeros_like(terms)).sum())
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

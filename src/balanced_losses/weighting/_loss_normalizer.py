@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from balanced_losses._base import Weighting
-from balanced_losses._checks import check_momentum, check_number, check_task_weights
+from balanced_losses._checks import check_momentum, check_number, check_task_names
 from balanced_losses._numerics import debiased
 from balanced_losses.functional import Correction, reduction_factors
 
@@ -20,13 +20,17 @@ class LossNormalizer(Weighting):
     r"""Divide each loss by its running mean and correct for its reduction size.
 
     .. math::
-        \text{total} = \sum_k w_k\, c_k\, \frac{L_k}{\hat m_k}
+        \text{total} = \sum_k c_k\, \frac{L_k}{\hat m_k}
 
     where :math:`\hat m_k` is a bias-corrected exponential moving average of :math:`L_k`
-    (detached), :math:`w_k` an optional user weight and :math:`c_k` the reduction-factor
+    (detached) and :math:`c_k` the reduction-factor
     correction for the :math:`N_k` elements that task :math:`k`'s loss is a mean over
     (see :func:`~balanced_losses.functional.reduction_factors`):
-    ``"none"`` (1), ``"sqrt"`` (:math:`\sqrt{N_k}`) or ``"linear"`` (:math:`N_k`).
+    ``"none"`` (1), ``"sqrt"`` (:math:`\sqrt{N_k}`) or ``"linear"`` (:math:`N_k`). Your own
+    factors :math:`w_k` (``weights``) multiply task :math:`k`'s gradient on top, as in every
+    method (see :class:`~balanced_losses.Weighting`): the gradient of :math:`L_k` is
+    :math:`w_k c_k / \hat m_k`. A list of task names instead of ``output_sizes`` means equal
+    sizes: no correction.
 
     **The factors are relative.** :math:`c_k = c(N_k) / \operatorname{mean}_j c(N_j)`, so they
     average to 1. Balance depends only on the ratios :math:`c_k / c_j`; dividing by the mean
@@ -38,8 +42,9 @@ class LossNormalizer(Weighting):
     :math:`\hat m_t = m_t / (1-\beta^t)` (Adam's bias correction, Kingma & Ba 2015, Sec. 3).
     The first step is normalized by its own value exactly; an uncorrected EMA started at 0
     would take about :math:`1/(1-\beta)` steps to settle. The statistic includes the current
-    step's loss. ``momentum`` is the weight on the *old* value (Adam's :math:`\beta`, the
-    write-up's 0.95), unlike :class:`torch.nn.BatchNorm1d`, whose momentum weighs the new one.
+    step's loss. ``momentum`` is the weight on the *old* value (Adam's :math:`\beta`; 0.95 is
+    common for per-batch losses), unlike :class:`torch.nn.BatchNorm1d`, whose momentum weighs
+    the new one.
 
     **What this balances, and what it does not.** Dividing by the loss value divides the
     *gradient* by the loss value. Gradient norms w.r.t. each task's predictions become equal
@@ -68,8 +73,10 @@ class LossNormalizer(Weighting):
 
     Args:
         output_sizes: Task name to the number of elements per sample its loss is averaged over,
-            e.g. ``{"pointer": 2, "countdown": 105}``. The order fixes the task order.
-        weights: Optional task name to a finite weight >= 0 (default 1).
+            e.g. ``{"pointer": 2, "countdown": 105}``, or a list of task names (equal sizes).
+            The order fixes the task order.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         momentum: EMA weight on the previous statistic, in ``[0, 1)``; 0 normalizes every step
             by its own value.
         correction: ``"none"``, ``"sqrt"`` or ``"linear"``.
@@ -95,12 +102,12 @@ class LossNormalizer(Weighting):
     pending_sum: Tensor
     pending_count: Tensor
     micro_step: Tensor
-    task_weights: Tensor
     factors: Tensor
+    _cancels_factors = True
 
     def __init__(
         self,
-        output_sizes: Mapping[str, int],
+        output_sizes: Mapping[str, int] | Sequence[str],
         *,
         weights: Mapping[str, float] | None = None,
         momentum: float = 0.9,
@@ -111,14 +118,21 @@ class LossNormalizer(Weighting):
         check_inputs: bool = False,
         sync_dist: bool = True,
     ) -> None:
-        factors = reduction_factors(output_sizes, correction)
+        if isinstance(output_sizes, Mapping):
+            sizes: dict[str, int] | None = dict(output_sizes)
+            factors = reduction_factors(output_sizes, correction)
+        else:
+            # A list of names, the form every other weighting takes: no size, no correction.
+            sizes = None
+            factors = dict.fromkeys(check_task_names(output_sizes), 1.0)
         super().__init__(
-            output_sizes,
+            factors,
+            weights=weights,
             allow_missing=allow_missing,
             check_inputs=check_inputs,
             sync_dist=sync_dist,
         )
-        self.output_sizes = dict(output_sizes)
+        self.output_sizes = sizes
         self.momentum = check_momentum(momentum)
         self.correction = correction
         self.eps = check_number("eps", eps, low=0.0, strict=True)
@@ -137,8 +151,6 @@ class LossNormalizer(Weighting):
         self._add_state("pending_count", torch.zeros(k, dtype=torch.long))
         self._add_state("micro_step", torch.zeros((), dtype=torch.long), task_axis=None)
         # Constants derived from the constructor's arguments: rebuilt, never loaded.
-        weights_list = check_task_weights(self.tasks, weights)
-        self._add_state("task_weights", torch.tensor(weights_list), kind="constant")
         factor_list = [factors[t] for t in self.tasks]
         self._add_state("factors", torch.tensor(factor_list), kind="constant")
 
@@ -185,10 +197,10 @@ class LossNormalizer(Weighting):
         # detached statistic rescales the gradient of L_k instead of cancelling it.
         current = values.detach().to(ema.dtype).abs()
         scale = torch.where(count > 0, debiased(ema, count, self.momentum).abs(), current)
-        weights = self.task_weights * self.factors / scale.clamp_min(self.eps)
+        weights = self.factors / scale.clamp_min(self.eps)
         weights = torch.where(present, weights, torch.zeros_like(weights))
         self._record(weights, present)
-        return (weights.to(values.dtype) * values).sum()
+        return self._returned((weights.to(values.dtype) * values).sum())
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
         # Version 2 added the gradient-accumulation window (pending_sum, pending_count,
@@ -203,7 +215,12 @@ class LossNormalizer(Weighting):
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
         return (
-            f"output_sizes={self.output_sizes}, momentum={self.momentum}, "
+            (
+                f"tasks={list(self.tasks)}"
+                if self.output_sizes is None
+                else f"output_sizes={self.output_sizes}"
+            )
+            + f", momentum={self.momentum}, "
             f"correction={self.correction!r}, eps={self.eps}"
             + (
                 ""

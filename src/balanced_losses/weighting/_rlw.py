@@ -56,6 +56,8 @@ class RLW(Weighting):
         seed: Key of the random stream, an integer in ``[0, 2**63)``; ``None`` draws one from
             torch's global RNG at construction (so ``torch.manual_seed`` makes it reproducible
             too).
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks; absent tasks get weight 0 and the
             present ones keep their drawn weights.
         check_inputs: Raise ``ValueError`` on non-finite or negative losses (syncs).
@@ -89,10 +91,13 @@ class RLW(Weighting):
         tasks: Iterable[str],
         *,
         seed: int | None = None,
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
     ) -> None:
-        super().__init__(tasks, allow_missing=allow_missing, check_inputs=check_inputs)
+        super().__init__(
+            tasks, weights=weights, allow_missing=allow_missing, check_inputs=check_inputs
+        )
         seed = check_seed(seed)
         # Saved, never reset: reset() restarts the same stream.
         self._add_state("seed", torch.tensor(seed, dtype=torch.long), kind="config", task_axis=None)
@@ -115,7 +120,7 @@ class RLW(Weighting):
             weights = torch.ones_like(values)
         weights = torch.where(present, weights, torch.zeros_like(weights))
         self._record(weights, present)
-        return (weights * values).sum()
+        return self._returned((weights * values).sum())
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
         # A checkpoint without a version (a state_dict copied without its metadata) may still be

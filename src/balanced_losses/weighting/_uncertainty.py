@@ -63,6 +63,8 @@ class UncertaintyWeighting(Weighting):
         output_sizes: Task name to its output size; required when ``correction`` is not
             ``"none"``.
         correction: Reduction-factor correction, as in :class:`~balanced_losses.LossNormalizer`.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks; an absent task adds neither its loss
             nor its regularizer, so its :math:`s_k` receives no gradient that step.
         check_inputs: Raise ``ValueError`` on non-finite or negative losses (syncs).
@@ -81,6 +83,9 @@ class UncertaintyWeighting(Weighting):
         Learning. arXiv:1805.06334, 2018.
     """
 
+    # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
+    _cancels_factors = True
+
     coefficients: Tensor
     factors: Tensor
 
@@ -95,10 +100,13 @@ class UncertaintyWeighting(Weighting):
         regularizer: Regularizer = "kendall",
         output_sizes: Mapping[str, int] | None = None,
         correction: Correction = "none",
+        weights: Mapping[str, float] | None = None,
         allow_missing: bool = False,
         check_inputs: bool = False,
     ) -> None:
-        super().__init__(tasks, allow_missing=allow_missing, check_inputs=check_inputs)
+        super().__init__(
+            tasks, weights=weights, allow_missing=allow_missing, check_inputs=check_inputs
+        )
         if regularizer not in ("kendall", "positive"):
             raise ValueError(f"`regularizer` must be 'kendall' or 'positive', got {regularizer!r}")
         if not (isinstance(init, (int, float)) and math.isfinite(init)):
@@ -146,7 +154,7 @@ class UncertaintyWeighting(Weighting):
         penalty = 0.5 * s if self.regularizer == "kendall" else F.softplus(s)
         terms = weights * values + self.factors * penalty
         self._record(weights, present)
-        return torch.where(present, terms, torch.zeros_like(terms)).sum()
+        return self._returned(torch.where(present, terms, torch.zeros_like(terms)).sum())
 
     @property
     def sigma(self) -> dict[str, Tensor]:

@@ -1,0 +1,247 @@
+"""Route an unmodified model's head inputs through a feature-level method's views, with hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["Attachment"]
+
+ModuleRef = str | nn.Module
+
+
+class _Branching(Protocol):
+    """What an attachment needs of a feature-level method."""
+
+    _attachments: list[Any]
+
+    @property
+    def tasks(self) -> tuple[str, ...]: ...
+
+    @property
+    def _updating(self) -> bool: ...
+
+    def branch(self, feats: Any) -> dict[str, Any]: ...
+
+
+def _describe(value: Any) -> str:
+    """A short description of what a head received, for error messages."""
+    if isinstance(value, Tensor):
+        return f"a Tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in value[:4])
+        more = ", ..." if len(value) > 4 else ""
+        return f"a {type(value).__name__} ({inner}{more})"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {list(value)[:6]}"
+    return f"a {type(value).__name__}"
+
+
+def _resolve(model: nn.Module, ref: ModuleRef, role: str) -> tuple[str, nn.Module]:
+    """Return ``(qualified name, module)`` for a submodule given by name or by object."""
+    if isinstance(ref, str):
+        try:
+            return ref, model.get_submodule(ref)
+        except AttributeError:
+            names = [name for name, _ in model.named_modules() if name]
+            shown = ", ".join(f"`{n}`" for n in names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ValueError(
+                f"the model has no submodule `{ref}` (the {role}); its submodules are {shown}"
+            ) from None
+    if isinstance(ref, nn.Module):
+        for name, module in model.named_modules():
+            if module is ref:
+                return name or type(model).__name__, module
+        raise ValueError(
+            f"the {role} {type(ref).__name__} is not a submodule of the model passed to `attach`"
+        )
+    raise TypeError(f"the {role} must be a submodule name or an nn.Module, got {type(ref)}")
+
+
+class Attachment:
+    """Hooks that a feature-level method's ``attach`` put on a model; :meth:`remove` takes them off.
+
+    Returned by :meth:`~balanced_losses.GradientBalancer.attach` (and
+    every feature-level method's ``attach``); not built directly. Also a context manager:
+    ``with weighting.attach(model, ...):`` removes the hooks on exit.
+
+    Example:
+        >>> import torch
+        >>> from balanced_losses import DBMTL
+        >>> layers = {"trunk": (3, 8), "a": (8, 1), "b": (8, 4)}
+        >>> model = torch.nn.ModuleDict({k: torch.nn.Linear(*io) for k, io in layers.items()})
+        >>> hooks = DBMTL(["a", "b"]).attach(model, "trunk", {"a": "a", "b": "b"})
+        >>> hooks
+        Attachment(trunk='trunk', heads={'a': ['a'], 'b': ['b']}, attached)
+        >>> hooks.remove()
+        >>> hooks
+        Attachment(trunk='trunk', heads={'a': ['a'], 'b': ['b']}, removed)
+    """
+
+    def __init__(
+        self,
+        weighting: _Branching,
+        model: nn.Module,
+        trunk: ModuleRef,
+        heads: Mapping[str, ModuleRef | Sequence[ModuleRef]] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model)}")
+        self._weighting = weighting
+        self.trunk_name, self._trunk = _resolve(model, trunk, "trunk")
+        #: Task name -> qualified names of its heads (empty when the heads are not named).
+        self.heads: dict[str, list[str]] = {}
+        #: Whether each task's gradient is measured in the weighting's forward (no heads named)
+        #: rather than routed through views in the heads' inputs.
+        self.measures = heads is None
+        # The trunk's last output, its tensors and each task's views, until the weighting's
+        # forward consumes the step. Python references: no copy, no sync.
+        self._output: Any = None
+        self._leaves: list[Tensor] = []
+        self._views: dict[str, Any] | None = None
+        self._handles: list[RemovableHandle] = [
+            self._trunk.register_forward_hook(self._after_trunk)
+        ]
+        if heads is not None:
+            self._hook_heads(model, heads)
+        weighting._attachments.append(self)
+
+    def _hook_heads(
+        self, model: nn.Module, heads: Mapping[str, ModuleRef | Sequence[ModuleRef]]
+    ) -> None:
+        if not isinstance(heads, Mapping):
+            raise TypeError(
+                "`heads` must map each task name to its head (a submodule name or module), "
+                f"got {type(heads)}"
+            )
+        tasks = self._weighting.tasks
+        unknown = sorted(set(heads) - set(tasks))
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown} in `heads`; expected {list(tasks)}")
+        missing = [task for task in tasks if task not in heads]
+        if missing:
+            raise ValueError(
+                f"`heads` names no head for task(s) {missing}: every task's head must receive "
+                "its view of the trunk's output"
+            )
+        resolved: list[tuple[str, str, nn.Module]] = []
+        for task in tasks:
+            refs = heads[task]
+            refs_list = list(refs) if isinstance(refs, (list, tuple)) else [refs]
+            if not refs_list:
+                raise ValueError(f"`heads` gives no module for task `{task}`")
+            for ref in refs_list:
+                name, module = _resolve(model, ref, f"head of task `{task}`")  # type: ignore[arg-type]
+                if module is self._trunk:
+                    raise ValueError(
+                        f"the head of task `{task}` is the trunk `{name}` itself; name the "
+                        "module whose input is the trunk's output"
+                    )
+                resolved.append((task, name, module))
+                self.heads.setdefault(task, []).append(name)
+        for task, name, module in resolved:
+            self._handles.append(
+                module.register_forward_pre_hook(self._head_hook(task, name), with_kwargs=True)
+            )
+
+    # ---------------------------------------------------------------------------------- hooks
+
+    def _after_trunk(self, module: nn.Module, args: Any, output: Any) -> None:
+        # Activation checkpointing runs the trunk again inside the backward pass: that
+        # recomputation belongs to a step already routed, and its heads are not run again.
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return
+        weighting = self._weighting
+        if not weighting._updating:
+            self._output, self._leaves, self._views = None, [], None
+            return
+        self._output = output
+        self._leaves = _tensors(output)
+        if not self.measures:
+            self._views = weighting.branch(output)
+
+    def tracked(self) -> list[Tensor] | None:
+        """The trunk output's tensors that the last training step can balance, or None.
+
+        None when the trunk has not run in training since the weighting's last forward.
+        """
+        if self._output is None:
+            return None
+        return [t for t in self._leaves if t.is_floating_point() and t.requires_grad]
+
+    def _head_hook(self, task: str, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if self._views is None:
+                # Eval mode or no_grad, or a head run outside a training step: nothing to route.
+                return None
+            if not args:
+                raise RuntimeError(
+                    f"head `{name}` of task `{task}` was called without a positional input; "
+                    "`attach` routes the first positional input, which must be the output of "
+                    f"trunk `{self.trunk_name}`"
+                )
+            received = args[0]
+            view = self._view_for(task, received)
+            if view is None:
+                raise RuntimeError(
+                    f"head `{name}` of task `{task}` received {_describe(received)}, which is "
+                    f"not the output of trunk `{self.trunk_name}` ({_describe(self._output)}) "
+                    "nor one of its tensors. `attach` can only route a head's input that is "
+                    "exactly the trunk's output: name as `trunk` the module whose output the "
+                    "heads take (e.g. after any pooling or dropout between them), or call "
+                    "`weighting.branch` in the forward"
+                )
+            return (view, *args[1:]), kwargs
+
+        return hook
+
+    def _view_for(self, task: str, received: Any) -> Any:
+        assert self._views is not None
+        views = self._views[task]
+        if received is self._output:
+            return views
+        for i, leaf in enumerate(self._leaves):
+            if received is leaf:
+                return _tensors(views)[i]
+        return None
+
+    # ------------------------------------------------------------------------------ control
+
+    def _release(self) -> None:
+        """Drop the references to the last step's features (the weighting's forward ran)."""
+        self._output, self._leaves, self._views = None, [], None
+
+    def remove(self) -> None:
+        """Take the hooks off the model; the model then runs as before ``attach``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._release()
+        if self in self._weighting._attachments:
+            self._weighting._attachments.remove(self)
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "attached" if self._handles else "removed"
+        heads = "measured" if self.measures else self.heads
+        return f"Attachment(trunk={self.trunk_name!r}, heads={heads}, {state})"
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of a trunk output (a Tensor, a tuple/list or a mapping of them), in order."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [v for v in value.values() if isinstance(v, Tensor)]
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, Tensor)]
+    return []
