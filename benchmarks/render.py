@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -317,6 +318,86 @@ def block_quality_verdict() -> str:
             "of the countdown head trained alone."
         )
     return " ".join(lines)
+
+
+#: The methods a user can reach through the losses alone, and those that need the features.
+LOSS_LEVEL = (
+    "normalizer",
+    "normalizer-sqrt",
+    "uncertainty",
+    "gradnorm",
+    "dwa",
+    "rlw",
+    "imtll",
+    "famo",
+    "geometric-mean",
+)
+FEATURE_LEVEL = (
+    "gradient-balancer",
+    "dbmtl",
+    "upgrad",
+    "upgrad-balanced",
+    "mgda",
+    "cagrad",
+    "imtlg",
+    "aligned-mtl",
+    "nash-mtl",
+    "fairgrad",
+    "pcgrad",
+)
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return mean, se
+
+
+def _versus_sum(summary: dict[str, dict[str, Any]], method: str) -> str:
+    """How a method's mean delta_m compares with the plain sum's, in words, with both figures."""
+    m, se = _mean_se(summary[method]["delta"])
+    s, s_se = _mean_se(summary["sum"]["delta"])
+    # Apart: the difference of the means exceeds twice its standard error.
+    apart = abs(m - s) > 2 * math.hypot(se, s_se)
+    verdict = f"{'better' if m < s else 'worse'} than" if apart else "within seed noise of"
+    return (
+        f"{verdict} a plain sum: Δm {m:+.0f} ± {se:.0f} % against the sum's {s:+.0f} ± "
+        f"{s_se:.0f} % (mean ± standard error)"
+    )
+
+
+def block_decision_path() -> str:
+    """The one recommendation every page shows, decided by the quality runs."""
+    runs = quality_runs()
+    summary = quality_summary(runs)
+    _, seeds = quality_settings(runs)
+
+    def best(group: Sequence[str]) -> str:
+        present = [m for m in group if m in summary and summary[m]["delta"]]
+        return min(present, key=lambda m: statistics.fmean(summary[m]["delta"]))
+
+    features, losses = best(FEATURE_LEVEL), best(LOSS_LEVEL)
+    n = len(seeds)
+    return "\n".join(
+        [
+            f"1. **Can your code reach the shared features?** Use `{SHORT[features]}`: the best "
+            f"mean Δm of the feature-level methods on the pointer/countdown benchmark over {n} "
+            f"seeds, {_versus_sum(summary, features)}. `weighting.attach(model, "
+            '"trunk")` balances there without a change to your model\'s `forward`; '
+            "`weighting.branch(feats)` does the same explicitly.",
+            "2. **Only the losses?** Keep the plain sum, with your hand-tuned factors in "
+            f"`weights=`: the best loss-level method there, `{SHORT[losses]}`, is "
+            f"{_versus_sum(summary, losses)}. Avoid dividing losses by their running mean "
+            '(`LossNormalizer(correction="none")`) when they are in different regimes: it '
+            "starves the large one.",
+            "3. **Do task gradients point against each other?** (a negative cosine in "
+            "`balanced_losses.diagnostics.gradient_report`) Try `UPGrad` at the shared "
+            f"features; on this benchmark it is {_versus_sum(summary, 'upgrad')}.",
+            "4. **Resuming from a checkpoint of an older release?** Keep the class it was "
+            "trained with: every class loads its earlier checkpoints. Switch methods at the "
+            "start of a run, not in the middle.",
+        ]
+    )
 
 
 def block_demo_table() -> str:
@@ -727,6 +808,7 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "quality-table": Block((QUALITY, SPEED), block_quality_table),
     "quality-verdict": Block((QUALITY, SPEED), block_quality_verdict),
+    "decision-path": Block((QUALITY,), block_decision_path),
     "demo-table": Block((DEMO,), block_demo_table),
     "demo-curves": Block((DEMO,), block_demo_curves),
     "init-gradients": Block((INIT,), block_init_gradients),
@@ -752,6 +834,7 @@ PAGES = (
     "docs/why.md",
     "docs/production.md",
     "docs/conflicts.md",
+    "docs/migrating.md",
 )
 
 _BLOCK = re.compile(
