@@ -242,33 +242,77 @@ def results_to_json(
     }
 
 
+#: Legend labels: the class and settings behind each method name of the registry.
+LEGEND = {
+    "sum": "plain sum",
+    "normalizer": 'LossNormalizer("none"), 0.7/0.1',
+    "normalizer-sqrt": 'LossNormalizer("sqrt"), 0.7/0.1',
+    "uncertainty": "UncertaintyWeighting",
+    "gradient-balancer": "GradientBalancer",
+    "dbmtl": "DBMTL",
+}
+
+CAPTION = (
+    "Lower is better in the first two panels; in the third, 1 (dashed) means both tasks send "
+    "equally large gradients into the shared encoder, below 1 the countdown head gets less."
+)
+
+
 def plot(results: list[lib.RunResult], path: Path, *, title: str) -> None:
+    """Three panels over the epochs, a shared legend and a caption that says what to read."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20 and 0.01, not 2x10^1 and 10^-2
+    # Minor ticks of a log axis: label 2, 3 and 5 times a power of ten, leave the rest bare.
+    minor = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else "")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
     panels = [
-        ("val_pointer", "pointer validation MAE (bars)"),
-        ("val_countdown", "countdown validation MAE (bars)"),
-        ("ratio", "countdown / pointer weighted grad norm\non the shared encoder"),
+        ("val_pointer", "pointer head", "validation MAE (bars, log scale)"),
+        ("val_countdown", "countdown head", "validation MAE (bars, log scale)"),
+        (
+            "ratio",
+            "gradient balance in the shared encoder",
+            "countdown / pointer gradient-norm ratio\n(dimensionless, log scale)",
+        ),
     ]
-    for ax, (key, label) in zip(axes, panels, strict=True):
+    for ax, (key, panel_title, ylabel) in zip(axes, panels, strict=True):
         for r in results:
-            ax.plot(r.history["epoch"], r.history[key], marker=".", label=r.method)
+            ax.plot(
+                r.history["epoch"],
+                r.history[key],
+                marker=".",
+                label=LEGEND.get(r.method, r.method),
+            )
         values = [v for r in results for v in r.history[key] if math.isfinite(v)]
         if values and min(values) > 0:
             ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_title(label, fontsize=10)
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(minor if max(values) / min(values) < 100 else "")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (0 = at initialization)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title, fontsize=11)
         ax.grid(True, which="both", alpha=0.3)
     axes[2].axhline(1.0, color="black", lw=0.8, ls="--")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.955),
+        ncol=min(len(labels), 6),
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(title, fontsize=12, y=0.99)
+    fig.text(0.5, 0.015, CAPTION, ha="center", va="bottom", fontsize=9.5, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.91))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
