@@ -1,7 +1,13 @@
-"""The release machinery: GitHub workflows that agree with pyproject.toml and the package."""
+"""The release machinery: GitHub workflows that validate, and agree with pyproject.toml.
+
+The workflows are checked against the GitHub-workflow JSON schema that ``check-jsonschema``
+vendors (no network needed), when it is installed: the ``dev`` extra installs it, so the CI job
+that installs that extra runs the check; elsewhere it is skipped with the reason.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -26,6 +32,26 @@ def _workflows() -> list[Path]:
 
 def _pyproject() -> str:
     return (ROOT / "pyproject.toml").read_text()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("check_jsonschema") is None,
+    reason="check-jsonschema is not installed (it comes with the dev extra)",
+)
+@pytest.mark.parametrize(
+    "schema", ["vendor.github-workflows", "custom.github-workflows-require-timeout"]
+)
+def test_workflows_match_the_github_schema(schema: str) -> None:
+    files = _workflows()
+    assert {p.name for p in files} >= {"ci.yml", "publish.yml"}
+    done = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema, *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_ci_tests_the_declared_minimum_torch_and_every_python() -> None:
