@@ -160,8 +160,15 @@ def names(methods: Sequence[str]) -> str:
 
 
 def command_text(record: dict[str, Any]) -> str:
+    """The command that wrote ``record``, with the ``OMP_NUM_THREADS`` it ran under if it mattered.
+
+    A record with ``sets_own_threads`` comes from a script that sets torch's thread count itself
+    (the demo's ``--threads``), which overrides the variable: the command alone reproduces it.
+    Other records, and the demo's from before ``--threads``, keep the prefix they ran with.
+    """
     omp = record.get("machine", {}).get("omp_num_threads")
-    return (f"OMP_NUM_THREADS={omp} " if omp else "") + record["command"]
+    prefix = f"OMP_NUM_THREADS={omp} " if omp and not record.get("sets_own_threads") else ""
+    return prefix + record["command"]
 
 
 # -------------------------------------------------------------------------------- the results

@@ -567,12 +567,15 @@ def train(
     probe_size: int = 128,
     data: tuple[Batch, Batch] | None = None,
     verbose: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> RunResult:
     """Train the demo model under one registered method and return its validation figures.
 
     The model's initialization and the order of the batches depend on ``seed`` only, so every
     method of a seed starts from the same weights and sees the same batches. ``max_steps``
-    stops each epoch early (smoke runs).
+    stops each epoch early (smoke runs). ``on_epoch(epoch, figures)``, if given, is called
+    after each epoch with the validation MAE of each task (keys ``val_<task>``) and the
+    gradient ratio (``ratio``): the demo prints its progress line from it.
     """
     started = time.perf_counter()
     train_data, val_data = (
@@ -615,6 +618,8 @@ def train(
         for t in TASKS:
             history[f"val_{t}"].append(val[t])
             history[f"train_{t}"].append(sums[t] / max(steps, 1))
+        if on_epoch is not None:
+            on_epoch(epoch, {key: values[-1] for key, values in history.items() if key != "epoch"})
         if verbose:
             print(
                 f"  {method:>18} epoch {epoch:2d}: val MAE pointer {val['pointer']:6.2f}, "
@@ -667,6 +672,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
     }

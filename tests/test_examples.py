@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +42,24 @@ def _run(script: str, *args: str | Path) -> str:
 
 @pytest.mark.slow
 def test_demo_smoke(tmp_path: Path) -> None:
-    out = _run("examples/pointer_countdown.py", "--smoke", "--out", tmp_path)
+    figure = tmp_path / "figures" / "demo.png"
+    out = _run("examples/pointer_countdown.py", "--smoke", "--out", tmp_path, "--figure", figure)
+    # The script sets its own thread count and says so first, whatever OMP_NUM_THREADS is.
+    assert out.splitlines()[0] == (
+        f"using 1 torch thread (--threads 1; 1 inter-op thread); {os.cpu_count()} CPUs on this "
+        "machine"
+    )
+    # One progress line per method and epoch, with the time left for the whole run.
+    progress = [line for line in out.splitlines() if "] epoch 1/1 " in line]
+    assert len(progress) == out.count("training `") >= 4, out
+    assert all(re.search(r" elapsed, ETA \d+ (s|min)", line) for line in progress), progress
+    assert progress[0].lstrip().startswith("[sum] epoch 1/1  val MAE pointer ")
     for method in ("sum", "normalizer", "normalizer-sqrt", "uncertainty"):
         assert f"| {method} |" in out
-    assert (tmp_path / "pointer_countdown.png").stat().st_size > 1000
+    # --figure puts the PNG where asked; --out still takes the JSON.
+    assert figure.stat().st_size > 1000
+    assert f"training curves: {figure}" in out
+    assert not (tmp_path / "pointer_countdown.png").exists()
     record = json.loads((tmp_path / "pointer_countdown.json").read_text())
     assert record["smoke"] is True
     assert [r["method"] for r in record["methods"]][:4] == [
@@ -59,6 +74,7 @@ def test_demo_smoke(tmp_path: Path) -> None:
         assert math.isfinite(run["ratio_end"])
     for key in ("cpu", "cpu_count", "torch", "torch_threads", "load_average_1_5_15_min"):
         assert key in record["machine"]
+    assert (record["threads"], record["machine"]["torch_threads"]) == (1, 1)
 
 
 @pytest.mark.slow
