@@ -199,3 +199,14 @@ def test_fsdp2_example_trains_every_weighting_on_two_spawned_ranks(tmp_path):
     for weighting in ("gradnorm", "uncertainty", "dbmtl"):
         assert f"{weighting}: weights after 4 steps" in out
     assert out.count("identical on all ranks") == 3
+
+
+@needs_examples
+def test_hf_trainer_example_resumes_the_weighting_from_its_checkpoint(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # the Trainer needs it
+    out = run_script(EXAMPLES / "hf_trainer.py", "--smoke", cwd=tmp_path).stdout
+    assert "resume restored the weighting's state of step 2: ['_extra_state', " in out
+    assert "'balancer.ema'" in out  # DBMTL's statistics, not only its task names
+    assert "resumed run ends in the uninterrupted run's weighting state: True" in out
+    assert "eval loss" in out
