@@ -201,6 +201,8 @@ def test_fsdp2_example_trains_every_weighting_on_two_spawned_ranks(tmp_path):
     assert out.count("identical on all ranks") == 3
 
 
+# 8 s on an idle 2-core machine, 13 s under load (two Trainer runs and an evaluation): slow.
+@pytest.mark.slow
 @needs_examples
 def test_hf_trainer_example_resumes_the_weighting_from_its_checkpoint(tmp_path):
     pytest.importorskip("transformers")
