@@ -176,3 +176,39 @@ def test_docs_figures_regenerate(tmp_path):
     )
     assert made == committed
     assert made  # the docs show at least one figure
+
+
+@needs_examples
+def test_amp_loop_example_trains_with_float16_and_grad_scaler(tmp_path):
+    out = run_script(EXAMPLES / "amp_loop.py", "--smoke", cwd=tmp_path).stdout
+    lines = [line for line in out.splitlines() if line.startswith("step")]
+    assert len(lines) == 3  # steps 2, 4 and 6
+    last = dict(item.split("=") for item in lines[-1].split()[2:])
+    assert float(last["scale"]) > 1  # GradScaler("cpu") is enabled and scaling
+    for task in ("kind", "position"):
+        assert float(last[f"weight/{task}"]) > 0
+    # DBMTL divides by the loss: the large-valued regression gets the smaller weight.
+    assert float(last["weight/position"]) < float(last["weight/kind"])
+
+
+# About 15 s (two spawned processes, three weightings); tests/test_fsdp.py covers FSDP2 by default.
+@pytest.mark.slow
+@needs_examples
+def test_fsdp2_example_trains_every_weighting_on_two_spawned_ranks(tmp_path):
+    out = run_script(EXAMPLES / "fsdp2.py", "--smoke", cwd=tmp_path).stdout
+    for weighting in ("gradnorm", "uncertainty", "dbmtl"):
+        assert f"{weighting}: weights after 4 steps" in out
+    assert out.count("identical on all ranks") == 3
+
+
+# 8 s on an idle 2-core machine, 13 s under load (two Trainer runs and an evaluation): slow.
+@pytest.mark.slow
+@needs_examples
+def test_hf_trainer_example_resumes_the_weighting_from_its_checkpoint(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # the Trainer needs it
+    out = run_script(EXAMPLES / "hf_trainer.py", "--smoke", cwd=tmp_path).stdout
+    assert "resume restored the weighting's state of step 2: ['_extra_state', " in out
+    assert "'balancer.ema'" in out  # DBMTL's statistics, not only its task names
+    assert "resumed run ends in the uninterrupted run's weighting state: True" in out
+    assert "eval loss" in out

@@ -9,10 +9,12 @@ communicated.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
-__all__ = ["is_distributed", "mean_gramian", "mean_over_ranks"]
+__all__ = ["autograd_targets", "is_distributed", "mean_gramian", "mean_over_ranks"]
 
 
 def is_distributed() -> bool:
@@ -62,3 +64,38 @@ def mean_gramian(gramian: Tensor) -> Tensor:
     torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
     world = torch.distributed.get_world_size()
     return summed / (world * world)
+
+
+def autograd_targets(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors ``torch.autograd.grad`` must be asked about in place of ``tensors``.
+
+    FSDP2 (``torch.distributed.fsdp.fully_shard``) registers each parameter as a DTensor that
+    holds this rank's shard, but the module's forward computes with a separate, unsharded
+    parameter that FSDP all-gathers; only the latter is in the autograd graph, so a gradient
+    taken with respect to the sharded one is None. Each sharded parameter is replaced by the
+    unsharded parameter its module used in the last forward: its gradient is the full gradient
+    of this rank's loss, as a DDP rank would see it (callers average statistics of it over the
+    ranks as they do under DDP). Any other tensor, and a sharded parameter whose module has not
+    run a forward yet, is returned as it is.
+
+    FSDP2 keeps no public map from sharded to unsharded parameters in torch 2.13: this reads
+    its per-module states. If a later torch changes them, the tensors come back unchanged and
+    the caller sees None gradients, as before this function existed.
+    """
+    # Loaded by whoever made a DTensor or called fully_shard; not loaded here, so that a plain run
+    # (or a torch built without distributed support) never imports them.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    states = sys.modules.get("torch.distributed._composable_state")
+    if dtensor is None or states is None:
+        return tensors
+    if not any(isinstance(t, dtensor.DTensor) for t in tensors):
+        return tensors
+    unsharded: dict[int, Tensor] = {}
+    for ref in list(states._module_state_mapping.values()):
+        state = ref()
+        for group in getattr(state, "_fsdp_param_groups", ()):
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                param = getattr(fsdp_param, "_unsharded_param", None)
+                if param is not None:
+                    unsharded[id(fsdp_param.sharded_param)] = param
+    return [unsharded.get(id(t), t) for t in tensors]

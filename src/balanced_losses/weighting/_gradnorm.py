@@ -14,6 +14,7 @@ from balanced_losses._autograd import as_tensors, gradient_norm, task_gradients
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_betas, check_number
 from balanced_losses._numerics import adam_update
+from balanced_losses.distributed import autograd_targets
 
 __all__ = ["GradNorm"]
 
@@ -81,6 +82,10 @@ class GradNorm(Weighting):
     parameters and ``load_state_dict`` into it.
     Under ``sync_dist`` the losses and gradient norms are averaged across ranks before the
     update, so every rank applies the same weights.
+    Under FSDP2 (``fully_shard``), build GradNorm after sharding, on the parameters as the
+    sharded module holds them: the norms are taken at the unsharded parameters the forward
+    used (each rank's full gradient of its own loss, as under DDP), then averaged. Taking them
+    may run FSDP's all-gathers, so every rank must measure the same tasks.
 
     Args:
         tasks: Task names, in order.
@@ -201,12 +206,15 @@ class GradNorm(Weighting):
         device, dtype = self.loss_weights.device, self.loss_weights.dtype
         zero = torch.zeros((), device=device, dtype=dtype)
         norms = []
+        # Under FSDP2 the shared parameters are shards outside the graph: ask autograd about the
+        # unsharded parameters the forward used.
+        shared = autograd_targets(self._shared)
         for task in self.tasks:
             loss = losses.get(task)
             if loss is None:
                 norms.append(zero)
                 continue
-            norm = gradient_norm(task_gradients(loss, self._shared))
+            norm = gradient_norm(task_gradients(loss, shared))
             if norm is None:
                 warnings.warn(
                     f"the loss of task `{task}` does not depend on `shared_parameters`: its "
