@@ -281,3 +281,29 @@ def test_attach_arguments_are_checked(trunk: Any, heads: Any, error: type, match
 def test_dbmtl_without_its_gradient_half_cannot_attach() -> None:
     with pytest.raises(ValueError, match="no gradient half"):
         bl.DBMTL(TASKS, balance_features=False).attach(DigitParityNet(), "shared")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+# Dynamo's own warning when a graph resumes after a break with a non-leaf tensor input.
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.parametrize(("heads", "fullgraph"), [("named", True), ("measured", False)])
+def test_compiled_model_with_attach_equals_branch(heads: str, fullgraph: bool) -> None:
+    """Attached before ``torch.compile``: named heads compile whole; measuring breaks once."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = DigitParityNet()
+    twin = copy.deepcopy(net)
+    weighting = bl.DBMTL(TASKS)
+    reference = copy.deepcopy(weighting)
+    named = {"digit": "digit_head", "parity": "parity_head"} if heads == "named" else None
+    weighting.attach(net, "shared", named)
+    compiled = torch.compile(net, fullgraph=fullgraph, backend="aot_eager")
+    for step in range(2):
+        for p in [*net.parameters(), *twin.parameters()]:
+            p.grad = None
+        images, labels = digit_batch(step)
+        weighting(digit_losses(compiled(images), labels)).backward()
+        reference(digit_losses(by_hand(twin, reference, images), labels)).backward()
+        for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)

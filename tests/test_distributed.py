@@ -331,3 +331,59 @@ def test_aggregator_under_ddp_equals_one_process_on_the_concatenated_batch(split
         for key, value in reference["state"].items():
             torch.testing.assert_close(got["state"][key], value, rtol=1e-6, atol=1e-9, msg=key)
     assert same(split_ranks[0][name], split_ranks[1][name])
+
+
+ATTACHED = ("GradientBalancer", "DBMTL", "UPGrad-balanced")
+
+
+def _attach_run(rank: int) -> dict[str, Any]:
+    """Each method 3 DDP steps on half the batch per rank: through branch, and through attach
+    (heads named, heads measured) on the same model class, whose forward is then left alone."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.registry import BY_NAME
+
+    results: dict[str, Any] = {}
+    for name in ATTACHED:
+        for way in ("branch", "named", "measured"):
+            torch.manual_seed(0)
+            net = _Net().double()
+            weighting = BY_NAME[name].make(["a", "b"]).double()
+            if way != "branch":
+                heads = {"a": "head_a", "b": "head_b"} if way == "named" else None
+                weighting.attach(net, "trunk", heads)
+            model = DistributedDataParallel(net)
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            for step in range(3):
+                x, ya, yb = _split_data(step)
+                half = slice(4 * rank, 4 * rank + 4)
+                opt.zero_grad()
+                out_a, out_b = model(x[half], weighting if way == "branch" else None)
+                losses = {
+                    "a": torch.nn.functional.mse_loss(out_a, ya[half]),
+                    "b": torch.nn.functional.l1_loss(out_b, yb[half]),
+                }
+                weighting(losses).backward()
+                opt.step()
+            results[f"{name}/{way}"] = {
+                "params": [p.detach().clone() for p in net.parameters()],
+                "state": {k: v for k, v in weighting.state_dict().items() if isinstance(v, Tensor)},
+            }
+    return results
+
+
+@pytest.fixture(scope="module")
+def attach_ranks() -> list[dict[str, Any]]:
+    return _spawn(_attach_run)
+
+
+@pytest.mark.parametrize("name", ATTACHED)
+@pytest.mark.parametrize("way", ["named", "measured"])
+def test_attach_under_ddp_equals_branch_under_ddp(attach_ranks, name, way):
+    for rank, result in enumerate(attach_ranks):
+        got, expected = result[f"{name}/{way}"], result[f"{name}/branch"]
+        for p, q in zip(got["params"], expected["params"], strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=f"{name} rank {rank}")
+        for key, value in expected["state"].items():
+            torch.testing.assert_close(got["state"][key], value, rtol=1e-12, atol=1e-14, msg=key)
+    assert same(attach_ranks[0][f"{name}/{way}"], attach_ranks[1][f"{name}/{way}"])

@@ -103,9 +103,14 @@ class Attachment:
         self._output: Any = None
         self._leaves: list[Tensor] = []
         self._views: dict[str, Any] | None = None
-        self._handles: list[RemovableHandle] = [
-            self._trunk.register_forward_hook(self._after_trunk)
-        ]
+        # Measuring needs the trunk's output itself on the losses' graph; inside a compiled
+        # graph it is not (autograd sees the graph's outputs only), so that hook runs eagerly:
+        # one graph break under torch.compile, none with the heads named.
+        after_trunk = self._after_trunk
+        if self.measures:
+            reason = "attach without heads measures at the trunk's output: eager only"
+            after_trunk = torch.compiler.disable(after_trunk, reason=reason)  # type: ignore[no-untyped-call]
+        self._handles: list[RemovableHandle] = [self._trunk.register_forward_hook(after_trunk)]
         if heads is not None:
             self._hook_heads(model, heads)
         weighting._attachments.append(self)

@@ -188,10 +188,12 @@ class FeatureWeighting(Weighting):
           balanced one. Cost: one extra backward pass through each head, none through the trunk.
           Every use of the trunk's output must belong to some task's loss.
 
-        Works under DDP (attach to the wrapped module or to DDP's), ``torch.compile`` (attach
-        before compiling) and non-reentrant activation checkpointing
-        (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``) of the trunk. In eval
-        mode or under ``torch.no_grad()`` nothing is routed.
+        Works under DDP (attach to the module inside DDP), non-reentrant activation
+        checkpointing of the trunk (``checkpoint(..., use_reentrant=False)``) and
+        ``torch.compile`` (attach before compiling): with the heads named the whole step compiles
+        with ``fullgraph=True``; without, the trunk's hook runs eagerly, one graph break (compile
+        with the default ``fullgraph=False``). In eval mode or under ``torch.no_grad()`` nothing
+        is routed.
 
         Args:
             model: The model holding ``trunk`` and the heads.
