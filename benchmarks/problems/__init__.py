@@ -1,0 +1,87 @@
+"""The benchmark problems: each a module with one :class:`Problem`, run by ``benchmarks/suite.py``.
+
+A problem fixes everything but the method: the data (a train/validation split that does not
+depend on the seed), the model (a shared ``trunk`` module and one head per task, initialized
+from torch's global RNG, which the suite seeds), the per-task losses, the validation metric of
+each task (lower is better) and one training budget, chosen before any method was run.
+
+Within a seed, the suite gives every method the same initial weights and the same batches, so
+methods differ only in how they combine the tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor, nn
+
+__all__ = ["Budget", "Problem", "Split", "TaskModel"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs and one target tensor per task, indexed by sample along the first axis."""
+
+    x: Tensor
+    targets: Mapping[str, Tensor]
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def take(self, index: Tensor) -> Split:
+        return Split(self.x[index], {task: y[index] for task, y in self.targets.items()})
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The fixed training budget: Adam with this learning rate, this batch size, these epochs."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+
+
+class TaskModel(nn.Module):
+    """A shared ``trunk`` and one head per task; ``forward(x)`` returns task -> prediction.
+
+    Every method reaches the shared features as ``model.trunk``'s output (feature-level methods
+    attach there; TorchJD's peers aggregate on ``model.trunk``'s parameters).
+    """
+
+    trunk: nn.Module
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Problem(Protocol):
+    """One benchmark problem (see the module docstring)."""
+
+    #: Short name, used in file names (``benchmarks/results/<name>.json``) and on the CLI.
+    name: str
+    #: One line for tables: what the problem is.
+    title: str
+    tasks: tuple[str, ...]
+    #: Elements per sample each task's loss is a mean over (for methods that correct for it).
+    output_sizes: Mapping[str, int]
+    #: Task -> what its validation metric is (lower is better), e.g. "error rate (%)".
+    metrics: Mapping[str, str]
+    budget: Budget
+
+    def data(self, *, smoke: bool = False) -> tuple[Split, Split]:
+        """The fixed (train, validation) split; ``smoke``: a few dozen samples."""
+        ...
+
+    def model(self) -> TaskModel:
+        """A fresh model, initialized from torch's global RNG."""
+        ...
+
+    def losses(self, outputs: Mapping[str, Tensor], batch: Split) -> dict[str, Tensor]:
+        """Each task's scalar training loss on ``batch``."""
+        ...
+
+    def evaluate(self, model: TaskModel, split: Split) -> dict[str, float]:
+        """Each task's validation metric on ``split`` (lower is better), under no_grad."""
+        ...
