@@ -1,0 +1,534 @@
+"""The benchmark suite: every method, the peers and the baselines, on every problem, over seeds.
+
+For each problem of ``benchmarks/problems/`` (``pointer_countdown``, ``digits``, ``ucr``,
+``many_tasks``) and each seed, trains:
+
+- each task alone (the single-task baselines that Δm is measured against);
+- a plain ``sum(losses)`` and the static weights a user would try first, tuned: three weight
+  vectors (each loss divided by its value at initialization; the sqrt-of-output-size factors;
+  the output-size factors), the best on validation kept per seed and labelled ``tuned``;
+- every method of the package at its defaults: the loss-level ones on the losses, the
+  feature-level ones attached at the model's trunk (``attach(model, "trunk")``);
+- TorchJD's aggregators on the trunk's parameters (``mtl_backward`` + ``jac_to_grad``), its own
+  implementation, where ``torchjd`` is installed (the ``bench`` extra).
+
+Within a seed every method starts from the same weights and sees the same batches, with the
+problem's one budget (``Problem.budget``); nothing is tuned per method. Each run records the
+validation metric of each task (lower is better) after every epoch.
+
+Δm of one run = mean over tasks of (metric - metric of the task alone, same seed) / (metric
+alone), in %. ``benchmarks/render_suite.py`` turns the results into tables and figures.
+
+Usage (from the repository root)::
+
+    python benchmarks/suite.py                         # every problem, method and seed 0-4
+    python benchmarks/suite.py --problems digits --methods sum dbmtl --seeds 0 1
+    python benchmarks/suite.py --reuse                 # only the runs not in the results yet
+    python benchmarks/suite.py --smoke                 # every problem and method, a few steps
+    python benchmarks/suite.py --speed                 # step time and memory vs a plain sum
+
+Runs go to ``benchmarks/results/<problem>.json`` (``--smoke``: a temporary folder unless
+``--out`` is given). ``--jobs`` worker processes (2 by default) run in parallel, one torch thread
+each; a progress line per finished run gives the runs done, the time left and the run's Δm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from problems import Problem, Split, TaskModel  # noqa: E402
+
+import balanced_losses as bl  # noqa: E402
+
+PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
+SEEDS = (0, 1, 2, 3, 4)
+RESULTS = HERE / "results"
+
+
+def load_problem(name: str) -> Problem:
+    module = importlib.import_module(f"problems.{name}")
+    problem: Problem = module.PROBLEM
+    return problem
+
+
+# ------------------------------------------------------------------------------------ methods
+
+
+class Trainer:
+    """One method's training step on a problem's model (a plain sum by default)."""
+
+    def __init__(self, problem: Problem, model: TaskModel, lr: float) -> None:
+        self.problem = problem
+        self.model = model
+        self.weighting: bl.Weighting | None = None
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def add_parameters(self, params: Sequence[torch.nn.Parameter], lr: float) -> None:
+        if params:
+            self.optimizer.add_param_group({"params": list(params), "lr": lr})
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        return sum(losses.values(), torch.zeros(()))
+
+    def backward(self, losses: dict[str, Tensor]) -> None:
+        self.total(losses).backward()
+
+    def step(self, batch: Split) -> dict[str, Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.problem.losses(self.model(batch.x), batch)
+        self.backward(losses)
+        self.optimizer.step()
+        self.after_step(batch)
+        return losses
+
+    def after_step(self, batch: Split) -> None:
+        """Called after each optimizer step (FAMO's update)."""
+
+    def epoch_end(self) -> None:
+        """Called after each epoch (DWA's step)."""
+
+
+class Alone(Trainer):
+    def __init__(self, problem: Problem, model: TaskModel, lr: float, task: str) -> None:
+        super().__init__(problem, model, lr)
+        self.task = task
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        return losses[self.task]
+
+
+class Static(Trainer):
+    """Fixed weights: a plain sum with factors."""
+
+    def __init__(
+        self, problem: Problem, model: TaskModel, lr: float, weights: Mapping[str, float]
+    ) -> None:
+        super().__init__(problem, model, lr)
+        self.factors = dict(weights)
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        return sum((self.factors[t] * loss for t, loss in losses.items()), torch.zeros(()))
+
+
+class Weighted(Trainer):
+    """A method of the package: ``weighting(losses)``, attached at the trunk if feature-level."""
+
+    def __init__(
+        self, problem: Problem, model: TaskModel, lr: float, weighting: bl.Weighting
+    ) -> None:
+        super().__init__(problem, model, lr)
+        self.weighting = weighting
+        if callable(getattr(weighting, "attach", None)):
+            weighting.attach(model, "trunk")  # type: ignore[operator]
+        # Learned weights (uncertainty, IMTL-L) train with the model's optimizer.
+        self.add_parameters([p for p in weighting.parameters() if p.requires_grad], lr)
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        assert self.weighting is not None
+        return self.weighting(losses)
+
+    def after_step(self, batch: Split) -> None:
+        if isinstance(self.weighting, bl.FAMO):
+            with torch.no_grad():
+                losses = self.problem.losses(self.model(batch.x), batch)
+            self.weighting.update(losses)
+
+    def epoch_end(self) -> None:
+        if isinstance(self.weighting, bl.DWA):
+            self.weighting.step()
+
+
+class TorchJD(Trainer):
+    """A TorchJD aggregator on the trunk's parameters: ``mtl_backward`` then ``jac_to_grad``."""
+
+    def __init__(self, problem: Problem, model: TaskModel, lr: float, aggregator: Any) -> None:
+        super().__init__(problem, model, lr)
+        self.aggregator = aggregator
+        self.features: list[Tensor] = []
+        model.trunk.register_forward_hook(self._keep)
+
+    def _keep(self, module: Any, args: Any, output: Any) -> None:
+        self.features = [output] if isinstance(output, Tensor) else list(output)
+
+    def backward(self, losses: dict[str, Tensor]) -> None:
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        mtl_backward([losses[t] for t in self.problem.tasks], features=self.features)
+        jac_to_grad(list(self.model.trunk.parameters()), self.aggregator)
+
+
+def _loss_level(problem: Problem, model: TaskModel) -> dict[str, Callable[[], bl.Weighting]]:
+    tasks, sizes = list(problem.tasks), dict(problem.output_sizes)
+    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
+    return {
+        "normalizer-sqrt": lambda: bl.LossNormalizer(sizes, correction="sqrt"),
+        "uncertainty": lambda: bl.UncertaintyWeighting(tasks),
+        "gradnorm": lambda: bl.GradNorm(tasks, trunk),
+        "dwa": lambda: bl.DWA(tasks),
+        "rlw": lambda: bl.RLW(tasks, seed=0),
+        "imtll": lambda: bl.IMTLL(tasks),
+        "famo": lambda: bl.FAMO(tasks),
+        "geometric-mean": lambda: bl.GeometricMean(tasks),
+    }
+
+
+def _feature_level(problem: Problem) -> dict[str, Callable[[], bl.Weighting]]:
+    tasks = list(problem.tasks)
+    return {
+        "gradient-balancer": lambda: bl.GradientBalancer(tasks),
+        "dbmtl": lambda: bl.DBMTL(tasks),
+        "upgrad": lambda: bl.UPGrad(tasks),
+        "upgrad-balanced": lambda: bl.UPGrad(tasks, balance_norms=True),
+        "mgda": lambda: bl.MGDA(tasks),
+        "cagrad": lambda: bl.CAGrad(tasks),
+        "imtlg": lambda: bl.IMTLG(tasks),
+        "aligned-mtl": lambda: bl.AlignedMTL(tasks),
+        "nash-mtl": lambda: bl.NashMTL(tasks),
+        "fairgrad": lambda: bl.FairGrad(tasks),
+        "pcgrad": lambda: bl.PCGrad(tasks, seed=0),
+    }
+
+
+#: TorchJD's aggregators run as peers (class names in ``torchjd.aggregation``).
+TORCHJD = {
+    "torchjd-upgrad": "UPGrad",
+    "torchjd-mgda": "MGDA",
+    "torchjd-pcgrad": "PCGrad",
+    "torchjd-imtlg": "IMTLG",
+    "torchjd-aligned-mtl": "AlignedMTL",
+    "torchjd-cagrad": "CAGrad",
+}
+#: The static weight vectors of the ``tuned`` baseline (see the module docstring).
+STATIC = ("static-initial-loss", "static-sqrt-size", "static-size")
+PACKAGE_LOSS = (
+    "normalizer-sqrt",
+    "uncertainty",
+    "gradnorm",
+    "dwa",
+    "rlw",
+    "imtll",
+    "famo",
+    "geometric-mean",
+)
+PACKAGE_FEATURES = (
+    "gradient-balancer",
+    "dbmtl",
+    "upgrad",
+    "upgrad-balanced",
+    "mgda",
+    "cagrad",
+    "imtlg",
+    "aligned-mtl",
+    "nash-mtl",
+    "fairgrad",
+    "pcgrad",
+)
+
+
+def methods_of(problem: Problem) -> list[str]:
+    """Every method run on ``problem``, the single-task baselines first."""
+    names = [f"alone:{t}" for t in problem.tasks]
+    names += ["sum", *STATIC, *PACKAGE_LOSS, *PACKAGE_FEATURES]
+    if importlib.util.find_spec("torchjd") is not None:
+        names += list(TORCHJD)
+    return names
+
+
+def _static_weights(problem: Problem, name: str, first: dict[str, Tensor]) -> dict[str, float]:
+    sizes = problem.output_sizes
+    if name == "static-initial-loss":
+        raw = {t: 1.0 / max(float(first[t]), 1e-12) for t in problem.tasks}
+    elif name == "static-sqrt-size":
+        raw = {t: math.sqrt(sizes[t]) for t in problem.tasks}
+    else:
+        raw = {t: float(sizes[t]) for t in problem.tasks}
+    mean = statistics.fmean(raw.values())
+    return {t: v / mean for t, v in raw.items()}
+
+
+def make_trainer(
+    problem: Problem, method: str, model: TaskModel, first: dict[str, Tensor]
+) -> Trainer:
+    lr = problem.budget.lr
+    if method == "sum":
+        return Trainer(problem, model, lr)
+    if method.startswith("alone:"):
+        return Alone(problem, model, lr, method.split(":", 1)[1])
+    if method in STATIC:
+        return Static(problem, model, lr, _static_weights(problem, method, first))
+    loss_level = _loss_level(problem, model)
+    if method in loss_level:
+        return Weighted(problem, model, lr, loss_level[method]())
+    features = _feature_level(problem)
+    if method in features:
+        return Weighted(problem, model, lr, features[method]())
+    if method in TORCHJD:
+        from torchjd import aggregation
+
+        # CAGrad's c: 0.4, the package's default and the paper's choice for its benchmarks.
+        kwargs = {"c": 0.4} if TORCHJD[method] == "CAGrad" else {}
+        return TorchJD(problem, model, lr, getattr(aggregation, TORCHJD[method])(**kwargs))
+    raise KeyError(f"unknown method `{method}`; expected one of {methods_of(problem)}")
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class Job:
+    problem: str
+    method: str
+    seed: int
+    smoke: bool
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Train one method for one seed; the run's record."""
+    torch.set_num_threads(1)
+    problem = load_problem(job.problem)
+    train, val = problem.data(smoke=job.smoke)
+    torch.manual_seed(job.seed)
+    model = problem.model()
+    with torch.no_grad():
+        probe = train.take(torch.arange(min(len(train), 256)))
+        first = problem.losses(model(probe.x), probe)
+    trainer = make_trainer(problem, job.method, model, first)
+    budget = problem.budget
+    epochs, max_steps = (1, 2) if job.smoke else (budget.epochs, None)
+    generator = torch.Generator().manual_seed(1000 + job.seed)  # the same batches per seed
+    curves: dict[str, list[float]] = {t: [] for t in problem.tasks}
+    started, steps = time.perf_counter(), 0
+    with warnings_as_notes() as notes:
+        for _ in range(epochs):
+            for index in batches(len(train), budget.batch_size, generator):
+                trainer.step(train.take(index))
+                steps += 1
+                if max_steps is not None and steps >= max_steps:
+                    break
+            trainer.epoch_end()
+            for task, value in problem.evaluate(model, val).items():
+                curves[task].append(value)
+    seconds = time.perf_counter() - started
+    return {
+        "problem": job.problem,
+        "method": job.method,
+        "seed": job.seed,
+        "smoke": job.smoke,
+        "epochs": epochs,
+        "steps": steps,
+        "metrics": {t: values[-1] for t, values in curves.items()},
+        "curves": curves,
+        "seconds": seconds,
+        "warnings": notes,
+    }
+
+
+@contextlib.contextmanager
+def warnings_as_notes() -> Iterator[list[str]]:
+    """Record the distinct warnings of a run (they go into its record, not to the console)."""
+    import warnings
+
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield notes
+    for w in caught:
+        text = f"{w.category.__name__}: {w.message}"
+        if text not in notes:
+            notes.append(text)
+
+
+# ----------------------------------------------------------------------------------- results
+
+
+def delta_m(metrics: Mapping[str, float], alone: Mapping[str, float]) -> float:
+    """Mean over tasks of the relative change against each task alone, in %."""
+    return 100.0 * statistics.fmean((metrics[t] - alone[t]) / alone[t] for t in metrics)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def results_path(out: Path, problem: str) -> Path:
+    return out / f"{problem}.json"
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        record: dict[str, Any] = json.loads(path.read_text())
+        return record
+    return {"runs": [], "calls": []}
+
+
+def save_results(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record["runs"].sort(key=lambda r: (r["method"], r["seed"]))
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def calibration_line(problem_name: str, smoke: bool) -> str | None:
+    """Problem 1's three numbers at initialization, printed at the start of every run."""
+    if problem_name != "pointer_countdown":
+        return None
+    from problems.pointer_countdown import PROBLEM, calibration
+
+    train, _ = PROBLEM.data(smoke=smoke)
+    torch.manual_seed(0)
+    numbers = calibration(PROBLEM.model(), train.take(torch.arange(min(len(train), 128))))
+    return (
+        f"pointer_countdown at initialization (plain sum, seed 0): pointer loss "
+        f"{numbers['pointer_loss']:.3f}, countdown loss {numbers['countdown_loss']:.2f}, "
+        f"countdown/pointer gradient at the encoder {numbers['grad_ratio']:.3f}"
+    )
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="skip runs already in the results")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of everything (CI)")
+    parser.add_argument("--speed", action="store_true", help="step time and memory instead")
+    args = parser.parse_args(argv)
+    if args.speed:
+        import suite_speed
+
+        return suite_speed.main(args)
+    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else RESULTS)
+    seeds = [0] if args.smoke else args.seeds
+    jobs: list[Job] = []
+    records: dict[str, dict[str, Any]] = {}
+    for name in args.problems:
+        problem = load_problem(name)
+        line = calibration_line(name, args.smoke)
+        if line:
+            print(line, flush=True)
+        record = load_results(results_path(out, name)) if args.reuse else {"runs": [], "calls": []}
+        records[name] = record
+        done = {(r["method"], r["seed"]) for r in record["runs"]}
+        wanted = args.methods or methods_of(problem)
+        unknown = sorted(set(wanted) - set(methods_of(problem)))
+        if unknown:
+            parser.error(f"unknown method(s) {unknown} for `{name}`")
+        # Baselines first: a run's Δm needs them.
+        ordered = [m for m in methods_of(problem) if m in wanted]
+        jobs += [Job(name, m, s, args.smoke) for s in seeds for m in ordered if (m, s) not in done]
+    print(f"{len(jobs)} runs, {args.jobs} at a time, 1 torch thread each", flush=True)
+    started = time.perf_counter()
+    finished: list[dict[str, Any]] = []
+
+    def report(result: dict[str, Any]) -> None:
+        finished.append(result)
+        record = records[result["problem"]]
+        record["runs"] = [
+            r
+            for r in record["runs"]
+            if (r["method"], r["seed"]) != (result["method"], result["seed"])
+        ] + [result]
+        alone = {
+            r["method"].split(":", 1)[1]: r["metrics"][r["method"].split(":", 1)[1]]
+            for r in record["runs"]
+            if r["method"].startswith("alone:") and r["seed"] == result["seed"]
+        }
+        dm = ""
+        if set(alone) == set(result["metrics"]) and not result["method"].startswith("alone:"):
+            dm = f"  Δm {delta_m(result['metrics'], alone):+.1f} %"
+        elapsed = time.perf_counter() - started
+        left = elapsed / len(finished) * (len(jobs) - len(finished))
+        print(
+            f"[{len(finished)}/{len(jobs)}] {format_seconds(elapsed)} elapsed, "
+            f"ETA {format_seconds(left)}  {result['problem']} {result['method']} "
+            f"seed {result['seed']}{dm}",
+            flush=True,
+        )
+        save_results(results_path(out, result["problem"]), record)
+
+    if args.jobs <= 1:
+        for job in jobs:
+            report(run(job))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            futures = [pool.submit(run, job) for job in jobs]
+            for future in as_completed(futures):
+                report(future.result())
+    call = {
+        "command": " ".join(["python", "benchmarks/suite.py", *(argv or sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "runs": len(jobs),
+        "wall_seconds": time.perf_counter() - started,
+        "cpu_seconds": sum(r["seconds"] for r in finished),
+        "jobs": args.jobs,
+        "machine": machine_info(),
+    }
+    for name, record in records.items():
+        problem = load_problem(name)
+        record["problem"] = {
+            "name": name,
+            "title": problem.title,
+            "tasks": list(problem.tasks),
+            "metrics": dict(problem.metrics),
+            "budget": dataclasses.asdict(problem.budget),
+        }
+        record["calls"].append(call)
+        save_results(results_path(out, name), record)
+    print(f"done: {len(jobs)} runs in {format_seconds(time.perf_counter() - started)}; {out}")
+    bad = [r for r in finished if not all(math.isfinite(v) for v in r["metrics"].values())]
+    for r in bad:
+        print(f"non-finite metric: {r['problem']} {r['method']} seed {r['seed']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Step time and peak memory of every method of the suite, as ratios to a plain sum.
+
+Run through ``python benchmarks/suite.py --speed [--problems ...] [--methods ...]``. On each
+problem, every method gets its own model and optimizer and trains on the problem's batches;
+rounds interleave the methods (their order rotating every round) so that a change in the
+machine's load hits all of them alike, after warm-up rounds. A method's time ratio is the median
+over rounds of its step time divided by the plain sum's in the same round; its memory ratio is
+the peak of live tensor bytes in one step (under ``torch.profiler``), divided by the plain sum's.
+One torch thread. Results: ``benchmarks/results/suite_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+import speed
+import suite
+from problems import Problem, Split
+
+
+class Stepper:
+    """One method training on endless batches of a problem: ``step()`` returns its seconds."""
+
+    def __init__(self, problem: Problem, method: str, train: Split, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        model = problem.model()
+        with torch.no_grad():
+            probe = train.take(torch.arange(min(len(train), 256)))
+            first = problem.losses(model(probe.x), probe)
+        self.trainer = suite.make_trainer(problem, method, model, first)
+        self.train = train
+        self.batches = self._batches(problem.budget.batch_size)
+
+    def _batches(self, size: int) -> Iterator[Split]:
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            for index in suite.batches(len(self.train), size, generator):
+                if len(index) == size:
+                    yield self.train.take(index)
+
+    def step(self) -> float:
+        batch = next(self.batches)
+        start = time.perf_counter()
+        self.trainer.step(batch)
+        return time.perf_counter() - start
+
+
+def measure(problem: Problem, methods: list[str], rounds: int, warmup: int) -> dict[str, Any]:
+    train, _ = problem.data()
+    runners = {m: Stepper(problem, m, train) for m in ["sum", *methods] if m != "sum"} | {}
+    runners = {"sum": Stepper(problem, "sum", train), **runners}
+    with suite.warnings_as_notes():
+        times = speed.interleave(runners, rounds=rounds, warmup=warmup)
+        memory = {m: speed.peak_step_bytes(r) for m, r in runners.items()}
+    rows = []
+    for m in runners:
+        ratios = [t / b for t, b in zip(times[m], times["sum"], strict=True)]
+        ratio, iqr = speed.median_iqr(ratios)
+        rows.append(
+            {
+                "method": m,
+                "step_seconds": statistics.median(times[m]),
+                "ratio": ratio,
+                "ratio_iqr": iqr,
+                "peak_bytes": memory[m][0],
+                "peak_ratio": memory[m][0] / max(memory["sum"][0], 1),
+            }
+        )
+    return {"problem": problem.name, "rounds": rounds, "warmup": warmup, "rows": rows}
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    rounds, warmup = (2, 1) if args.smoke else (15, 3)
+    started = time.perf_counter()
+    out = args.out or suite.RESULTS
+    path = out / "suite_speed.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"problems": {}}
+    for name in args.problems:
+        problem = suite.load_problem(name)
+        if args.smoke:
+            problem_train_smoke(problem)
+        methods = [m for m in (args.methods or suite.methods_of(problem)) if ":" not in m]
+        print(f"{name}: {len(methods)} methods, {rounds} interleaved rounds", flush=True)
+        record["problems"][name] = measure(problem, methods, rounds, warmup)
+    record["call"] = {
+        "command": "python benchmarks/suite.py --speed",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": time.perf_counter() - started,
+        "machine": suite.machine_info(),
+        "threads": 1,
+    }
+    if not args.smoke or args.out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"done in {suite.format_seconds(time.perf_counter() - started)}")
+    return 0
+
+
+def problem_train_smoke(problem: Problem) -> None:
+    """``--smoke``: the small split (the speed run then takes seconds)."""
+    full = problem.data
+
+    def small(*, smoke: bool = False) -> tuple[Split, Split]:
+        return full(smoke=True)
+
+    problem.data = small  # type: ignore[method-assign]
