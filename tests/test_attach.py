@@ -307,3 +307,20 @@ def test_compiled_model_with_attach_equals_branch(heads: str, fullgraph: bool) -
         reference(digit_losses(by_hand(twin, reference, images), labels)).backward()
         for p, q in zip(net.parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("heads", ["named", "measured"])
+def test_a_factor_applied_to_the_total_reaches_the_trunk(heads: str) -> None:
+    """A GradScaler's scale or an accumulation divisor multiplies every gradient, trunk too."""
+    torch.manual_seed(0)
+    net = DigitParityNet()
+    twin = copy.deepcopy(net)
+    named = {"digit": "digit_head", "parity": "parity_head"} if heads == "named" else None
+    weighting, reference = bl.DBMTL(TASKS), bl.DBMTL(TASKS)
+    weighting.attach(net, "shared", named)
+    reference.attach(twin, "shared", named)
+    images, labels = digit_batch(0)
+    (weighting(digit_losses(net(images), labels)) * 1024.0).backward()
+    reference(digit_losses(twin(images), labels)).backward()
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, 1024.0 * q.grad, rtol=1e-6, atol=0)

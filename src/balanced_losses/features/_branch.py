@@ -69,10 +69,41 @@ class _Branch(torch.autograd.Function):
         return (None, None, *merged)
 
 
-def _replace_gradient(combined: Tensor, grad: Tensor) -> Tensor | None:
-    """Tensor hook of a measured attachment: the combined gradient replaces the summed one."""
+class _Upstream:
+    """The gradient that reached a measured step's total: what the caller scaled it by."""
+
+    scale: Tensor | None = None
+
+
+class _KeepUpstream(torch.autograd.Function):
+    """Identity on the total; its backward keeps the gradient that reaches it.
+
+    That gradient is whatever the caller scaled the total by: a GradScaler's scale, a
+    gradient-accumulation divisor, any factor applied after the weighting's call.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, total: Tensor, upstream: _Upstream) -> Tensor:
+        ctx.upstream = upstream
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.upstream.scale = grad.detach()
+        return grad, None
+
+
+def _replace_gradient(combined: Tensor, upstream: _Upstream, grad: Tensor) -> Tensor | None:
+    """Tensor hook of a measured attachment: the combined gradient replaces the summed one.
+
+    The combination was measured from the losses themselves; the factor that reached the total
+    in this backward (``upstream``, recorded before this hook runs) is applied to it.
+    """
     # A diagnostic's autograd.grad sees each task's own gradient, unchanged.
-    return None if is_measuring() else combined
+    if is_measuring():
+        return None
+    scale = upstream.scale
+    return combined if scale is None else combined * scale.to(combined.dtype)
 
 
 class FeatureWeighting(Weighting):
@@ -233,12 +264,16 @@ class FeatureWeighting(Weighting):
         """
         return Attachment(self, model, trunk, heads)
 
-    def _route_measured(self, values: Tensor) -> bool:
-        """Balance at an attached trunk's output whose heads were not named; True if attached.
+    def _route_measured(self, values: Tensor) -> _Upstream | bool:
+        """Balance at an attached trunk's output whose heads were not named.
 
         Each task's gradient at the trunk's output is taken here with ``autograd.grad`` (through
         its head only, not the trunk), combined as the backward node would, and a hook on the
-        output replaces the summed gradient of the coming backward pass with the combination.
+        output replaces the summed gradient of the coming backward pass with the combination,
+        times the factor that reaches the total in that pass (see :class:`_KeepUpstream`).
+
+        Returns False without a measured attachment, True when there is nothing to measure, and
+        the holder of that factor otherwise (the total must go through ``_KeepUpstream``).
         """
         leaves = next(
             (t for t in (a.tracked() for a in self._attachments if a.measures) if t is not None),
@@ -257,10 +292,11 @@ class FeatureWeighting(Weighting):
                 torch.autograd.grad(values[i], leaves, retain_graph=True, allow_unused=True)
             )
         merged = self._combine_gradients(per_task, len(leaves))
+        upstream = _Upstream()
         for leaf, combined in zip(leaves, merged, strict=True):
             if combined is not None:
-                leaf.register_hook(functools.partial(_replace_gradient, combined))
-        return True
+                leaf.register_hook(functools.partial(_replace_gradient, combined, upstream))
+        return upstream
 
     def _views(
         self,
@@ -282,7 +318,8 @@ class FeatureWeighting(Weighting):
         """Return the plain sum of the present losses; the balancing happens in backward."""
         values, _ = self._stack(losses)
         self._last_present = frozenset(name for name in self.tasks if losses.get(name) is not None)
-        if self._updating and self._route_measured(values):
+        measured = self._route_measured(values) if self._updating else False
+        if measured is not False:
             self._branched = True
         if self._updating and not self._branched:
             warnings.warn(
@@ -301,6 +338,8 @@ class FeatureWeighting(Weighting):
             # the branch node runs in backward as on every other rank: under DDP its collective
             # must not be skipped on one rank while the others wait in it.
             total = total + sum(o.sum() for o in outputs) * 0.0
+        if isinstance(measured, _Upstream):
+            total = _KeepUpstream.apply(total, measured)  # type: ignore[no-untyped-call]
         return self._returned(total)
 
     # ----------------------------------------------------------------------------- backward
