@@ -212,3 +212,7 @@ def test_hf_trainer_example_resumes_the_weighting_from_its_checkpoint(tmp_path):
     assert "'balancer.ema'" in out  # DBMTL's statistics, not only its task names
     assert "resumed run ends in the uninterrupted run's weighting state: True" in out
     assert "eval loss" in out
+    # The Trainer's training logs carry log_dict's keys, gradient shares included (attach).
+    (logs,) = [line for line in out.splitlines() if line.startswith("weighting logs at step 4:")]
+    for key in ("loss/sum", "weight/topic", "grad_share/topic", "grad_share/salience"):
+        assert f"'{key}'" in logs
