@@ -123,7 +123,9 @@ def test_monitor_example_logs_what_the_real_gradient_monitor_measures(monkeypatc
     assert "step     5" in capsys.readouterr().out
 
 
-def _check_lightning_run(tmp_path: Path, weighting: str, state: str) -> None:
+def _check_lightning_run(
+    tmp_path: Path, weighting: str, state: str, *, feature_level: bool = False
+) -> None:
     pytest.importorskip("lightning")
     logdir = tmp_path / "logs"
     out = run_script(
@@ -146,6 +148,23 @@ def _check_lightning_run(tmp_path: Path, weighting: str, state: str) -> None:
     assert len(weights) == 4  # one row per step in smoke mode
     assert all(w > 0 for pair in weights for w in pair)
     assert any(r["val_loss/countdown"] for r in rows)  # validation ran and logged
+    # log_dict's plain sum of the raw losses, on the same rows as the weights.
+    for r in rows:
+        if r["weight/pointer"]:
+            assert float(r["loss/sum"]) == pytest.approx(
+                float(r["loss/pointer"]) + float(r["loss/countdown"]), rel=1e-5
+            )
+    # Gradient shares: logged by the feature-level methods only (attach measured them).
+    shares = [
+        (float(r["grad_share/pointer"]), float(r["grad_share/countdown"]))
+        for r in rows
+        if r.get("grad_share/pointer")
+    ]
+    if feature_level:
+        assert len(shares) == 4
+        assert all(a + b == pytest.approx(1.0) and 0 < a < 1 for a, b in shares)
+    else:
+        assert not shares
 
 
 @needs_examples
@@ -160,6 +179,17 @@ def test_lightning_example_with_loss_normalizer(tmp_path):
         tmp_path,
         "normalizer",
         "['_extra_state', 'count', 'ema', 'micro_step', 'pending_count', 'pending_sum']",
+    )
+
+
+@pytest.mark.slow
+@needs_examples
+def test_lightning_example_with_dbmtl_attached_logs_gradient_shares(tmp_path):
+    _check_lightning_run(
+        tmp_path,
+        "dbmtl",
+        "['_extra_state', 'balancer._extra_state', 'balancer.count', 'balancer.ema']",
+        feature_level=True,
     )
 
 
