@@ -53,6 +53,7 @@ def test_monitor_example_prints_losses_and_weights_without_tensorboard(tmp_path)
     for task in ("pointer", "countdown"):
         assert f"weight/{task}=" in lines[-1]
         assert f"loss/{task}=" in lines[-1]
+    assert "loss/sum=" in lines[-1]  # log_dict's plain sum of the raw losses
 
 
 @pytest.mark.slow
