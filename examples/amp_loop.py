@@ -1,16 +1,25 @@
 """A plain training loop with torch.autocast (float16) and torch.amp.GradScaler, balanced by DBMTL.
 
-DBMTL is a feature-level method: the shared features go through `dbmtl.branch` before the
-heads, and each head reads its own view. The order within a step:
+DBMTL is a feature-level method, attached to the model's trunk; the model's forward is
+unchanged. Both heads take the trunk's output as it is, so they are named
+(`heads={"kind": "kind", "position": "position"}`): each head then receives its task's view of
+the trunk's output, and the balancing happens inside the scaled backward pass. The order within
+a step:
 
+    dbmtl.attach(model, "trunk", heads={...})   # once, before training
     with torch.autocast(device, dtype=torch.float16):
-        views = dbmtl.branch(trunk(x))          # inside autocast, like the rest of the forward
-        outputs = heads(views)
+        outputs = model(x)                      # the heads read per-task views
     losses = {...}                              # in float32, from the outputs cast up
     total = dbmtl(losses)                       # the real (unscaled) losses
     scaler.scale(total).backward()              # the balancer measures scaled feature gradients
     scaler.step(optimizer)                      # unscales; skips the step on inf/NaN gradients
     scaler.update()
+    logs = dbmtl.log_dict(every=N)              # {} but on every N-th step: no sync there
+
+Name the heads under a GradScaler. Without them (`attach(model, "trunk")`), each task's gradient
+is measured when `dbmtl(losses)` is called, before `scaler.scale` multiplies the total; in this
+release the trunk then receives the balanced gradient without the scaler's factor, which
+`scaler.step` divides out of every gradient.
 
 The weighting sees the losses before scaling, so its loss statistics are the real ones. In the
 backward pass the feature gradients carry the scaler's factor; DBMTL's gradient half rescales
@@ -50,9 +59,9 @@ class TwoHeads(nn.Module):
         self.kind = nn.Linear(hidden, CLASSES)
         self.position = nn.Linear(hidden, 3)
 
-    def forward(self, x: Tensor, weighting: bl.Weighting) -> dict[str, Tensor]:
-        views = weighting.branch(self.trunk(x))
-        return {"kind": self.kind(views["kind"]), "position": self.position(views["position"])}
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        feats = self.trunk(x)
+        return {"kind": self.kind(feats), "position": self.position(feats)}
 
 
 def make_batch(gen: torch.Generator, size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     model = TwoHeads().to(device)
     dbmtl = bl.DBMTL(TASKS).to(device)  # buffers only: nothing for the optimizer
+    # Hooks on the trunk: in training, each head's input becomes its task's view of the features.
+    dbmtl.attach(model, "trunk", heads={"kind": "kind", "position": "position"})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler(device.type)
     gen = torch.Generator().manual_seed(0)
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         x, kind, position = (t.to(device) for t in make_batch(gen, args.batch_size))
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16):
-            out = model(x, dbmtl)
+            out = model(x)
         # Losses in float32: the float16 outputs cast up, so a large squared error cannot overflow.
         losses = {
             "kind": F.cross_entropy(out["kind"].float(), kind),
@@ -97,11 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
-        if step % args.log_every == 0 or step == args.steps:
-            # .item() syncs with the device: only on logging steps.
-            logged = {f"loss/{t}": loss.item() for t, loss in losses.items()}
-            logged |= {f"weight/{t}": w.item() for t, w in dbmtl.weights.items()}
-            logged["scale"] = scaler.get_scale()
+        # Steps 1, 1 + N, 1 + 2N, ...: the raw losses, their plain sum (`loss/sum`, the number to
+        # compare with a plain-sum run; DBMTL's total is a sum of logarithms), the weights and
+        # each task's share of the gradient sent into the trunk. One device sync, on those steps.
+        logs = dbmtl.log_dict(every=args.log_every)
+        if logs:
+            logged = logs | {"scale": scaler.get_scale()}
             print(f"step {step:4d} " + " ".join(f"{k}={v:.4g}" for k, v in logged.items()))
     return logged
 

@@ -17,8 +17,20 @@ the weighting is also not part of the model one ships. So:
 - DBMTL has no learned parameters; with UncertaintyWeighting or IMTLL, override
   `create_optimizer` to add `weighting.parameters()` to the optimizer.
 
-DBMTL is a feature-level method: the encoder's output goes through `dbmtl.branch` before the
-heads; the model's forward takes the routing function as an argument.
+The model is an ordinary Hugging Face model: its forward knows nothing about balanced_losses.
+DBMTL is a feature-level method, attached from the outside with `weighting.attach(model, "bert")`
+("bert" is the encoder submodule whose output the heads share). No heads are named: the topic head
+reads `last_hidden_state[:, 0]`, not the encoder's output itself, so at the weighting's call each
+task's gradient at the encoder's output is measured through its own head (one extra backward pass
+through the heads, none through the encoder), and `loss.backward()` sends the balanced sum into
+the encoder. In this release that measured mode balances the gradient of the weighting's total
+as returned: keep `gradient_accumulation_steps=1` and `fp16=False`, since the Trainer divides the
+total by the accumulation steps (and the fp16 scaler multiplies it) after `compute_loss`.
+
+What to log: the Trainer's own `loss` is DBMTL's total, a sum of logarithms. `log` adds
+`weighting.log_dict()` to the Trainer's training logs (every `logging_steps`): the raw losses,
+their plain sum `loss/sum` (comparable with a plain-sum run), the weights, and each task's share
+of the gradient sent into the encoder.
 
     pip install -e ".[hf]"
     python examples/hf_trainer.py --output-dir /tmp/hf-run
@@ -30,7 +42,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +78,11 @@ class TwoHeadBert(BertPreTrainedModel):
         self.salience_head = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        route: Callable[[Tensor], dict[str, Tensor]] | None = None,
-    ) -> dict[str, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
         feats = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        views = route(feats) if route is not None else dict.fromkeys(TASKS, feats)
         return {
-            "topic": self.topic_head(views["topic"][:, 0]),
-            "salience": self.salience_head(views["salience"]).squeeze(-1),
+            "topic": self.topic_head(feats[:, 0]),
+            "salience": self.salience_head(feats).squeeze(-1),
         }
 
 
@@ -126,13 +131,20 @@ class MultiTaskTrainer(Trainer):
     ) -> Any:
         # The model's mode (Trainer.evaluate switches it to eval): statistics frozen in eval.
         self.weighting.train(model.training)
-        out = model(input_ids=inputs["input_ids"], route=self.weighting.branch)
+        out = model(input_ids=inputs["input_ids"])
         losses = {
             "topic": F.cross_entropy(out["topic"], inputs["labels"]),
             "salience": F.mse_loss(out["salience"], inputs["salience"]),
         }
         total = self.weighting(losses)
         return (total, out) if return_outputs else total
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the weighting's numbers to the Trainer's training logs (every `logging_steps`)."""
+        if "loss" in logs:  # the training log; evaluation logs `eval_loss`
+            # One host-device sync, on logging steps only; every reporter sees these keys.
+            logs = {**logs, **self.weighting.log_dict()}
+        super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """Restore the weighting from the checkpoint (if resuming), then train."""
@@ -175,12 +187,17 @@ def make_trainer(output_dir: str, max_steps: int, save_steps: int) -> MultiTaskT
         seed=0,
         data_seed=0,
     )
+    model = TwoHeadBert(tiny_config())
+    weighting = bl.DBMTL(TASKS)
+    # Hooks on the encoder; the model's forward is unchanged. No heads named: the topic head
+    # takes a slice of the encoder's output, so each task's gradient there is measured.
+    weighting.attach(model, "bert")
     return MultiTaskTrainer(
-        model=TwoHeadBert(tiny_config()),
+        model=model,
         args=args,
         train_dataset=Synthetic(256, seed=0),
         eval_dataset=Synthetic(32, seed=1),
-        weighting=bl.DBMTL(TASKS),
+        weighting=weighting,
     )
 
 
@@ -233,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"resumed run ends in the uninterrupted run's weighting state: {match}")
         metrics = resumed.evaluate()
         print(f"eval loss {metrics['eval_loss']:.4f}")
+        logged = [entry for entry in resumed.state.log_history if "loss/sum" in entry]
+        last = {k: round(v, 4) for k, v in logged[-1].items() if "/" in k}
+        print(f"weighting logs at step {logged[-1]['step']}: {last}")
         return metrics
 
 

@@ -8,15 +8,24 @@ The weighting is a submodule of the LightningModule, so
   checkpoints and restored by `load_from_checkpoint`, which the script checks at the end;
 - Lightning's `train()`/`eval()` switching freezes its statistics during validation.
 
-The weights are logged with `self.log_dict` as 0-dim tensors: Lightning turns them into floats
-only when it writes to the logger (every `log_every_n_steps`), so the other steps never wait for
-the device.
+What is logged comes from `self.weighting.log_dict()`, called in `on_train_batch_end` (after
+backward and the optimizer step) on the steps Lightning writes to its logger (every
+`log_every_n_steps`) and only there, so the other steps never wait for the device: each task's
+raw loss, their plain sum `loss/sum` (the number to compare with a validation loss; the
+weighting's total `loss/total` is what it differentiates), the weights and, for a feature-level
+method, each task's share of the gradient sent into the encoder (`grad_share/<task>`).
+
+`--weighting dbmtl` uses a feature-level method, attached to the encoder in `__init__`
+(`self.weighting.attach(self, "encoder")`): `losses` stays as it is. No heads are named, since the
+pointer head takes the time-pooled features: each task's gradient at the encoder's output is
+measured through its own head when the weighting is called.
 
 Run::
 
     pip install -e ".[lightning]"
     python examples/lightning_module.py --epochs 5                    # UncertaintyWeighting
     python examples/lightning_module.py --epochs 5 --weighting normalizer
+    python examples/lightning_module.py --epochs 5 --weighting dbmtl  # gradient shares logged
 
 `BL_SMOKE=1` (or `--steps N`) runs a few steps on CPU, as CI does; `--fast-dev-run` runs
 Lightning's one-batch check (which disables logging and checkpoints).
@@ -77,9 +86,15 @@ class TwoTaskModule(L.LightningModule):
             self.weighting = bl.LossNormalizer(
                 {"pointer": 2, "countdown": STEPS}, correction="sqrt"
             )
+        elif weighting == "dbmtl":
+            dbmtl = bl.DBMTL(["pointer", "countdown"])
+            # Hooks on self.encoder; `losses` below is unchanged. Measured (no heads named): the
+            # pointer head reads the pooled features, not the encoder's output itself.
+            dbmtl.attach(self, "encoder")
+            self.weighting = dbmtl
         else:
             raise ValueError(
-                f"`weighting` must be 'uncertainty' or 'normalizer', got {weighting!r}"
+                f"`weighting` must be 'uncertainty', 'normalizer' or 'dbmtl', got {weighting!r}"
             )
 
     def losses(self, batch: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
@@ -92,13 +107,14 @@ class TwoTaskModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         losses = self.losses(batch)
-        total = self.weighting(losses)
-        # 0-dim tensors, no .item(): Lightning converts to floats when it writes the log.
-        self.log_dict({f"weight/{task}": w for task, w in self.weighting.weights.items()})
-        # Logged values only: detached so the logger does not keep the graph alive.
-        self.log_dict({f"train_loss/{task}": loss.detach() for task, loss in losses.items()})
-        self.log("train_loss/total", total.detach())
-        return total
+        return self.weighting(losses)
+
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        # After backward and the optimizer step, on the steps Lightning writes to its logger (it
+        # writes once `global_step` is a multiple of `log_every_n_steps`; a value logged on
+        # another step would be written later under the wrong step). One host-device sync there.
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.log_dict(self.weighting.log_dict())
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         # Lightning has put the module, weighting included, in eval mode: statistics are frozen.
@@ -112,7 +128,9 @@ class TwoTaskModule(L.LightningModule):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weighting", choices=["uncertainty", "normalizer"], default="uncertainty")
+    parser.add_argument(
+        "--weighting", choices=["uncertainty", "normalizer", "dbmtl"], default="uncertainty"
+    )
     parser.add_argument("--epochs", type=int, default=1 if SMOKE else 5)
     parser.add_argument(
         "--steps",

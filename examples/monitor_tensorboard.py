@@ -5,7 +5,8 @@ features, a countdown head with one output per time step) trains on a `LossNorma
 Every `--log-every` steps the script logs, to TensorBoard's `SummaryWriter` when `tensorboard`
 is installed and to stdout otherwise:
 
-- each task's loss and the weight the normalizer applied (`normalizer.weights`);
+- `normalizer.log_dict()`: each task's raw loss, their plain sum `loss/sum`, the normalized
+  total `loss/total` and the weight the normalizer applied to each task;
 - when `balanced_losses.diagnostics` is available, what its `GradientMonitor` measured on the
   shared encoder every `--every` steps: each task's gradient norm and share.
 
@@ -146,9 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         optimizer.step()
 
         if step % args.log_every == 0 or step == args.steps:
-            # Converting to floats synchronizes with the device: only on logging steps.
-            last = {f"loss/{task}": loss.item() for task, loss in losses.items()}
-            last.update({f"weight/{task}": w.item() for task, w in normalizer.weights.items()})
+            # Floats, read with one host-device sync: only on logging steps. (This loop picks
+            # its logging steps itself, the last one included, so `every` stays 1.)
+            last = normalizer.log_dict()
             if monitor is not None:
                 last.update({f"gradient/{k}": float(v) for k, v in monitor.as_dict().items()})
             log_scalars(writer, last, step)

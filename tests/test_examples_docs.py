@@ -53,6 +53,7 @@ def test_monitor_example_prints_losses_and_weights_without_tensorboard(tmp_path)
     for task in ("pointer", "countdown"):
         assert f"weight/{task}=" in lines[-1]
         assert f"loss/{task}=" in lines[-1]
+    assert "loss/sum=" in lines[-1]  # log_dict's plain sum of the raw losses
 
 
 @pytest.mark.slow
@@ -123,7 +124,9 @@ def test_monitor_example_logs_what_the_real_gradient_monitor_measures(monkeypatc
     assert "step     5" in capsys.readouterr().out
 
 
-def _check_lightning_run(tmp_path: Path, weighting: str, state: str) -> None:
+def _check_lightning_run(
+    tmp_path: Path, weighting: str, state: str, *, feature_level: bool = False
+) -> None:
     pytest.importorskip("lightning")
     logdir = tmp_path / "logs"
     out = run_script(
@@ -146,6 +149,23 @@ def _check_lightning_run(tmp_path: Path, weighting: str, state: str) -> None:
     assert len(weights) == 4  # one row per step in smoke mode
     assert all(w > 0 for pair in weights for w in pair)
     assert any(r["val_loss/countdown"] for r in rows)  # validation ran and logged
+    # log_dict's plain sum of the raw losses, on the same rows as the weights.
+    for r in rows:
+        if r["weight/pointer"]:
+            assert float(r["loss/sum"]) == pytest.approx(
+                float(r["loss/pointer"]) + float(r["loss/countdown"]), rel=1e-5
+            )
+    # Gradient shares: logged by the feature-level methods only (attach measured them).
+    shares = [
+        (float(r["grad_share/pointer"]), float(r["grad_share/countdown"]))
+        for r in rows
+        if r.get("grad_share/pointer")
+    ]
+    if feature_level:
+        assert len(shares) == 4
+        assert all(a + b == pytest.approx(1.0) and 0 < a < 1 for a, b in shares)
+    else:
+        assert not shares
 
 
 @needs_examples
@@ -160,6 +180,17 @@ def test_lightning_example_with_loss_normalizer(tmp_path):
         tmp_path,
         "normalizer",
         "['_extra_state', 'count', 'ema', 'micro_step', 'pending_count', 'pending_sum']",
+    )
+
+
+@pytest.mark.slow
+@needs_examples
+def test_lightning_example_with_dbmtl_attached_logs_gradient_shares(tmp_path):
+    _check_lightning_run(
+        tmp_path,
+        "dbmtl",
+        "['_extra_state', 'balancer._extra_state', 'balancer.count', 'balancer.ema']",
+        feature_level=True,
     )
 
 
@@ -182,13 +213,68 @@ def test_docs_figures_regenerate(tmp_path):
 def test_amp_loop_example_trains_with_float16_and_grad_scaler(tmp_path):
     out = run_script(EXAMPLES / "amp_loop.py", "--smoke", cwd=tmp_path).stdout
     lines = [line for line in out.splitlines() if line.startswith("step")]
-    assert len(lines) == 3  # steps 2, 4 and 6
+    assert len(lines) == 3  # log_dict(every=2): steps 1, 3 and 5
     last = dict(item.split("=") for item in lines[-1].split()[2:])
     assert float(last["scale"]) > 1  # GradScaler("cpu") is enabled and scaling
     for task in ("kind", "position"):
         assert float(last[f"weight/{task}"]) > 0
+    # attach routed the heads' inputs: DBMTL saw both tasks' gradients at the trunk.
+    shares = [float(last[f"grad_share/{task}"]) for task in ("kind", "position")]
+    assert all(0 < share < 1 for share in shares)
+    assert sum(shares) == pytest.approx(1.0, abs=1e-3)  # printed with 4 significant digits
+    assert float(last["loss/sum"]) > float(last["loss/position"])
     # DBMTL divides by the loss: the large-valued regression gets the smaller weight.
     assert float(last["weight/position"]) < float(last["weight/kind"])
+
+
+@needs_examples
+@pytest.mark.parametrize(
+    "heads",
+    [
+        pytest.param({"kind": "kind", "position": "position"}, id="routed"),
+        pytest.param(
+            None,
+            id="measured",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="attach without heads measures the gradients at the weighting's call and "
+                "replaces the trunk output's gradient with them: a factor applied to the total "
+                "afterwards (GradScaler, gradient accumulation) does not reach the trunk",
+            ),
+        ),
+    ],
+)
+def test_amp_loop_attach_scales_the_trunk_gradient_like_the_heads(heads):
+    """Under float16 autocast + GradScaler, the unscaled trunk gradient equals the unscaled
+    gradient of the same step without the scaler (the example's model and data)."""
+    from torch.nn import functional as F
+
+    example = runpy.run_path(str(EXAMPLES / "amp_loop.py"), run_name="example")
+
+    def unscaled_grads(scale: float | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = example["TwoHeads"]()
+        dbmtl = balanced_losses.DBMTL(example["TASKS"])
+        dbmtl.attach(model, "trunk", heads)
+        x, kind, position = example["make_batch"](torch.Generator().manual_seed(0), 64)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        losses = {
+            "kind": F.cross_entropy(out["kind"].float(), kind),
+            "position": F.mse_loss(out["position"].float(), position),
+        }
+        total = dbmtl(losses)
+        if scale is None:
+            total.backward()
+        else:
+            scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+            scaler.scale(total).backward()
+            scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
+        return [model.trunk[0].weight.grad, model.kind.weight.grad]
+
+    # float16 rounds differently with and without the scale: compared as whole tensors.
+    for scaled, plain in zip(unscaled_grads(2.0**16), unscaled_grads(None), strict=True):
+        assert (scaled - plain).norm() < 1e-2 * plain.norm()
 
 
 # About 15 s (two spawned processes, three weightings); tests/test_fsdp.py covers FSDP2 by default.
@@ -212,3 +298,7 @@ def test_hf_trainer_example_resumes_the_weighting_from_its_checkpoint(tmp_path):
     assert "'balancer.ema'" in out  # DBMTL's statistics, not only its task names
     assert "resumed run ends in the uninterrupted run's weighting state: True" in out
     assert "eval loss" in out
+    # The Trainer's training logs carry log_dict's keys, gradient shares included (attach).
+    (logs,) = [line for line in out.splitlines() if line.startswith("weighting logs at step 4:")]
+    for key in ("loss/sum", "weight/topic", "grad_share/topic", "grad_share/salience"):
+        assert f"'{key}'" in logs
