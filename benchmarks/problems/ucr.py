@@ -116,7 +116,7 @@ class ArrowHead:
         "label": "error rate (%)",
         "stat": "MAE (mean and std)",
     }
-    budget = Budget(epochs=6, batch_size=64, lr=2e-3)
+    budget = Budget(epochs=8, batch_size=64, lr=2e-3)
 
     def data(self, *, smoke: bool = False) -> tuple[Split, Split]:
         series, labels = _load_series()
