@@ -23,9 +23,9 @@ DBMTL is a feature-level method, attached from the outside with `weighting.attac
 reads `last_hidden_state[:, 0]`, not the encoder's output itself, so at the weighting's call each
 task's gradient at the encoder's output is measured through its own head (one extra backward pass
 through the heads, none through the encoder), and `loss.backward()` sends the balanced sum into
-the encoder. In this release that measured mode balances the gradient of the weighting's total
-as returned: keep `gradient_accumulation_steps=1` and `fp16=False`, since the Trainer divides the
-total by the accumulation steps (and the fp16 scaler multiplies it) after `compute_loss`.
+the encoder. The factor the Trainer applies to the total after `compute_loss` (the
+gradient-accumulation divisor, the fp16 scaler's scale) reaches the encoder as it reaches the
+heads.
 
 What to log: the Trainer's own `loss` is DBMTL's total, a sum of logarithms. `log` adds
 `weighting.log_dict()` to the Trainer's training logs (every `logging_steps`): the raw losses,

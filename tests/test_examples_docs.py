@@ -232,16 +232,7 @@ def test_amp_loop_example_trains_with_float16_and_grad_scaler(tmp_path):
     "heads",
     [
         pytest.param({"kind": "kind", "position": "position"}, id="routed"),
-        pytest.param(
-            None,
-            id="measured",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="attach without heads measures the gradients at the weighting's call and "
-                "replaces the trunk output's gradient with them: a factor applied to the total "
-                "afterwards (GradScaler, gradient accumulation) does not reach the trunk",
-            ),
-        ),
+        pytest.param(None, id="measured"),
     ],
 )
 def test_amp_loop_attach_scales_the_trunk_gradient_like_the_heads(heads):

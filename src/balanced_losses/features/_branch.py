@@ -103,7 +103,11 @@ def _replace_gradient(combined: Tensor, upstream: _Upstream, grad: Tensor) -> Te
     if is_measuring():
         return None
     scale = upstream.scale
-    return combined if scale is None else combined * scale.to(combined.dtype)
+    if scale is None:
+        return combined
+    # In at least float32: a GradScaler's 65536 is inf in float16.
+    wide = torch.promote_types(combined.dtype, torch.float32)
+    return (combined.to(wide) * scale.to(combined.device, wide)).to(combined.dtype)
 
 
 class FeatureWeighting(Weighting):
