@@ -373,8 +373,83 @@ def _versus_sum(summary: dict[str, dict[str, Any]], method: str) -> str:
     )
 
 
+SUITE = (
+    "benchmarks/results/pointer_countdown.json",
+    "benchmarks/results/digits.json",
+    "benchmarks/results/ucr.json",
+    "benchmarks/results/many_tasks.json",
+)
+
+
+def _suite() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render_suite
+
+    return render_suite
+
+
+def _against_sum(records: dict[str, Any], method: str) -> str:
+    """Per problem, how ``method`` compares with a plain sum, in words with the figures."""
+    rs = _suite()
+    parts = []
+    for problem, record in records.items():
+        verdict, figures = rs.comparison(record, method)
+        parts.append(f"{problem} {verdict} ({figures})")
+    return "; ".join(parts)
+
+
+def block_suite_summary() -> str:
+    rs = _suite()
+    records = rs.load_all()
+    speed_path = ROOT / "benchmarks" / "results" / "suite_speed.json"
+    speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
+    seeds = sorted({r["seed"] for rec in records.values() for r in rec["runs"] if not r["smoke"]})
+    cpu = sum(c.get("cpu_seconds", 0.0) for rec in records.values() for c in rec["calls"]) / 3600
+    return (
+        f"Δm against each task trained alone (%), mean ± standard error over seeds "
+        f"{seeds_text(seeds)}, on {len(records)} problems; lower is better. Mean rank: each "
+        "method's rank by mean Δm, averaged over the problems. Step time: the median ratio to "
+        "a plain sum over interleaved rounds, one torch thread (the range over the problems). "
+        f"The runs took {cpu:.1f} h of CPU time; `python benchmarks/suite.py` reproduces them "
+        "(`--reuse` keeps what is there), `python benchmarks/render_suite.py` the tables in "
+        "`benchmarks/results/` (one per problem, with per-task metrics, the worst seed and "
+        "the verdict against a plain sum) and the figures.\n\n" + rs.summary_table(records, speed)
+    )
+
+
 def block_decision_path() -> str:
-    """The one recommendation every page shows, decided by the quality runs."""
+    """The one recommendation every page shows, decided by the suite (or the quality runs)."""
+    rs = _suite()
+    records = rs.load_all()
+    if len(records) == len(SUITE):
+        rank = rs.mean_ranks(records)
+        features = min((m for m in FEATURE_LEVEL if m in rank), key=rank.__getitem__)
+        losses = min((m for m in LOSS_LEVEL if m in rank), key=rank.__getitem__)
+        n = len(rank)
+        return "\n".join(
+            [
+                f"1. **Can your code reach the shared features?** `{SHORT[features]}` has the "
+                f"best mean rank of the feature-level methods over the {len(records)} "
+                f"benchmark problems ({rank[features]:.1f} of {n}). Against a plain sum, Δm: "
+                f'{_against_sum(records, features)}. `weighting.attach(model, "trunk")` '
+                "balances there without a change to your model's `forward`.",
+                f"2. **Only the losses?** `{SHORT[losses]}` has the best mean rank of the "
+                f"loss-level methods ({rank[losses]:.1f} of {n}); against a plain sum: "
+                f"{_against_sum(records, losses)}. Where it is within noise, keep the plain "
+                "sum, with your hand-tuned factors in `weights=`.",
+                "3. **Do task gradients point against each other?** (a negative cosine in "
+                "`balanced_losses.diagnostics.gradient_report`) `UPGrad` at the shared "
+                f"features; against a plain sum: {_against_sum(records, 'upgrad')}.",
+                "4. **Resuming from a checkpoint of an older release?** Keep the class it was "
+                "trained with: every class loads its earlier checkpoints. Switch methods at "
+                "the start of a run, not in the middle.",
+            ]
+        )
+    return _decision_path_from_quality_runs()
+
+
+def _decision_path_from_quality_runs() -> str:
+    """The recommendation from the pointer/countdown quality runs alone (before the suite)."""
     runs = quality_runs()
     summary = quality_summary(runs)
     _, seeds = quality_settings(runs)
@@ -815,7 +890,8 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "quality-table": Block((QUALITY, SPEED), block_quality_table),
     "quality-verdict": Block((QUALITY, SPEED), block_quality_verdict),
-    "decision-path": Block((QUALITY,), block_decision_path),
+    "decision-path": Block((QUALITY, *SUITE), block_decision_path),
+    "suite-summary": Block((*SUITE, "benchmarks/results/suite_speed.json"), block_suite_summary),
     "demo-table": Block((DEMO,), block_demo_table),
     "demo-curves": Block((DEMO,), block_demo_curves),
     "init-gradients": Block((INIT,), block_init_gradients),

@@ -142,7 +142,10 @@ class Weighted(Trainer):
     ) -> None:
         super().__init__(problem, model, lr)
         self.weighting = weighting
-        if callable(getattr(weighting, "attach", None)):
+        # DBMTL(balance_features=False) is loss-level: nothing to attach.
+        if callable(getattr(weighting, "attach", None)) and getattr(
+            weighting, "balance_features", True
+        ):
             weighting.attach(model, "trunk")  # type: ignore[operator]
         # Learned weights (uncertainty, IMTL-L) train with the model's optimizer.
         self.add_parameters([p for p in weighting.parameters() if p.requires_grad], lr)
@@ -249,6 +252,18 @@ PACKAGE_FEATURES = (
 )
 
 
+#: Variants of the recommended method's defaults, for the robustness study on problem 1
+#: (``--methods`` accepts them; ``methods_of`` does not list them).
+VARIANTS: dict[str, Callable[[list[str]], bl.Weighting]] = {
+    "dbmtl-momentum-0": lambda tasks: bl.DBMTL(tasks, momentum=0.0),
+    "dbmtl-momentum-0.99": lambda tasks: bl.DBMTL(tasks, momentum=0.99),
+    "dbmtl-log-only": lambda tasks: bl.DBMTL(tasks, balance_features=False),
+    "gradient-balancer-max": lambda tasks: bl.GradientBalancer(tasks, target="max"),
+    "gradient-balancer-momentum-0.99": lambda tasks: bl.GradientBalancer(tasks, momentum=0.99),
+    "gradient-balancer-momentum-0": lambda tasks: bl.GradientBalancer(tasks, momentum=0.0),
+}
+
+
 def methods_of(problem: Problem) -> list[str]:
     """Every method run on ``problem``, the single-task baselines first."""
     names = [f"alone:{t}" for t in problem.tasks]
@@ -286,6 +301,8 @@ def make_trainer(
     features = _feature_level(problem)
     if method in features:
         return Weighted(problem, model, lr, features[method]())
+    if method in VARIANTS:
+        return Weighted(problem, model, lr, VARIANTS[method](list(problem.tasks)))
     if method in TORCHJD:
         from torchjd import aggregation
 
@@ -392,6 +409,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def problem_info(problem: Problem) -> dict[str, Any]:
+    return {
+        "name": problem.name,
+        "title": problem.title,
+        "tasks": list(problem.tasks),
+        "metrics": dict(problem.metrics),
+        "budget": dataclasses.asdict(problem.budget),
+    }
+
+
 def results_path(out: Path, problem: str) -> Path:
     return out / f"{problem}.json"
 
@@ -456,13 +483,14 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
         record = load_results(results_path(out, name)) if args.reuse else {"runs": [], "calls": []}
         records[name] = record
+        record["problem"] = problem_info(problem)
         done = {(r["method"], r["seed"]) for r in record["runs"]}
         wanted = args.methods or methods_of(problem)
-        unknown = sorted(set(wanted) - set(methods_of(problem)))
+        unknown = sorted(set(wanted) - set(methods_of(problem)) - set(VARIANTS))
         if unknown:
             parser.error(f"unknown method(s) {unknown} for `{name}`")
         # Baselines first: a run's Δm needs them.
-        ordered = [m for m in methods_of(problem) if m in wanted]
+        ordered = [m for m in [*methods_of(problem), *VARIANTS] if m in wanted]
         jobs += [Job(name, m, s, args.smoke) for s in seeds for m in ordered if (m, s) not in done]
     print(f"{len(jobs)} runs, {args.jobs} at a time, 1 torch thread each", flush=True)
     started = time.perf_counter()
@@ -513,14 +541,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
     }
     for name, record in records.items():
-        problem = load_problem(name)
-        record["problem"] = {
-            "name": name,
-            "title": problem.title,
-            "tasks": list(problem.tasks),
-            "metrics": dict(problem.metrics),
-            "budget": dataclasses.asdict(problem.budget),
-        }
         record["calls"].append(call)
         save_results(results_path(out, name), record)
     print(f"done: {len(jobs)} runs in {format_seconds(time.perf_counter() - started)}; {out}")

@@ -19,10 +19,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
 import speed
 import suite
+import torch
 from problems import Problem, Split
 
 
@@ -40,6 +39,7 @@ class Stepper:
         self.batches = self._batches(problem.budget.batch_size)
 
     def _batches(self, size: int) -> Iterator[Split]:
+        size = min(size, len(self.train))  # full batches only: equal work every step
         generator = torch.Generator().manual_seed(0)
         while True:
             for index in suite.batches(len(self.train), size, generator):
@@ -55,8 +55,7 @@ class Stepper:
 
 def measure(problem: Problem, methods: list[str], rounds: int, warmup: int) -> dict[str, Any]:
     train, _ = problem.data()
-    runners = {m: Stepper(problem, m, train) for m in ["sum", *methods] if m != "sum"} | {}
-    runners = {"sum": Stepper(problem, "sum", train), **runners}
+    runners = {m: Stepper(problem, m, train) for m in ["sum", *[m for m in methods if m != "sum"]]}
     with suite.warnings_as_notes():
         times = speed.interleave(runners, rounds=rounds, warmup=warmup)
         memory = {m: speed.peak_step_bytes(r) for m, r in runners.items()}

@@ -195,10 +195,10 @@ class Attachment:
                 raise RuntimeError(
                     f"head `{name}` of task `{task}` received {_describe(received)}, which is "
                     f"not the output of trunk `{self.trunk_name}` ({_describe(self._output)}) "
-                    "nor one of its tensors. `attach` can only route a head's input that is "
-                    "exactly the trunk's output: name as `trunk` the module whose output the "
-                    "heads take (e.g. after any pooling or dropout between them), or call "
-                    "`weighting.branch` in the forward"
+                    "nor one of its tensors. Named heads must take the trunk's output as it is: "
+                    "leave out `heads` (attach then measures each task's gradient at the "
+                    "trunk's output, whatever happens between), or name as `trunk` the module "
+                    "whose output the heads take"
                 )
             return (view, *args[1:]), kwargs
 

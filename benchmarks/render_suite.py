@@ -1,0 +1,383 @@
+"""Tables and figures of the benchmark suite, from ``benchmarks/results/<problem>.json``.
+
+For each problem: ``benchmarks/results/<problem>.md`` (every method's per-task metric and Δm,
+mean ± standard error over seeds, the worst seed's Δm and the rank), a figure of Δm with error
+bars (``docs/figures/suite_<problem>.png``) and the training curves of a few methods
+(``docs/figures/suite_<problem>_curves.png``); across problems, ``benchmarks/results/suite.md``
+(mean rank, Δm per problem, step time). ``benchmarks/render.py`` puts the summary in the README
+and the docs. Everything is computed from the JSON files; run after ``benchmarks/suite.py``::
+
+    python benchmarks/render_suite.py          # write the tables and figures
+    python benchmarks/render_suite.py --check  # exit 1 if a table is stale (no figures)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = ROOT / "docs" / "figures"
+PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
+
+# ruff: noqa: RUF001  (the rendered text uses the plus-minus and multiplication signs)
+
+#: How each method is shown; the order of the tables.
+LABELS: dict[str, str] = {
+    "sum": "plain sum",
+    "tuned": "static weights, tuned (best of 3 on validation)",
+    "normalizer-sqrt": '`LossNormalizer(correction="sqrt")`',
+    "uncertainty": "`UncertaintyWeighting`",
+    "gradnorm": "`GradNorm`",
+    "dwa": "`DWA`",
+    "rlw": "`RLW`",
+    "imtll": "`IMTLL`",
+    "famo": "`FAMO`",
+    "geometric-mean": "`GeometricMean`",
+    "gradient-balancer": "`GradientBalancer`",
+    "dbmtl": "`DBMTL`",
+    "upgrad": "`UPGrad`",
+    "upgrad-balanced": "`UPGrad(balance_norms=True)`",
+    "mgda": "`MGDA`",
+    "cagrad": "`CAGrad`",
+    "imtlg": "`IMTLG`",
+    "aligned-mtl": "`AlignedMTL`",
+    "nash-mtl": "`NashMTL`",
+    "fairgrad": "`FairGrad`",
+    "pcgrad": "`PCGrad`",
+    "torchjd-upgrad": "TorchJD `UPGrad` (parameters)",
+    "torchjd-mgda": "TorchJD `MGDA` (parameters)",
+    "torchjd-pcgrad": "TorchJD `PCGrad` (parameters)",
+    "torchjd-imtlg": "TorchJD `IMTLG` (parameters)",
+    "torchjd-aligned-mtl": "TorchJD `AlignedMTL` (parameters)",
+    "torchjd-cagrad": "TorchJD `CAGrad` (parameters)",
+}
+STATIC = ("static-initial-loss", "static-sqrt-size", "static-size")
+#: Methods whose curves are drawn.
+CURVES = ("sum", "tuned", "dbmtl", "gradient-balancer", "upgrad", "normalizer-sqrt")
+
+
+def load(problem: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{problem}.json"
+    if not path.is_file():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text())
+    # A run still in progress has not written its problem's description yet.
+    return record if "problem" in record else None
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return mean, se
+
+
+def delta_m(metrics: Mapping[str, float], alone: Mapping[str, float]) -> float:
+    return 100.0 * statistics.fmean((metrics[t] - alone[t]) / alone[t] for t in metrics)
+
+
+def summarize(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method: per-seed metrics and Δm; ``tuned`` picks, per seed, the best static vector."""
+    runs = [r for r in record["runs"] if not r["smoke"]]
+    tasks = record["problem"]["tasks"]
+    seeds = sorted({r["seed"] for r in runs})
+    by = {(r["method"], r["seed"]): r for r in runs}
+    alone: dict[int, dict[str, float]] = {}
+    for seed in seeds:
+        got = {
+            t: by[(f"alone:{t}", seed)]["metrics"][t] for t in tasks if (f"alone:{t}", seed) in by
+        }
+        if len(got) == len(tasks):
+            alone[seed] = got
+    out: dict[str, dict[str, Any]] = {}
+    methods = sorted({r["method"] for r in runs if not r["method"].startswith("alone:")})
+    for method in [*LABELS, *(m for m in methods if m not in LABELS)]:
+        if method in out or method in STATIC:
+            continue
+        per_seed: dict[int, dict[str, float]] = {}
+        for seed in alone:
+            if method == "tuned":
+                options = [by[(m, seed)]["metrics"] for m in STATIC if (m, seed) in by]
+                if len(options) == len(STATIC):
+                    per_seed[seed] = min(options, key=lambda ms: delta_m(ms, alone[seed]))
+            elif (method, seed) in by:
+                per_seed[seed] = by[(method, seed)]["metrics"]
+        if per_seed:
+            deltas = {s: delta_m(ms, alone[s]) for s, ms in per_seed.items()}
+            out[method] = {"metrics": per_seed, "delta": deltas}
+    return out
+
+
+def ranks(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    order = sorted(summary, key=lambda m: statistics.fmean(summary[m]["delta"].values()))
+    return {m: i + 1 for i, m in enumerate(order)}
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, f"`{method}`")
+
+
+#: The robustness study of the recommended method's defaults (problem 1), with what each
+#: variant changes.
+STUDY = {
+    "dbmtl": "`DBMTL()`: the defaults (momentum 0.9, gradient half scaled to the largest norm)",
+    "dbmtl-momentum-0": "`DBMTL(momentum=0)`: the current step's norms, no running statistics",
+    "dbmtl-momentum-0.99": "`DBMTL(momentum=0.99)`: slower statistics",
+    "dbmtl-log-only": "`DBMTL(balance_features=False)`: the log transform alone",
+    "gradient-balancer": "`GradientBalancer()`: the gradient half alone, to the mean norm",
+    "gradient-balancer-max": '`GradientBalancer(target="max")`: to the largest norm',
+    "gradient-balancer-momentum-0.99": "`GradientBalancer(momentum=0.99)`",
+    "gradient-balancer-momentum-0": "`GradientBalancer(momentum=0)`",
+}
+
+
+def study_table(record: dict[str, Any]) -> str:
+    """The variants of the study next to the defaults: mean, standard error, worst seed."""
+    summary = summarize(record)
+    present = [m for m in STUDY if m in summary]
+    if len(present) <= 2:
+        return ""
+    lines = [
+        "| variant | Δm (%) | worst seed Δm | seeds with Δm > +20 % |",
+        "| --- | --- | --- | --- |",
+    ]
+    for m in present:
+        deltas = list(summary[m]["delta"].values())
+        d, se = mean_se(deltas)
+        over = sum(v > 20 for v in deltas)
+        lines.append(
+            f"| {STUDY[m]} | {d:+.1f} ± {se:.1f} | {max(deltas):+.1f} | {over} of {len(deltas)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def problem_table(record: dict[str, Any]) -> str:
+    summary = {m: v for m, v in summarize(record).items() if m in LABELS}
+    if not summary:
+        return "No complete seed yet.\n"
+    info = record["problem"]
+    tasks = info["tasks"]
+    rank = ranks(summary)
+    seeds = sorted({s for v in summary.values() for s in v["delta"]})
+    shown_tasks = tasks if len(tasks) <= 4 else []
+    head = [
+        "method",
+        *[f"{t}: {info['metrics'][t]}" for t in shown_tasks],
+        "Δm (%)",
+        "worst seed Δm",
+        "rank",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    sum_mean, sum_se = (
+        mean_se(list(summary["sum"]["delta"].values()))
+        if "sum" in summary
+        else (math.nan, math.nan)
+    )
+    for method in sorted(summary, key=lambda m: rank[m]):
+        entry = summary[method]
+        cells = [label(method)]
+        for t in shown_tasks:
+            m, se = mean_se([ms[t] for ms in entry["metrics"].values()])
+            cells.append(f"{m:.3g} ± {se:.2g}")
+        d, se = mean_se(list(entry["delta"].values()))
+        cells += [f"{d:+.1f} ± {se:.1f}", f"{max(entry['delta'].values()):+.1f}", str(rank[method])]
+        lines.append("| " + " | ".join(cells) + " |")
+    calls = record.get("calls", [])
+    budget = info.get("budget", {})
+    machine = calls[-1]["machine"] if calls else {}
+    cpu_minutes = sum(c.get("cpu_seconds", 0.0) for c in calls) / 60
+    text = [
+        f"**{info['title']}.** {len(tasks)} tasks; Δm against each task trained alone, "
+        f"mean ± standard error over seeds {', '.join(map(str, seeds))}; lower is better.",
+        f"Budget: Adam, lr {budget.get('lr')}, batch {budget.get('batch_size')}, "
+        f"{budget.get('epochs')} epochs. {cpu_minutes:.0f} min of CPU time on "
+        f"{machine.get('cpu', '?')}, torch {machine.get('torch', '?')}, one thread per run.",
+        "",
+        *lines,
+    ]
+    if not math.isnan(sum_mean):
+        text.append("")
+        text.append(verdict(summary, sum_mean, sum_se))
+    study = study_table(record)
+    if study:
+        text += ["", "## Defaults of the recommended method, varied", "", study]
+    return "\n".join(text) + "\n"
+
+
+def verdict(summary: Mapping[str, Mapping[str, Any]], s: float, s_se: float) -> str:
+    better, worse = [], []
+    for method, entry in summary.items():
+        if method == "sum":
+            continue
+        m, se = mean_se(list(entry["delta"].values()))
+        if abs(m - s) > 2 * math.hypot(se, s_se):
+            (better if m < s else worse).append(label(method))
+    parts = [
+        "Beyond seed noise (the difference of the means above twice its standard error): "
+        f"better than a plain sum: {', '.join(better) or 'none'}; "
+        f"worse: {', '.join(worse) or 'none'}. The others are within noise of a plain sum."
+    ]
+    return " ".join(parts)
+
+
+def load_all() -> dict[str, dict[str, Any]]:
+    """The results of every problem that has them."""
+    return {p: r for p in PROBLEMS if (r := load(p)) is not None}
+
+
+def comparison(record: dict[str, Any], method: str, against: str = "sum") -> tuple[str, str]:
+    """``(verdict, figures)``: how ``method`` compares with ``against`` on one problem.
+
+    The verdict is "better", "worse" (the difference of the mean Δm beyond twice its standard
+    error) or "within noise".
+    """
+    summary = summarize(record)
+    m, se = mean_se(list(summary[method]["delta"].values()))
+    s, s_se = mean_se(list(summary[against]["delta"].values()))
+    apart = abs(m - s) > 2 * math.hypot(se, s_se)
+    verdict = ("better" if m < s else "worse") if apart else "within noise"
+    return verdict, f"{m:+.0f} ± {se:.0f} % against {s:+.0f} ± {s_se:.0f} %"
+
+
+def mean_ranks(records: Mapping[str, dict[str, Any]]) -> dict[str, float]:
+    """Each method's rank by mean Δm, averaged over the problems (methods run on all)."""
+    summaries = {
+        p: {m: v for m, v in summarize(r).items() if m in LABELS} for p, r in records.items()
+    }
+    all_ranks = {p: ranks(s) for p, s in summaries.items() if s}
+    methods = [m for m in LABELS if all(m in r for r in all_ranks.values())]
+    return {m: statistics.fmean(r[m] for r in all_ranks.values()) for m in methods}
+
+
+def summary_table(records: Mapping[str, dict[str, Any]], speed: dict[str, Any] | None) -> str:
+    summaries = {
+        p: {m: v for m, v in summarize(r).items() if m in LABELS} for p, r in records.items()
+    }
+    summaries = {p: s for p, s in summaries.items() if s}
+    if not summaries:
+        return "No results yet.\n"
+    all_ranks = {p: ranks(s) for p, s in summaries.items()}
+    methods = [m for m in LABELS if all(m in s for s in summaries.values())]
+    mean_rank = {m: statistics.fmean(all_ranks[p][m] for p in summaries) for m in methods}
+    head = ["method", "mean rank", *[f"Δm {p} (%)" for p in summaries], "step time / sum"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for m in sorted(methods, key=lambda m: mean_rank[m]):
+        cells = [label(m), f"{mean_rank[m]:.1f}"]
+        for s in summaries.values():
+            d, se = mean_se(list(s[m]["delta"].values()))
+            cells.append(f"{d:+.0f} ± {se:.0f}")
+        cells.append(step_time(speed, m))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def step_time(speed: dict[str, Any] | None, method: str) -> str:
+    if not speed:
+        return ""
+    wanted = "static-size" if method == "tuned" else method
+    ratios = [
+        row["ratio"]
+        for entry in speed["problems"].values()
+        for row in entry["rows"]
+        if row["method"] == wanted
+    ]
+    if not ratios:
+        return ""
+    return f"{min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else f"{ratios[0]:.2f}"
+
+
+def figures(records: Mapping[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    for problem, record in records.items():
+        summary = {m: v for m, v in summarize(record).items() if m in LABELS}
+        if not summary:
+            continue
+        order = sorted(summary, key=lambda m: statistics.fmean(summary[m]["delta"].values()))
+        means = [mean_se(list(summary[m]["delta"].values())) for m in order]
+        fig, ax = plt.subplots(figsize=(8, 0.28 * len(order) + 1.5))
+        y = range(len(order))
+        ax.barh(
+            list(y),
+            [m for m, _ in means],
+            xerr=[0 if math.isnan(se) else se for _, se in means],
+            color=["#999999" if o in ("sum", "tuned") else "#4477aa" for o in order],
+        )
+        ax.set_yticks(list(y), [label(o).replace("`", "") for o in order], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel(
+            "Δm against each task alone (%), mean ± standard error over seeds; lower is better"
+        )
+        ax.set_title(record["problem"]["title"], fontsize=9)
+        fig.tight_layout()
+        fig.savefig(FIGURES / f"suite_{problem}.png", dpi=80)
+        plt.close(fig)
+        tasks = record["problem"]["tasks"][:4]
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+        runs = [r for r in record["runs"] if not r["smoke"] and r["seed"] == 0]
+        for ax, task in zip(axes[0], tasks, strict=False):
+            for r in runs:
+                if r["method"] in CURVES or r["method"] == f"alone:{task}":
+                    ax.plot(
+                        range(1, len(r["curves"][task]) + 1), r["curves"][task], label=r["method"]
+                    )
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"{task}: {record['problem']['metrics'][task]}")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(
+            f"{problem}, seed 0: validation metric per epoch (lower is better)", fontsize=9
+        )
+        fig.tight_layout()
+        fig.savefig(FIGURES / f"suite_{problem}_curves.png", dpi=80)
+        plt.close(fig)
+
+
+def outputs() -> dict[Path, str]:
+    records = {p: r for p in PROBLEMS if (r := load(p)) is not None}
+    speed_path = RESULTS / "suite_speed.json"
+    speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
+    out = {RESULTS / f"{p}.md": f"# {p}\n\n{problem_table(r)}" for p, r in records.items()}
+    out[RESULTS / "suite.md"] = (
+        "# Benchmark suite: summary\n\nMean rank over the problems (by mean Δm), Δm per problem "
+        "(mean ± standard error over seeds) and the step time relative to a plain sum (range "
+        "over the problems). Per problem: `benchmarks/results/<problem>.md`.\n\n"
+        + summary_table(records, speed)
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in outputs().items():
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path.relative_to(ROOT)))
+        else:
+            path.write_text(text)
+    if args.check:
+        if stale:
+            print(f"stale: {stale}; run python benchmarks/render_suite.py")
+            return 1
+        return 0
+    figures({p: r for p in PROBLEMS if (r := load(p)) is not None})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
