@@ -388,6 +388,28 @@ def _suite() -> Any:
     return render_suite
 
 
+#: The feature-level method the README's and the docs' code examples use.
+EXAMPLE_METHOD = "dbmtl"
+
+
+def recommended_feature_method() -> str:
+    """The feature-level method the decision path recommends (the class name)."""
+    text = block_decision_path()
+    return text.split("Use `", 1)[1].split("`", 1)[0]
+
+
+def _step_costs() -> dict[str, float]:
+    """Each method's largest step-time ratio to a plain sum over the suite's problems."""
+    path = ROOT / "benchmarks" / "results" / "suite_speed.json"
+    if not path.is_file():
+        return {}
+    costs: dict[str, float] = {}
+    for entry in json.loads(path.read_text())["problems"].values():
+        for row in entry["rows"]:
+            costs[row["method"]] = max(costs.get(row["method"], 0.0), row["ratio"])
+    return costs
+
+
 def _against_sum(records: dict[str, Any], method: str) -> str:
     """Per problem, how ``method`` compares with a plain sum, in words with the figures."""
     rs = _suite()
@@ -423,20 +445,44 @@ def block_decision_path() -> str:
     records = rs.load_all()
     if len(records) == len(SUITE):
         rank = rs.mean_ranks(records)
-        features = min((m for m in FEATURE_LEVEL if m in rank), key=rank.__getitem__)
+        cost = _step_costs()
+        best = min((m for m in FEATURE_LEVEL if m in rank), key=rank.__getitem__)
+        # The methods no problem tells apart from the best: the cheapest of them is the advice.
+        tied = [
+            m
+            for m in FEATURE_LEVEL
+            if m in rank
+            and all(rs.comparison(r, m, best)[0] == "within noise" for r in records.values())
+        ]
+        # The code examples of the README and the docs use one method; it is the advice while
+        # no problem tells it apart from the best (tests/test_generated_docs.py checks that the
+        # examples name the method recommended here).
+        features = EXAMPLE_METHOD if EXAMPLE_METHOD in tied else best
         losses = min((m for m in LOSS_LEVEL if m in rank), key=rank.__getitem__)
         n = len(rank)
+        if len(tied) > 1:
+            why = (
+                "The feature-level methods that no problem tells apart from the best mean rank "
+                f"(`{SHORT[best]}`, {rank[best]:.1f} of {n}) beyond seed noise are "
+                f"{', '.join(f'`{SHORT[m]}`' for m in tied)}: any of them; the examples use "
+                f"`{SHORT[features]}` (a step costs {cost.get(features, math.nan):.2f}× a plain "
+                "sum's at most)"
+            )
+        else:
+            why = (
+                f"It has the best mean rank of the feature-level methods ({rank[best]:.1f} of {n})"
+            )
         return "\n".join(
             [
-                f"1. **Can your code reach the shared features?** `{SHORT[features]}` has the "
-                f"best mean rank of the feature-level methods over the {len(records)} "
-                f"benchmark problems ({rank[features]:.1f} of {n}). Against a plain sum, Δm: "
-                f'{_against_sum(records, features)}. `weighting.attach(model, "trunk")` '
-                "balances there without a change to your model's `forward`.",
+                f"1. **Can your code reach the shared features?** Use `{SHORT[features]}`. "
+                f"{why}. Against a plain sum, Δm: {_against_sum(records, features)}. "
+                '`weighting.attach(model, "trunk")` balances there without a change to your '
+                "model's `forward`.",
                 f"2. **Only the losses?** `{SHORT[losses]}` has the best mean rank of the "
                 f"loss-level methods ({rank[losses]:.1f} of {n}); against a plain sum: "
-                f"{_against_sum(records, losses)}. Where it is within noise, keep the plain "
-                "sum, with your hand-tuned factors in `weights=`.",
+                f"{_against_sum(records, losses)}. Static weights tuned on validation (the "
+                "best of three simple vectors; put your own factors in `weights=`) against a "
+                f"plain sum: {_against_sum(records, 'tuned')}.",
                 "3. **Do task gradients point against each other?** (a negative cosine in "
                 "`balanced_losses.diagnostics.gradient_report`) `UPGrad` at the shared "
                 f"features; against a plain sum: {_against_sum(records, 'upgrad')}.",
@@ -890,7 +936,9 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "quality-table": Block((QUALITY, SPEED), block_quality_table),
     "quality-verdict": Block((QUALITY, SPEED), block_quality_verdict),
-    "decision-path": Block((QUALITY, *SUITE), block_decision_path),
+    "decision-path": Block(
+        (QUALITY, *SUITE, "benchmarks/results/suite_speed.json"), block_decision_path
+    ),
     "suite-summary": Block((*SUITE, "benchmarks/results/suite_speed.json"), block_suite_summary),
     "demo-table": Block((DEMO,), block_demo_table),
     "demo-curves": Block((DEMO,), block_demo_curves),

@@ -205,10 +205,30 @@ def problem_table(record: dict[str, Any]) -> str:
     if not math.isnan(sum_mean):
         text.append("")
         text.append(verdict(summary, sum_mean, sum_se))
+        text.append("")
+        text.append(tied_with_best(summary))
     study = study_table(record)
     if study:
         text += ["", "## Defaults of the recommended method, varied", "", study]
     return "\n".join(text) + "\n"
+
+
+def tied_with_best(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """Which methods' mean Δm is within twice the standard error of the best one's."""
+    rank = ranks(summary)
+    best = min(rank, key=rank.__getitem__)
+    b, b_se = mean_se(list(summary[best]["delta"].values()))
+    tied = []
+    for method in sorted(summary, key=rank.__getitem__):
+        if method == best:
+            continue
+        m, se = mean_se(list(summary[method]["delta"].values()))
+        if abs(m - b) <= 2 * math.hypot(se, b_se):
+            tied.append(label(method))
+    return (
+        f"Within noise of the best, {label(best)}: {', '.join(tied) or 'none'} (their "
+        "intervals overlap; the ranks among them are not evidence)."
+    )
 
 
 def verdict(summary: Mapping[str, Mapping[str, Any]], s: float, s_se: float) -> str:
@@ -306,7 +326,7 @@ def figures(records: Mapping[str, dict[str, Any]]) -> None:
             continue
         order = sorted(summary, key=lambda m: statistics.fmean(summary[m]["delta"].values()))
         means = [mean_se(list(summary[m]["delta"].values())) for m in order]
-        fig, ax = plt.subplots(figsize=(8, 0.28 * len(order) + 1.5))
+        fig, ax = plt.subplots(figsize=(10, 0.28 * len(order) + 1.8))
         y = range(len(order))
         ax.barh(
             list(y),
@@ -314,11 +334,15 @@ def figures(records: Mapping[str, dict[str, Any]]) -> None:
             xerr=[0 if math.isnan(se) else se for _, se in means],
             color=["#999999" if o in ("sum", "tuned") else "#4477aa" for o in order],
         )
-        ax.set_yticks(list(y), [label(o).replace("`", "") for o in order], fontsize=8)
+        names = [
+            "static weights (tuned)" if o == "tuned" else label(o).replace("`", "") for o in order
+        ]
+        ax.set_yticks(list(y), names, fontsize=8)
         ax.invert_yaxis()
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel(
-            "Δm against each task alone (%), mean ± standard error over seeds; lower is better"
+            "Δm against each task trained alone (%): mean ± standard error over seeds\n"
+            "lower is better; grey: a plain sum and tuned static weights"
         )
         ax.set_title(record["problem"]["title"], fontsize=9)
         fig.tight_layout()
@@ -330,9 +354,8 @@ def figures(records: Mapping[str, dict[str, Any]]) -> None:
         for ax, task in zip(axes[0], tasks, strict=False):
             for r in runs:
                 if r["method"] in CURVES or r["method"] == f"alone:{task}":
-                    ax.plot(
-                        range(1, len(r["curves"][task]) + 1), r["curves"][task], label=r["method"]
-                    )
+                    name = "the task alone" if r["method"].startswith("alone:") else r["method"]
+                    ax.plot(range(1, len(r["curves"][task]) + 1), r["curves"][task], label=name)
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{task}: {record['problem']['metrics'][task]}")
             ax.grid(alpha=0.3)

@@ -146,7 +146,7 @@ class Weighted(Trainer):
         if callable(getattr(weighting, "attach", None)) and getattr(
             weighting, "balance_features", True
         ):
-            weighting.attach(model, "trunk")  # type: ignore[operator]
+            weighting.attach(model, "trunk", head_names(model, problem.tasks))  # type: ignore[operator]
         # Learned weights (uncertainty, IMTL-L) train with the model's optimizer.
         self.add_parameters([p for p in weighting.parameters() if p.requires_grad], lr)
 
@@ -163,6 +163,19 @@ class Weighted(Trainer):
     def epoch_end(self) -> None:
         if isinstance(self.weighting, bl.DWA):
             self.weighting.step()
+
+
+def head_names(model: TaskModel, tasks: Sequence[str]) -> dict[str, str] | None:
+    """The heads to name to ``attach``: submodules called ``<task>`` or ``heads.<task>``.
+
+    Named heads take the trunk's output as it is and cost no extra pass; a model without them
+    (the pointer head reads a mean over time) is attached without heads, which measures each
+    task's gradient through its head. Both give the same gradients (tests/test_attach.py).
+    """
+    modules = dict(model.named_modules())
+    names = {t: next((n for n in (t, f"heads.{t}") if n in modules), None) for t in tasks}
+    found = {t: n for t, n in names.items() if n is not None}
+    return found if len(found) == len(tasks) else None
 
 
 class TorchJD(Trainer):

@@ -84,3 +84,12 @@ def test_unknown_block_is_an_error() -> None:
     text = "<!-- generated: no-such-block (source: x) -->\n<!-- end generated: no-such-block -->"
     with pytest.raises(KeyError, match="no-such-block"):
         render.render_page(text)
+
+
+def test_the_code_examples_use_the_recommended_method() -> None:
+    """The decision path and the README's attach example name the same method."""
+    render = _render()
+    recommended = render.recommended_feature_method()
+    readme = (ROOT / "README.md").read_text()
+    assert f"balancer = bl.{recommended}(" in readme
+    assert f"balancer = bl.{recommended}(" in (ROOT / "docs" / "getting-started.md").read_text()
