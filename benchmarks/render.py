@@ -426,7 +426,9 @@ def block_suite_summary() -> str:
     speed_path = ROOT / "benchmarks" / "results" / "suite_speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
     seeds = sorted({r["seed"] for rec in records.values() for r in rec["runs"] if not r["smoke"]})
-    cpu = sum(c.get("cpu_seconds", 0.0) for rec in records.values() for c in rec["calls"]) / 3600
+    cpu = (
+        sum(r["seconds"] for rec in records.values() for r in rec["runs"] if not r["smoke"]) / 3600
+    )
     return (
         f"Δm against each task trained alone (%), mean ± standard error over seeds "
         f"{seeds_text(seeds)}, on {len(records)} problems; lower is better. Mean rank: each "

@@ -192,7 +192,8 @@ def problem_table(record: dict[str, Any]) -> str:
     calls = record.get("calls", [])
     budget = info.get("budget", {})
     machine = calls[-1]["machine"] if calls else {}
-    cpu_minutes = sum(c.get("cpu_seconds", 0.0) for c in calls) / 60
+    # The runs' own times: one call of the suite may have run several problems.
+    cpu_minutes = sum(r["seconds"] for r in record["runs"] if not r["smoke"]) / 60
     text = [
         f"**{info['title']}.** {len(tasks)} tasks; Δm against each task trained alone, "
         f"mean ± standard error over seeds {', '.join(map(str, seeds))}; lower is better.",
