@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import Tensor
 
-BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
-if BENCHMARKS not in sys.path:
-    sys.path.insert(0, BENCHMARKS)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if not (BENCHMARKS / "problems").is_dir():  # the release check copies tests/ out of the tree
+    pytest.skip("benchmarks/ is not here (tests copied out of the tree)", allow_module_level=True)
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
 
 from problems import Split, TaskModel  # noqa: E402
 from problems import many_tasks as mt  # noqa: E402
