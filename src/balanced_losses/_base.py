@@ -527,6 +527,11 @@ class Weighting(nn.Module):
         if self._weighted:
             effective = effective * self.task_weights.to(effective.device, effective.dtype)
         shown = torch.where(present, effective, torch.zeros_like(effective))
+        # A finite weight beyond the buffer's range (a geometric mean's G / (K L) with L near
+        # 1e-30) is logged as the largest finite value, not inf; NaN stays NaN.
+        if shown.dtype != self.last_weights.dtype:
+            limit = torch.finfo(self.last_weights.dtype).max
+            shown = shown.clamp(-limit, limit)
         self.last_weights.copy_(shown)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Weighting:
