@@ -93,22 +93,24 @@ class Batch:
         )
 
 
-def make_data(n: int, *, seed: int) -> Batch:
+def make_data(
+    n: int, *, seed: int, start: tuple[int, int] = (10, 70), length: tuple[int, int] = (10, 30)
+) -> Batch:
     """Draw ``n`` synthetic series with one "expansion" event each.
 
     A price-like random walk has unit volatility and no drift outside the event. Between
-    ``start`` (uniform in [10, 70]) and ``end = start + length`` (length uniform in [10, 30])
+    ``start`` (uniform in [10, 70]) and ``end = start + length`` (length uniform in [10, 30];
+    both ranges are arguments, inclusive: the benchmark's calibrated problem moves them)
     its volatility doubles and it drifts by 0.5 per bar in a random direction, and a
     volume-like channel rises. The four channels are the return, its absolute value, the
     noisy volume and the standardized cumulative price. The boundaries are detectable from
     the channels, but only to within a few bars, since single bars are noisy.
     """
     g = torch.Generator().manual_seed(seed)
-    start = torch.randint(10, 71, (n,), generator=g)
-    length = torch.randint(10, 31, (n,), generator=g)
-    end = start + length
+    first = torch.randint(start[0], start[1] + 1, (n,), generator=g)
+    end = first + torch.randint(length[0], length[1] + 1, (n,), generator=g)
     t = torch.arange(T)
-    inside = (t >= start[:, None]) & (t < end[:, None])
+    inside = (t >= first[:, None]) & (t < end[:, None])
     direction = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)[:, None]
     sigma = torch.where(inside, 2.0, 1.0)
     drift = torch.where(inside, 0.5 * direction, torch.zeros(()))
@@ -117,9 +119,9 @@ def make_data(n: int, *, seed: int) -> Batch:
     price = ret.cumsum(dim=1)
     price = (price - price.mean(dim=1, keepdim=True)) / price.std(dim=1, keepdim=True)
     x = torch.stack([ret / 1.5, ret.abs() - 1.0, volume - 1.3, price], dim=-1)
-    pointer = torch.stack([start, end], dim=1).float() / T
-    countdown = (start[:, None] - t[None, :]).float()
-    return Batch(x.float(), pointer, countdown, start, end)
+    pointer = torch.stack([first, end], dim=1).float() / T
+    countdown = (first[:, None] - t[None, :]).float()
+    return Batch(x.float(), pointer, countdown, first, end)
 
 
 # --------------------------------------------------------------------------------------- model

@@ -34,31 +34,6 @@ START = (40, 60)
 LENGTH = (2, 6)
 
 
-def make_series(n: int, *, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``n`` series with one event each: inputs (n, T, 4), pointer, countdown, start, end.
-
-    The demo's generator with the calibrated event positions: a random walk whose volatility
-    doubles and which drifts by 0.5 per bar inside the event, and a volume channel that rises.
-    """
-    t_max = lib.T
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(START[0], START[1] + 1, (n,), generator=g)
-    end = start + torch.randint(LENGTH[0], LENGTH[1] + 1, (n,), generator=g)
-    t = torch.arange(t_max)
-    inside = (t >= start[:, None]) & (t < end[:, None])
-    direction = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)[:, None]
-    sigma = torch.where(inside, 2.0, 1.0)
-    drift = torch.where(inside, 0.5 * direction, torch.zeros(()))
-    ret = drift + sigma * torch.randn(n, t_max, generator=g)
-    volume = torch.exp(0.4 * torch.randn(n, t_max, generator=g)) * torch.where(inside, 1.8, 1.0)
-    price = ret.cumsum(dim=1)
-    price = (price - price.mean(dim=1, keepdim=True)) / price.std(dim=1, keepdim=True)
-    x = torch.stack([ret / 1.5, ret.abs() - 1.0, volume - 1.3, price], dim=-1).float()
-    pointer = torch.stack([start, end], dim=1).float() / t_max
-    countdown = (start[:, None] - t[None, :]).float()
-    return x, pointer, countdown, start, end
-
-
 class _Net(TaskModel):
     """The demo's network with the interface of the suite: ``trunk`` is the GRU's output."""
 
@@ -98,8 +73,9 @@ class PointerCountdown:
 
     @staticmethod
     def _split(n: int, seed: int) -> Split:
-        x, pointer, countdown, start, end = make_series(n, seed=seed)
-        return Split(x, {"pointer": pointer, "countdown": countdown, "start": start, "end": end})
+        b = lib.make_data(n, seed=seed, start=START, length=LENGTH)
+        targets = {"pointer": b.pointer, "countdown": b.countdown, "start": b.start, "end": b.end}
+        return Split(b.x, targets)
 
     def model(self) -> TaskModel:
         return _Net(self.hidden)

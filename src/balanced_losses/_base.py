@@ -14,7 +14,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from balanced_losses import distributed
 from balanced_losses._autograd import constant_factor, scale_gradient
-from balanced_losses._checks import check_task_names, check_task_weights
+from balanced_losses._checks import (
+    check_loss,
+    check_loss_mapping,
+    check_task_names,
+    check_task_weights,
+)
 
 __all__ = ["StateKind", "Weighting"]
 
@@ -402,10 +407,7 @@ class Weighting(nn.Module):
         user ``weights``, the gradient reaching loss :math:`k` through ``values`` is multiplied
         by :math:`w_k`, while the values themselves, which statistics see, are unchanged.
         """
-        if not isinstance(losses, Mapping):
-            raise TypeError(
-                f"`losses` must be a mapping from task name to scalar loss, got {type(losses)}"
-            )
+        check_loss_mapping(losses)
         if any(name not in self._index for name in losses):
             raise self._unknown(losses)
         missing = [name for name in self._tasks if losses.get(name) is None]
@@ -419,13 +421,7 @@ class Weighting(nn.Module):
             loss = losses.get(name)
             if loss is None:
                 continue
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"loss of task `{name}` must be a Tensor, got {type(loss)}")
-            if loss.dim() != 0:
-                raise ValueError(
-                    f"loss of task `{name}` must be a scalar (0-dim) tensor, got shape "
-                    f"{tuple(loss.shape)}; reduce it first"
-                )
+            loss = check_loss(name, loss)
             if not loss.is_floating_point():
                 raise ValueError(f"loss of task `{name}` must be floating point, got {loss.dtype}")
             given[name] = loss

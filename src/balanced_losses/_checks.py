@@ -6,9 +6,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "check_betas",
+    "check_loss",
+    "check_loss_mapping",
     "check_momentum",
     "check_number",
     "check_seed",
@@ -112,3 +115,23 @@ def check_task_weights(tasks: Sequence[str], weights: Mapping[str, float] | None
         if value < 0:
             raise ValueError(f"`weights` of task `{task}` must be >= 0, got {value!r}")
     return values
+
+
+def check_loss_mapping(losses: object) -> None:
+    """Raise TypeError unless ``losses`` is a mapping (from task name to loss)."""
+    if not isinstance(losses, Mapping):
+        raise TypeError(
+            f"`losses` must be a mapping from task name to scalar loss, got {type(losses)}"
+        )
+
+
+def check_loss(name: str, loss: object) -> Tensor:
+    """Return ``loss`` if it is a 0-dim tensor; raise naming task ``name`` otherwise."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss of task `{name}` must be a Tensor, got {type(loss)}")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"loss of task `{name}` must be a scalar (0-dim) tensor, got shape "
+            f"{tuple(loss.shape)}; reduce it first"
+        )
+    return loss

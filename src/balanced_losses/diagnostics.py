@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from balanced_losses._autograd import as_tensors, gradient_norm, task_gradients
+from balanced_losses._checks import check_loss, check_loss_mapping
 
 __all__ = [
     "GradientMonitor",
@@ -41,22 +42,11 @@ Params = nn.Module | Tensor | Iterable[Tensor]
 
 
 def _check_losses(losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    # The same errors as the weightings' (Weighting._stack): TypeError for a wrong type.
-    if not isinstance(losses, Mapping):
-        raise TypeError(
-            f"`losses` must be a mapping from task name to scalar loss, got {type(losses)}"
-        )
+    # The same errors as the weightings' (Weighting._stack).
+    check_loss_mapping(losses)
     if not losses:
         raise ValueError("`losses` must name at least one task, got an empty mapping")
-    for name, loss in losses.items():
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"loss of task `{name}` must be a Tensor, got {type(loss)}")
-        if loss.dim() != 0:
-            raise ValueError(
-                f"loss of task `{name}` must be a scalar (0-dim) tensor, got shape "
-                f"{tuple(loss.shape)}; reduce it first"
-            )
-    return dict(losses)
+    return {name: check_loss(name, loss) for name, loss in losses.items()}
 
 
 # The start of autograd's message when a graph's saved tensors were freed by a backward pass.
