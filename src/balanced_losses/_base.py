@@ -363,20 +363,24 @@ class Weighting(nn.Module):
         if not due:
             return {}
         k = len(self._tasks)
-        losses = self.last_losses.detach()
+        device = self.last_losses.device
+        # float64 where the device has it (MPS does not): products of large weights and norms.
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        losses = self.last_losses.detach().to(wide)
         parts = [
-            losses.double(),
-            torch.nansum(losses).double().reshape(1),
-            self.last_total.detach().double().reshape(1).to(losses.device),
-            self.last_weights.detach().double().to(losses.device),
+            losses,
+            torch.nansum(losses).reshape(1),
+            self.last_total.detach().to(device, wide).reshape(1),
+            self.last_weights.detach().to(device, wide),
         ]
         measured = self._sent_to_features()
         if measured is not None:
             multipliers, norms = measured
-            sent = multipliers.detach().double().abs() * norms.detach().double()
+            sent = multipliers.detach().to(device, wide).abs() * norms.detach().to(device, wide)
             total = sent.sum()
-            parts.append(torch.where(total > 0, sent / total.clamp_min(1e-300), math.nan))
-        numbers = torch.cat([p.to(losses.device) for p in parts]).tolist()  # the one sync
+            tiny = torch.finfo(wide).tiny
+            parts.append(torch.where(total > 0, sent / total.clamp_min(tiny), math.nan))
+        numbers = torch.cat(parts).tolist()  # the one sync
         out: dict[str, float] = {}
         for i, task in enumerate(self._tasks):
             out[f"{prefix}loss/{task}"] = numbers[i]
