@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -149,8 +150,16 @@ def _spawned(rank: int, init_file: str, world: int, args: argparse.Namespace) ->
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         run(args)
+        # No rank tears gloo down while another still has collectives in flight.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without running the interpreter's teardown: in torch 2.13 a spawned FSDP2 worker
+    # sometimes aborted there ("terminate called without an active exception") after its work
+    # was done, failing the run. Everything is printed and the process group is destroyed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if cuda else "gloo")
         try:
             run(args)
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return

@@ -164,6 +164,8 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
         warnings.simplefilter("error")
         results = {name: _train_or_error(BY_NAME[name], rank) for name in names}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears gloo down while the other still has collectives in flight.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
