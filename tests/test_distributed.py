@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from balanced_losses import LossNormalizer, distributed
-from tests.registry import assert_state_moved, params, same
+from tests.registry import assert_state_moved, leave_spawned_worker, params, same
 
 WORLD = 2
 
@@ -27,8 +27,11 @@ def _worker(rank: int, init_file: str, fn: Callable[[int], Any], out_dir: str) -
         torch.manual_seed(0)
         result = fn(rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears gloo down while the other still has collectives in flight.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 def _spawn(fn: Callable[[int], Any]) -> list[Any]:

@@ -42,6 +42,7 @@ from tests.registry import (
     Driver,
     assert_state_moved,
     learnable,
+    leave_spawned_worker,
     params,
     same,
 )
@@ -168,6 +169,7 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 def _spawn(names: list[str]) -> list[dict[str, Any]]:
