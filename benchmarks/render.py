@@ -354,25 +354,6 @@ FEATURE_LEVEL = (
 )
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return mean, se
-
-
-def _versus_sum(summary: dict[str, dict[str, Any]], method: str) -> str:
-    """How a method's mean delta_m compares with the plain sum's, in words, with both figures."""
-    m, se = _mean_se(summary[method]["delta"])
-    s, s_se = _mean_se(summary["sum"]["delta"])
-    # Apart: the difference of the means exceeds twice its standard error.
-    apart = abs(m - s) > 2 * math.hypot(se, s_se)
-    verdict = f"{'better' if m < s else 'worse'} than" if apart else "within seed noise of"
-    return (
-        f"{verdict} a plain sum: Δm {m:+.0f} ± {se:.0f} % against the sum's {s:+.0f} ± "
-        f"{s_se:.0f} % (mean ± standard error)"
-    )
-
-
 SUITE = (
     "benchmarks/results/pointer_countdown.json",
     "benchmarks/results/digits.json",
@@ -392,10 +373,44 @@ def _suite() -> Any:
 EXAMPLE_METHOD = "dbmtl"
 
 
+@dataclass(frozen=True)
+class Recommendation:
+    """What the decision path recommends, from the suite's results."""
+
+    records: dict[str, Any]
+    rank: dict[str, float]
+    best: str
+    #: The feature-level methods that no problem tells apart from ``best`` beyond seed noise.
+    tied: list[str]
+    features: str
+    losses: str
+
+
+def recommendation() -> Recommendation:
+    rs = _suite()
+    records = rs.load_all()
+    if len(records) != len(SUITE):
+        missing = sorted(set(SUITE) - {f"benchmarks/results/{p}.json" for p in records})
+        raise FileNotFoundError(f"the decision path needs the suite's results: {missing}")
+    rank = rs.mean_ranks(records)
+    best = min((m for m in FEATURE_LEVEL if m in rank), key=rank.__getitem__)
+    tied = [
+        m
+        for m in FEATURE_LEVEL
+        if m in rank
+        and all(rs.comparison(r, m, best)[0] == "within noise" for r in records.values())
+    ]
+    # The code examples of the README and the docs use one method; it is the advice while no
+    # problem tells it apart from the best (tests/test_generated_docs.py checks that the
+    # examples name the method recommended here).
+    features = EXAMPLE_METHOD if EXAMPLE_METHOD in tied else best
+    losses = min((m for m in LOSS_LEVEL if m in rank), key=rank.__getitem__)
+    return Recommendation(records, rank, best, tied, features, losses)
+
+
 def recommended_feature_method() -> str:
     """The feature-level method the decision path recommends (the class name)."""
-    text = block_decision_path()
-    return text.split("Use `", 1)[1].split("`", 1)[0]
+    return SHORT[recommendation().features]
 
 
 def _step_costs() -> dict[str, float]:
@@ -442,90 +457,36 @@ def block_suite_summary() -> str:
 
 
 def block_decision_path() -> str:
-    """The one recommendation every page shows, decided by the suite (or the quality runs)."""
-    rs = _suite()
-    records = rs.load_all()
-    if len(records) == len(SUITE):
-        rank = rs.mean_ranks(records)
-        cost = _step_costs()
-        best = min((m for m in FEATURE_LEVEL if m in rank), key=rank.__getitem__)
-        # The methods no problem tells apart from the best: the cheapest of them is the advice.
-        tied = [
-            m
-            for m in FEATURE_LEVEL
-            if m in rank
-            and all(rs.comparison(r, m, best)[0] == "within noise" for r in records.values())
-        ]
-        # The code examples of the README and the docs use one method; it is the advice while
-        # no problem tells it apart from the best (tests/test_generated_docs.py checks that the
-        # examples name the method recommended here).
-        features = EXAMPLE_METHOD if EXAMPLE_METHOD in tied else best
-        losses = min((m for m in LOSS_LEVEL if m in rank), key=rank.__getitem__)
-        n = len(rank)
-        if len(tied) > 1:
-            why = (
-                "The feature-level methods that no problem tells apart from the best mean rank "
-                f"(`{SHORT[best]}`, {rank[best]:.1f} of {n}) beyond seed noise are "
-                f"{', '.join(f'`{SHORT[m]}`' for m in tied)}: any of them; the examples use "
-                f"`{SHORT[features]}` (a step costs {cost.get(features, math.nan):.2f}× a plain "
-                "sum's at most)"
-            )
-        else:
-            why = (
-                f"It has the best mean rank of the feature-level methods ({rank[best]:.1f} of {n})"
-            )
-        return "\n".join(
-            [
-                f"1. **Can your code reach the shared features?** Use `{SHORT[features]}`. "
-                f"{why}. Against a plain sum, Δm: {_against_sum(records, features)}. "
-                '`weighting.attach(model, "trunk")` balances there without a change to your '
-                "model's `forward`.",
-                f"2. **Only the losses?** `{SHORT[losses]}` has the best mean rank of the "
-                f"loss-level methods ({rank[losses]:.1f} of {n}); against a plain sum: "
-                f"{_against_sum(records, losses)}. Static weights tuned on validation (the "
-                "best of three simple vectors; put your own factors in `weights=`) against a "
-                f"plain sum: {_against_sum(records, 'tuned')}.",
-                "3. **Do task gradients point against each other?** (a negative cosine in "
-                "`balanced_losses.diagnostics.gradient_report`) `UPGrad` at the shared "
-                f"features; against a plain sum: {_against_sum(records, 'upgrad')}.",
-                "4. **Resuming from a checkpoint of an older release?** Keep the class it was "
-                "trained with: every class loads its earlier checkpoints. Switch methods at "
-                "the start of a run, not in the middle.",
-            ]
+    """The one recommendation every page shows, decided by the suite's results."""
+    r = recommendation()
+    rank, n, cost = r.rank, len(r.rank), _step_costs()
+    if len(r.tied) > 1:
+        why = (
+            "The feature-level methods that no problem tells apart from the best mean rank "
+            f"(`{SHORT[r.best]}`, {rank[r.best]:.1f} of {n}) beyond seed noise are "
+            f"{', '.join(f'`{SHORT[m]}`' for m in r.tied)}: any of them; the examples use "
+            f"`{SHORT[r.features]}` (a step costs {cost.get(r.features, math.nan):.2f}× a plain "
+            "sum's at most)"
         )
-    return _decision_path_from_quality_runs()
-
-
-def _decision_path_from_quality_runs() -> str:
-    """The recommendation from the pointer/countdown quality runs alone (before the suite)."""
-    runs = quality_runs()
-    summary = quality_summary(runs)
-    _, seeds = quality_settings(runs)
-
-    def best(group: Sequence[str]) -> str:
-        present = [m for m in group if m in summary and summary[m]["delta"]]
-        return min(present, key=lambda m: statistics.fmean(summary[m]["delta"]))
-
-    features, losses = best(FEATURE_LEVEL), best(LOSS_LEVEL)
-    n = len(seeds)
+    else:
+        why = f"It has the best mean rank of the feature-level methods ({rank[r.best]:.1f} of {n})"
     return "\n".join(
         [
-            f"1. **Can your code reach the shared features?** Use `{SHORT[features]}`: the best "
-            f"mean Δm of the feature-level methods on the pointer/countdown benchmark over {n} "
-            f"seeds, {_versus_sum(summary, features)}. `weighting.attach(model, "
-            '"trunk")` balances there without a change to your model\'s `forward`; '
-            "`weighting.branch(feats)` does the same explicitly.",
-            "2. **Only the losses?** Keep the plain sum, with your hand-tuned factors in "
-            f"`weights=`: the best loss-level method there, `{SHORT[losses]}`, is "
-            f"{_versus_sum(summary, losses)}. Avoid dividing losses by their running mean "
-            '(`LossNormalizer(correction="none")`) when they are in different regimes: it '
-            "starves the large one.",
+            f"1. **Can your code reach the shared features?** Use `{SHORT[r.features]}`. "
+            f"{why}. Against a plain sum, Δm: {_against_sum(r.records, r.features)}. "
+            '`weighting.attach(model, "trunk")` balances there without a change to your '
+            "model's `forward`.",
+            f"2. **Only the losses?** `{SHORT[r.losses]}` has the best mean rank of the "
+            f"loss-level methods ({rank[r.losses]:.1f} of {n}); against a plain sum: "
+            f"{_against_sum(r.records, r.losses)}. Static weights tuned on validation (the "
+            "best of three simple vectors; put your own factors in `weights=`) against a "
+            f"plain sum: {_against_sum(r.records, 'tuned')}.",
             "3. **Do task gradients point against each other?** (a negative cosine in "
-            "`balanced_losses.diagnostics.gradient_report`) Try `UPGrad` at the shared "
-            f"features; on this benchmark it is {_versus_sum(summary, 'upgrad')}.",
+            "`balanced_losses.diagnostics.gradient_report`) `UPGrad` at the shared "
+            f"features; against a plain sum: {_against_sum(r.records, 'upgrad')}.",
             "4. **Resuming from a checkpoint of an older release?** Keep the class it was "
-            "trained with: every class loads its earlier checkpoints. Switch methods at the "
-            "start of a run, not in the middle.",
+            "trained with: every class loads its earlier checkpoints. Switch methods at "
+            "the start of a run, not in the middle.",
         ]
     )
 
@@ -938,9 +899,7 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "quality-table": Block((QUALITY, SPEED), block_quality_table),
     "quality-verdict": Block((QUALITY, SPEED), block_quality_verdict),
-    "decision-path": Block(
-        (QUALITY, *SUITE, "benchmarks/results/suite_speed.json"), block_decision_path
-    ),
+    "decision-path": Block((*SUITE, "benchmarks/results/suite_speed.json"), block_decision_path),
     "suite-summary": Block((*SUITE, "benchmarks/results/suite_speed.json"), block_suite_summary),
     "demo-table": Block((DEMO,), block_demo_table),
     "demo-curves": Block((DEMO,), block_demo_curves),

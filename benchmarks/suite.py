@@ -342,17 +342,24 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Ten
         yield order[i : i + batch_size]
 
 
+def start(problem: Problem, method: str, train: Split, seed: int) -> Trainer:
+    """The seed's initial model (the same for every method) and the method's trainer on it."""
+    torch.manual_seed(seed)
+    model = problem.model()
+    with torch.no_grad():
+        # The losses at initialization, for the static weights of the ``tuned`` baseline.
+        probe = train.take(torch.arange(min(len(train), 256)))
+        first = problem.losses(model(probe.x), probe)
+    return make_trainer(problem, method, model, first)
+
+
 def run(job: Job) -> dict[str, Any]:
     """Train one method for one seed; the run's record."""
     torch.set_num_threads(1)
     problem = load_problem(job.problem)
     train, val = problem.data(smoke=job.smoke)
-    torch.manual_seed(job.seed)
-    model = problem.model()
-    with torch.no_grad():
-        probe = train.take(torch.arange(min(len(train), 256)))
-        first = problem.losses(model(probe.x), probe)
-    trainer = make_trainer(problem, job.method, model, first)
+    trainer = start(problem, job.method, train, job.seed)
+    model = trainer.model
     budget = problem.budget
     epochs, max_steps = (1, 2) if job.smoke else (budget.epochs, None)
     generator = torch.Generator().manual_seed(1000 + job.seed)  # the same batches per seed

@@ -29,12 +29,7 @@ class Stepper:
     """One method training on endless batches of a problem: ``step()`` returns its seconds."""
 
     def __init__(self, problem: Problem, method: str, train: Split, seed: int = 0) -> None:
-        torch.manual_seed(seed)
-        model = problem.model()
-        with torch.no_grad():
-            probe = train.take(torch.arange(min(len(train), 256)))
-            first = problem.losses(model(probe.x), probe)
-        self.trainer = suite.make_trainer(problem, method, model, first)
+        self.trainer = suite.start(problem, method, train, seed)
         self.train = train
         self.batches = self._batches(problem.budget.batch_size)
 
@@ -53,8 +48,10 @@ class Stepper:
         return time.perf_counter() - start
 
 
-def measure(problem: Problem, methods: list[str], rounds: int, warmup: int) -> dict[str, Any]:
-    train, _ = problem.data()
+def measure(
+    problem: Problem, methods: list[str], rounds: int, warmup: int, *, smoke: bool = False
+) -> dict[str, Any]:
+    train, _ = problem.data(smoke=smoke)  # smoke: the small split, a run of seconds
     runners = {m: Stepper(problem, m, train) for m in ["sum", *[m for m in methods if m != "sum"]]}
     with suite.warnings_as_notes():
         times = speed.interleave(runners, rounds=rounds, warmup=warmup)
@@ -85,11 +82,9 @@ def main(args: argparse.Namespace) -> int:
     record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"problems": {}}
     for name in args.problems:
         problem = suite.load_problem(name)
-        if args.smoke:
-            problem_train_smoke(problem)
         methods = [m for m in (args.methods or suite.methods_of(problem)) if ":" not in m]
         print(f"{name}: {len(methods)} methods, {rounds} interleaved rounds", flush=True)
-        record["problems"][name] = measure(problem, methods, rounds, warmup)
+        record["problems"][name] = measure(problem, methods, rounds, warmup, smoke=args.smoke)
     record["call"] = {
         "command": "python benchmarks/suite.py --speed",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -102,13 +97,3 @@ def main(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"done in {suite.format_seconds(time.perf_counter() - started)}")
     return 0
-
-
-def problem_train_smoke(problem: Problem) -> None:
-    """``--smoke``: the small split (the speed run then takes seconds)."""
-    full = problem.data
-
-    def small(*, smoke: bool = False) -> tuple[Split, Split]:
-        return full(smoke=True)
-
-    problem.data = small  # type: ignore[method-assign]

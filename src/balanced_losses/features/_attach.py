@@ -169,7 +169,7 @@ class Attachment:
         if not self.measures:
             self._views = weighting.branch(output)
 
-    def tracked(self) -> list[Tensor] | None:
+    def _tracked(self) -> list[Tensor] | None:
         """The trunk output's tensors that the last training step can balance, or None.
 
         None when the trunk has not run in training since the weighting's last forward.

@@ -280,7 +280,7 @@ class FeatureWeighting(Weighting):
         the holder of that factor otherwise (the total must go through ``_KeepUpstream``).
         """
         leaves = next(
-            (t for t in (a.tracked() for a in self._attachments if a.measures) if t is not None),
+            (t for t in (a._tracked() for a in self._attachments if a.measures) if t is not None),
             None,
         )
         if leaves is None:
