@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
 PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
+#: The scaling study: ``many_tasks`` with K tasks (``benchmarks/suite.py``'s ``SCALING``).
+SCALING = {10: "many_tasks_k10", 20: "many_tasks", 40: "many_tasks_k40"}
 
 # ruff: noqa: RUF001  (the rendered text uses the plus-minus and multiplication signs)
 
@@ -135,25 +137,34 @@ STUDY = {
     "gradient-balancer-max": '`GradientBalancer(target="max")`: to the largest norm',
     "gradient-balancer-momentum-0.99": "`GradientBalancer(momentum=0.99)`",
     "gradient-balancer-momentum-0": "`GradientBalancer(momentum=0)`",
+    "dbmtl-lr-3e-4": "`DBMTL()` at learning rate 3e-4 (the budget's: 1e-3)",
+    "dbmtl-lr-3e-3": "`DBMTL()` at learning rate 3e-3",
+    "sum": "a plain sum, for comparison",
+    "sum-lr-3e-4": "a plain sum at learning rate 3e-4",
+    "sum-lr-3e-3": "a plain sum at learning rate 3e-3",
 }
+#: The variant the others are compared with: the recommended method at its defaults.
+STUDY_DEFAULT = "dbmtl"
 
 
 def study_table(record: dict[str, Any]) -> str:
     """The variants of the study next to the defaults: mean, standard error, worst seed."""
     summary = summarize(record)
     present = [m for m in STUDY if m in summary]
-    if len(present) <= 2:
+    if not any(m not in LABELS for m in present):  # no variant ran on this problem
         return ""
     lines = [
-        "| variant | Δm (%) | worst seed Δm | seeds with Δm > +20 % |",
-        "| --- | --- | --- | --- |",
+        "| variant | Δm (%) | worst seed Δm | seeds with Δm > +20 % | against the defaults |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for m in present:
         deltas = list(summary[m]["delta"].values())
         d, se = mean_se(deltas)
         over = sum(v > 20 for v in deltas)
+        against = "" if m == STUDY_DEFAULT else comparison(record, m, STUDY_DEFAULT)[0]
         lines.append(
-            f"| {STUDY[m]} | {d:+.1f} ± {se:.1f} | {max(deltas):+.1f} | {over} of {len(deltas)} |"
+            f"| {STUDY[m]} | {d:+.1f} ± {se:.1f} | {max(deltas):+.1f} | {over} of {len(deltas)} "
+            f"| {against} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -208,6 +219,10 @@ def problem_table(record: dict[str, Any]) -> str:
         text.append(verdict(summary, sum_mean, sum_se))
         text.append("")
         text.append(tied_with_best(summary))
+    archived = sorted((RESULTS / "archive").glob(f"{info['name']}_*.md"))
+    if archived:
+        links = ", ".join(f"`archive/{path.name}`" for path in archived)
+        text += ["", f"Earlier rounds of this problem, at other budgets: {links}."]
     study = study_table(record)
     if study:
         text += ["", "## Defaults of the recommended method, varied", "", study]
@@ -257,14 +272,18 @@ def comparison(record: dict[str, Any], method: str, against: str = "sum") -> tup
     """``(verdict, figures)``: how ``method`` compares with ``against`` on one problem.
 
     The verdict is "better", "worse" (the difference of the mean Δm beyond twice its standard
-    error) or "within noise".
+    error) or "within noise"; the figures give both means and both worst seeds.
     """
     summary = summarize(record)
-    m, se = mean_se(list(summary[method]["delta"].values()))
-    s, s_se = mean_se(list(summary[against]["delta"].values()))
+    ours, theirs = (list(summary[x]["delta"].values()) for x in (method, against))
+    m, se = mean_se(ours)
+    s, s_se = mean_se(theirs)
     apart = abs(m - s) > 2 * math.hypot(se, s_se)
     verdict = ("better" if m < s else "worse") if apart else "within noise"
-    return verdict, f"{m:+.0f} ± {se:.0f} % against {s:+.0f} ± {s_se:.0f} %"
+    return verdict, (
+        f"{m:+.0f} ± {se:.0f} % against {s:+.0f} ± {s_se:.0f} %, worst seed "
+        f"{max(ours):+.0f} % against {max(theirs):+.0f} %"
+    )
 
 
 def mean_ranks(records: Mapping[str, dict[str, Any]]) -> dict[str, float]:
@@ -305,13 +324,108 @@ def step_time(speed: dict[str, Any] | None, method: str) -> str:
     wanted = "static-size" if method == "tuned" else method
     ratios = [
         row["ratio"]
-        for entry in speed["problems"].values()
+        for problem, entry in speed["problems"].items()
+        if problem in PROBLEMS
         for row in entry["rows"]
         if row["method"] == wanted
     ]
     if not ratios:
         return ""
     return f"{min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else f"{ratios[0]:.2f}"
+
+
+def load_scaling() -> dict[int, dict[str, Any]]:
+    """The scaling study's results by K, when every K has them."""
+    records = {k: load(name) for k, name in SCALING.items()}
+    return {k: r for k, r in records.items() if r is not None} if all(records.values()) else {}
+
+
+def scaling_methods(records: Mapping[int, dict[str, Any]]) -> list[str]:
+    """The methods run at every K with complete seeds, a plain sum first."""
+    summaries = [summarize(r) for r in records.values()]
+    common = [m for m in LABELS if all(m in s for s in summaries)]
+    return sorted(common, key=lambda m: m != "sum")
+
+
+def _speed_row(speed: dict[str, Any] | None, problem: str, method: str) -> dict[str, Any] | None:
+    entry = (speed or {}).get("problems", {}).get(problem, {})
+    return next((row for row in entry.get("rows", []) if row["method"] == method), None)
+
+
+def scaling_table(records: Mapping[int, dict[str, Any]], speed: dict[str, Any] | None) -> str:
+    """Δm and step time of each method of the scaling study at K = 10, 20 and 40 tasks."""
+    if not records:
+        return "No results of the scaling study yet.\n"
+    ks = sorted(records)
+    summaries = {k: summarize(records[k]) for k in ks}
+    methods = scaling_methods(records)
+    head = ["method", *[f"Δm, K={k} (%)" for k in ks], *[f"step / sum, K={k}" for k in ks]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for m in methods:
+        cells = [label(m)]
+        for k in ks:
+            d, se = mean_se(list(summaries[k][m]["delta"].values()))
+            cells.append(f"{d:+.1f} ± {se:.1f}")
+        for k in ks:
+            row = _speed_row(speed, SCALING[k], m)
+            cells.append(f"{row['ratio']:.2f}" if row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = ["\n".join(lines), ""]
+    sums = [(k, _speed_row(speed, SCALING[k], "sum")) for k in ks]
+    if all(row for _, row in sums):
+        text.append(
+            "A plain sum's step takes "
+            + ", ".join(f"{1000 * row['step_seconds']:.1f} ms at K={k}" for k, row in sums if row)
+            + " (median over interleaved rounds, one torch thread)."
+        )
+    for k in ks:
+        better = [
+            label(m) for m in methods if m != "sum" and comparison(records[k], m)[0] == "better"
+        ]
+        text.append(
+            f"Better than a plain sum beyond seed noise at K={k}: {', '.join(better) or 'none'}."
+        )
+    return "\n".join(text) + "\n"
+
+
+def scaling_figure(records: Mapping[int, dict[str, Any]], speed: dict[str, Any] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(records)
+    summaries = {k: summarize(records[k]) for k in ks}
+    fig, (quality, cost) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m in scaling_methods(records):
+        name = label(m).replace("`", "")
+        stats = [mean_se(list(summaries[k][m]["delta"].values())) for k in ks]
+        quality.errorbar(
+            ks,
+            [d for d, _ in stats],
+            yerr=[se for _, se in stats],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+        rows = [_speed_row(speed, SCALING[k], m) for k in ks]
+        if all(rows):
+            cost.plot(ks, [row["ratio"] for row in rows if row], marker="o", label=name)
+    quality.set_xlabel("number of tasks K")
+    quality.set_ylabel("Δm against each task alone (%)")
+    quality.set_xticks(ks)
+    quality.grid(alpha=0.3)
+    cost.set_xlabel("number of tasks K")
+    cost.set_ylabel("step time / plain sum's")
+    cost.set_xticks(ks)
+    cost.grid(alpha=0.3)
+    cost.legend(fontsize=7)
+    fig.suptitle(
+        "many_tasks with K tasks: mean ± standard error over seeds (lower is better)", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(FIGURES / "suite_scaling.png", dpi=80)
+    plt.close(fig)
 
 
 def figures(records: Mapping[str, dict[str, Any]]) -> None:
@@ -380,6 +494,14 @@ def outputs() -> dict[Path, str]:
         "over the problems). Per problem: `benchmarks/results/<problem>.md`.\n\n"
         + summary_table(records, speed)
     )
+    scaling = load_scaling()
+    if scaling:
+        out[RESULTS / "many_tasks_scaling.md"] = (
+            "# many_tasks: scaling with the number of tasks\n\n"
+            "The first K of the same 40 tasks, the same data, model and budget; Δm against each "
+            "task trained alone, mean ± standard error over seeds; step time relative to a plain "
+            "sum at the same K.\n\n" + scaling_table(scaling, speed)
+        )
     return out
 
 
@@ -400,6 +522,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     figures({p: r for p in PROBLEMS if (r := load(p)) is not None})
+    scaling = load_scaling()
+    if scaling:
+        speed_path = RESULTS / "suite_speed.json"
+        scaling_figure(
+            scaling, json.loads(speed_path.read_text()) if speed_path.is_file() else None
+        )
     return 0
 
 

@@ -19,6 +19,10 @@ validation metric of each task (lower is better) after every epoch.
 Δm of one run = mean over tasks of (metric - metric of the task alone, same seed) / (metric
 alone), in %. ``benchmarks/render_suite.py`` turns the results into tables and figures.
 
+``many_tasks`` also runs with 10 and 40 tasks (``many_tasks_k10``, ``many_tasks_k40``: the
+first tasks of the same 40), with the baselines and a few methods (``SCALING_METHODS``), to show
+how quality and step time grow with the number of tasks.
+
 Usage (from the repository root)::
 
     python benchmarks/suite.py                         # every problem, method and seed 0-4
@@ -26,6 +30,7 @@ Usage (from the repository root)::
     python benchmarks/suite.py --reuse                 # only the runs not in the results yet
     python benchmarks/suite.py --smoke                 # every problem and method, a few steps
     python benchmarks/suite.py --speed                 # step time and memory vs a plain sum
+    python benchmarks/suite.py --problems many_tasks_k10 many_tasks_k40   # scaling with K
 
 Runs go to ``benchmarks/results/<problem>.json`` (``--smoke``: a temporary folder unless
 ``--out`` is given). ``--jobs`` worker processes (2 by default) run in parallel, one torch thread
@@ -65,11 +70,17 @@ from problems import Problem, Split, TaskModel  # noqa: E402
 import balanced_losses as bl  # noqa: E402
 
 PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
+#: ``many_tasks`` with other numbers of tasks, for the scaling study (not in the mean ranks).
+SCALING = {"many_tasks_k10": 10, "many_tasks_k40": 40}
 SEEDS = (0, 1, 2, 3, 4)
 RESULTS = HERE / "results"
 
 
 def load_problem(name: str) -> Problem:
+    if name in SCALING:
+        from problems.many_tasks import make
+
+        return make(SCALING[name])
     module = importlib.import_module(f"problems.{name}")
     problem: Problem = module.PROBLEM
     return problem
@@ -275,15 +286,46 @@ VARIANTS: dict[str, Callable[[list[str]], bl.Weighting]] = {
     "gradient-balancer-momentum-0.99": lambda tasks: bl.GradientBalancer(tasks, momentum=0.99),
     "gradient-balancer-momentum-0": lambda tasks: bl.GradientBalancer(tasks, momentum=0.0),
 }
+#: Variants of the study that change the learning rate alone: name -> (method, learning rate).
+#: The single-task baselines keep the budget's rate, so Δm shows what the change costs.
+LR_VARIANTS: dict[str, tuple[str, float]] = {
+    "dbmtl-lr-3e-4": ("dbmtl", 3e-4),
+    "dbmtl-lr-3e-3": ("dbmtl", 3e-3),
+    "sum-lr-3e-4": ("sum", 3e-4),
+    "sum-lr-3e-3": ("sum", 3e-3),
+}
+
+
+#: The methods of the scaling study (``SCALING``): a plain sum, the recommended feature-level
+#: methods, the loss-level ones that read only the losses, and TorchJD's UPGrad, whose cost
+#: grows with the number of tasks.
+SCALING_METHODS = (
+    "sum",
+    "gradient-balancer",
+    "dbmtl",
+    "upgrad-balanced",
+    "normalizer-sqrt",
+    "uncertainty",
+    "famo",
+    "torchjd-upgrad",
+)
 
 
 def methods_of(problem: Problem) -> list[str]:
     """Every method run on ``problem``, the single-task baselines first."""
     names = [f"alone:{t}" for t in problem.tasks]
+    if problem.name in SCALING:
+        return names + [
+            m for m in SCALING_METHODS if not m.startswith("torchjd-") or _has_torchjd()
+        ]
     names += ["sum", *STATIC, *PACKAGE_LOSS, *PACKAGE_FEATURES]
-    if importlib.util.find_spec("torchjd") is not None:
+    if _has_torchjd():
         names += list(TORCHJD)
     return names
+
+
+def _has_torchjd() -> bool:
+    return importlib.util.find_spec("torchjd") is not None
 
 
 def _static_weights(problem: Problem, name: str, first: dict[str, Tensor]) -> dict[str, float]:
@@ -302,6 +344,8 @@ def make_trainer(
     problem: Problem, method: str, model: TaskModel, first: dict[str, Tensor]
 ) -> Trainer:
     lr = problem.budget.lr
+    if method in LR_VARIANTS:
+        method, lr = LR_VARIANTS[method]
     if method == "sum":
         return Trainer(problem, model, lr)
     if method.startswith("alone:"):
@@ -479,7 +523,9 @@ def format_seconds(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
+    parser.add_argument(
+        "--problems", nargs="+", default=list(PROBLEMS), choices=[*PROBLEMS, *SCALING]
+    )
     parser.add_argument("--methods", nargs="+", default=None, metavar="NAME")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=2)
@@ -506,11 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         record["problem"] = problem_info(problem)
         done = {(r["method"], r["seed"]) for r in record["runs"]}
         wanted = args.methods or methods_of(problem)
-        unknown = sorted(set(wanted) - set(methods_of(problem)) - set(VARIANTS))
+        unknown = sorted(set(wanted) - set(methods_of(problem)) - {*VARIANTS, *LR_VARIANTS})
         if unknown:
             parser.error(f"unknown method(s) {unknown} for `{name}`")
         # Baselines first: a run's Δm needs them.
-        ordered = [m for m in [*methods_of(problem), *VARIANTS] if m in wanted]
+        ordered = [m for m in [*methods_of(problem), *VARIANTS, *LR_VARIANTS] if m in wanted]
         jobs += [Job(name, m, s, args.smoke) for s in seeds for m in ordered if (m, s) not in done]
     print(f"{len(jobs)} runs, {args.jobs} at a time, 1 torch thread each", flush=True)
     started = time.perf_counter()

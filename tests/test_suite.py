@@ -69,3 +69,68 @@ def test_tables_match_the_results() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _record(metrics: dict[str, dict[int, dict[str, float]]]) -> dict[str, object]:
+    runs = [
+        {"method": m, "seed": s, "smoke": False, "metrics": ms}
+        for m, by_seed in metrics.items()
+        for s, ms in by_seed.items()
+    ]
+    return {"problem": {"tasks": ["a", "b"]}, "runs": runs}
+
+
+def test_scaling_table_from_hand_made_results() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render_suite as rs
+
+    alone = {"alone:a": {0: {"a": 1.0}, 1: {"a": 1.0}}, "alone:b": {0: {"b": 2.0}, 1: {"b": 2.0}}}
+    # Δm of the plain sum: (0.1 / 1 + 0) / 2 = +5 % and (0 + 0.2 / 2) / 2 = +5 %; of DBMTL at
+    # K=40: (-0.1 + 0) / 2 = -5 % and (0 - 0.2 / 2) / 2 = -5 %; at K=10 and 20 the same as sum.
+    plain = {0: {"a": 1.1, "b": 2.0}, 1: {"a": 1.0, "b": 2.2}}
+    better = {0: {"a": 0.9, "b": 2.0}, 1: {"a": 1.0, "b": 1.8}}
+    records = {
+        k: _record({**alone, "sum": plain, "dbmtl": better if k == 40 else plain})
+        for k in (10, 20, 40)
+    }
+    rows = [{"method": "sum", "ratio": 1.0, "step_seconds": 0.002}]
+    speed = {
+        "problems": {
+            name: {"rows": [*rows, {"method": "dbmtl", "ratio": 1.0 + k / 100}]}
+            for k, name in rs.SCALING.items()
+        }
+    }
+    table = rs.scaling_table(records, speed)
+    lines = table.splitlines()
+    assert lines[2] == "| plain sum | +5.0 ± 0.0 | +5.0 ± 0.0 | +5.0 ± 0.0 | 1.00 | 1.00 | 1.00 |"
+    assert lines[3] == "| `DBMTL` | +5.0 ± 0.0 | +5.0 ± 0.0 | -5.0 ± 0.0 | 1.10 | 1.20 | 1.40 |"
+    assert "2.0 ms at K=10, 2.0 ms at K=20, 2.0 ms at K=40" in table
+    assert "beyond seed noise at K=10: none." in table
+    assert "beyond seed noise at K=40: `DBMTL`." in table
+
+
+def test_scaling_problems_run_their_methods(tmp_path: Path) -> None:
+    # many_tasks_k10: the first 10 of the 40 tasks, each alone, and the study's methods.
+    _run("--smoke", "--jobs", "1", "--out", str(tmp_path), "--problems", "many_tasks_k10")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import suite
+
+    runs = json.loads((tmp_path / "many_tasks_k10.json").read_text())["runs"]
+    alone = {f"alone:t{i:02d}" for i in range(10)}
+    assert {r["method"] for r in runs} - set(suite.SCALING_METHODS) == alone
+    assert all(len(r["metrics"]) == 10 for r in runs)
+
+
+@pytest.mark.parametrize(("variant", "lr"), [("sum-lr-3e-3", 3e-3), ("dbmtl-lr-3e-4", 3e-4)])
+def test_learning_rate_variants_change_the_rate_alone(variant: str, lr: float) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import suite
+
+    problem = suite.load_problem("many_tasks_k10")
+    train, _ = problem.data(smoke=True)
+    trainer = suite.start(problem, variant, train, seed=0)
+    base = suite.start(problem, suite.LR_VARIANTS[variant][0], train, seed=0)
+    assert type(trainer) is type(base)
+    assert type(trainer.weighting) is type(base.weighting)
+    assert all(g["lr"] == lr for g in trainer.optimizer.param_groups)
+    assert base.optimizer.param_groups[0]["lr"] == problem.budget.lr
