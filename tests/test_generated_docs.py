@@ -93,3 +93,46 @@ def test_the_code_examples_use_the_recommended_method() -> None:
     readme = (ROOT / "README.md").read_text()
     assert f"balancer = bl.{recommended}(" in readme
     assert f"balancer = bl.{recommended}(" in (ROOT / "docs" / "getting-started.md").read_text()
+
+
+def _records(delta_by_method: dict[str, list[float]]) -> dict[str, dict[str, object]]:
+    """One result record per problem: one task, 2 identical seeds, Δm (%) per problem given."""
+    records = {}
+    for i, name in enumerate(("pointer_countdown", "digits", "ucr", "many_tasks")):
+        runs = [
+            {"method": "alone:a", "seed": s, "smoke": False, "metrics": {"a": 1.0}} for s in (0, 1)
+        ]
+        for method, deltas in delta_by_method.items():
+            metric = {"a": 1.0 + deltas[i] / 100}
+            runs += [
+                {"method": method, "seed": s, "smoke": False, "metrics": metric} for s in (0, 1)
+            ]
+        records[name] = {"problem": {"tasks": ["a"]}, "runs": runs}
+    return records
+
+
+def test_the_decision_path_skips_a_method_that_loses_to_a_plain_sum_somewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    render = _render()
+    rs = render._suite()
+    # FAMO has the better mean rank of the two loss-level methods (5, 1, 1, 1 against 3, 4, 4,
+    # 4), but it is worse than a plain sum on the first problem; GradientBalancer ranks first
+    # and DBMTL, better than it on one problem and never worse, is its equal.
+    records = _records(
+        {
+            "sum": [20, 20, 20, 20],
+            "famo": [100, -50, -50, -50],
+            "normalizer-sqrt": [-10, -10, -10, -10],
+            "gradient-balancer": [-20, -20, -20, -20],
+            "dbmtl": [-20, -20, -20, -30],
+            "upgrad": [30, -20, -20, -20],
+        }
+    )
+    monkeypatch.setattr(rs, "load_all", lambda: records)
+    rec = render.recommendation()
+    assert rec.losses == "normalizer-sqrt"
+    assert rec.excluded == {"famo": ["pointer_countdown"]}
+    assert rec.best == "gradient-balancer"  # DBMTL ranks ahead of it on the last problem alone
+    assert rec.tied == ["gradient-balancer", "dbmtl"]  # UPGrad loses to a plain sum once
+    assert rec.features == render.EXAMPLE_METHOD == "dbmtl"
