@@ -386,6 +386,8 @@ class Recommendation:
     losses: str
     #: Methods ranked above a pick but left out: method -> problems where a plain sum beat it.
     excluded: dict[str, list[str]]
+    #: Every ranked method -> the problems where a plain sum beat it beyond seed noise.
+    losing: dict[str, list[str]]
 
 
 def recommendation() -> Recommendation:
@@ -431,7 +433,7 @@ def recommendation() -> Recommendation:
         for m in level
         if m in rank and rank[m] < rank[picked] and losing[m]
     }
-    return Recommendation(records, rank, best, tied, features, losses, excluded)
+    return Recommendation(records, rank, best, tied, features, losses, excluded, losing)
 
 
 def recommended_feature_method() -> str:
@@ -565,8 +567,12 @@ def block_decision_path() -> str:
             '`weighting.attach(model, "trunk")` balances there without a change to your '
             f"model's `forward`.{left_out(FEATURE_LEVEL)}",
             f"2. **Only the losses?** `{SHORT[r.losses]}` has the best mean rank of the "
-            "loss-level methods that no problem shows worse than a plain sum beyond seed noise "
-            f"({rank[r.losses]:.1f} of {n}); against a plain sum: "
+            + (
+                "loss-level methods, all of which some problem shows worse than a plain sum "
+                if r.losing[r.losses]
+                else "loss-level methods that no problem shows worse than a plain sum "
+            )
+            + f"beyond seed noise ({rank[r.losses]:.1f} of {n}); against a plain sum: "
             f"{_against_sum(r.records, r.losses)}.{left_out(LOSS_LEVEL)} Static weights tuned "
             "on validation (the best of three simple vectors; put your own factors in "
             f"`weights=`) against a plain sum: {_against_sum(r.records, 'tuned')}.",

@@ -136,3 +136,23 @@ def test_the_decision_path_skips_a_method_that_loses_to_a_plain_sum_somewhere(
     assert rec.best == "gradient-balancer"  # DBMTL ranks ahead of it on the last problem alone
     assert rec.tied == ["gradient-balancer", "dbmtl"]  # UPGrad loses to a plain sum once
     assert rec.features == render.EXAMPLE_METHOD == "dbmtl"
+
+
+def test_when_every_loss_level_method_loses_somewhere_the_best_rank_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    render = _render()
+    rs = render._suite()
+    records = _records(
+        {
+            "sum": [20, 20, 20, 20],
+            "famo": [100, -50, -50, -50],
+            "normalizer-sqrt": [30, -10, -10, -10],
+            "gradient-balancer": [-20, -20, -20, -20],
+        }
+    )
+    monkeypatch.setattr(rs, "load_all", lambda: records)
+    rec = render.recommendation()
+    assert rec.losses == "famo"
+    assert rec.losing["famo"] == rec.losing["normalizer-sqrt"] == ["pointer_countdown"]
+    assert rec.excluded == {}
