@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -111,11 +112,16 @@ def _records(delta_by_method: dict[str, list[float]]) -> dict[str, dict[str, obj
     return records
 
 
+def _recommend(records: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, Any]:
+    """``render`` and its recommendation from ``records`` instead of the committed results."""
+    render = _render()
+    monkeypatch.setattr(render._suite(), "load_all", lambda: records)
+    return render, render.recommendation()
+
+
 def test_the_decision_path_skips_a_method_that_loses_to_a_plain_sum_somewhere(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    render = _render()
-    rs = render._suite()
     # FAMO has the better mean rank of the two loss-level methods (5, 1, 1, 1 against 3, 4, 4,
     # 4), but it is worse than a plain sum on the first problem; GradientBalancer ranks first
     # and DBMTL, better than it on one problem and never worse, is its equal.
@@ -129,8 +135,7 @@ def test_the_decision_path_skips_a_method_that_loses_to_a_plain_sum_somewhere(
             "upgrad": [30, -20, -20, -20],
         }
     )
-    monkeypatch.setattr(rs, "load_all", lambda: records)
-    rec = render.recommendation()
+    render, rec = _recommend(records, monkeypatch)
     assert rec.losses == "normalizer-sqrt"
     assert rec.excluded == {"famo": ["pointer_countdown"]}
     assert rec.best == "gradient-balancer"  # DBMTL ranks ahead of it on the last problem alone
@@ -141,8 +146,6 @@ def test_the_decision_path_skips_a_method_that_loses_to_a_plain_sum_somewhere(
 def test_when_every_loss_level_method_loses_somewhere_the_best_rank_is_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    render = _render()
-    rs = render._suite()
     records = _records(
         {
             "sum": [20, 20, 20, 20],
@@ -151,8 +154,7 @@ def test_when_every_loss_level_method_loses_somewhere_the_best_rank_is_kept(
             "gradient-balancer": [-20, -20, -20, -20],
         }
     )
-    monkeypatch.setattr(rs, "load_all", lambda: records)
-    rec = render.recommendation()
+    _, rec = _recommend(records, monkeypatch)
     assert rec.losses == "famo"
     assert rec.losing["famo"] == rec.losing["normalizer-sqrt"] == ["pointer_countdown"]
     assert rec.excluded == {}
