@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Budget", "Problem", "Split", "TaskModel"]
+__all__ = ["Budget", "Problem", "Split", "TaskModel", "predict"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,18 @@ class TaskModel(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def predict(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """``model(x)`` in eval mode without autograd, for validation; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs: dict[str, Tensor] = model(x)
+    finally:
+        model.train(was_training)
+    return outputs
 
 
 class Problem(Protocol):

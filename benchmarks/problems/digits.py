@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import Budget, Split, TaskModel
+from . import Budget, Split, TaskModel, predict
 
 __all__ = ["PROBLEM", "Digits"]
 
@@ -126,11 +126,7 @@ class Digits:
         }
 
     def evaluate(self, model: TaskModel, split: Split) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            outputs = model(split.x)
-        model.train(was_training)
+        outputs = predict(model, split.x)
         metrics = {
             task: 100.0 * (outputs[task].argmax(1) != split.targets[task]).float().mean().item()
             for task in ("left", "right")

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Budget, Split, TaskModel
+from . import Budget, Split, TaskModel, predict
 
 __all__ = ["KINDS", "MAX_TASKS", "MIN_TASKS", "PROBLEM", "ManyTasks", "TaskSpec", "make"]
 
@@ -276,15 +276,9 @@ class ManyTasks:
                 out[spec.name] = F.cross_entropy(pred, y)
         return out
 
-    @torch.no_grad()
     def evaluate(self, model: TaskModel, split: Split) -> dict[str, float]:
         """Normalized MAE (regression) or error rate (classification) of each task."""
-        was_training = model.training
-        model.eval()
-        try:
-            outputs = model(split.x)
-        finally:
-            model.train(was_training)
+        outputs = predict(model, split.x)
         _, _, normalizers = _generate()
         metrics = {}
         for spec in self.specs:

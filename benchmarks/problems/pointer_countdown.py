@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from problems import Budget, Split, TaskModel
+from problems import Budget, Split, TaskModel, predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import _pointer_countdown_lib as lib
@@ -94,12 +94,8 @@ class PointerCountdown:
             "countdown": lib.COUNTDOWN_LOSS(outputs["countdown"], batch.targets["countdown"]),
         }
 
-    @torch.no_grad()
     def evaluate(self, model: TaskModel, split: Split) -> dict[str, float]:
-        was = model.training
-        model.eval()
-        out = model(split.x)
-        model.train(was)
+        out = predict(model, split.x)
         bars = torch.stack([split.targets["start"], split.targets["end"]], dim=1).float()
         clipped = split.targets["countdown"].clamp(-lib.CLIP, lib.CLIP)
         return {

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import Budget, Split, TaskModel
+from . import Budget, Split, TaskModel, predict
 
 __all__ = ["PROBLEM", "ArrowHead"]
 
@@ -149,11 +149,7 @@ class ArrowHead:
         }
 
     def evaluate(self, model: TaskModel, split: Split) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            outputs = model(split.x)
-        model.train(was_training)
+        outputs = predict(model, split.x)
         targets = split.targets
         return {
             "forecast": (outputs["forecast"] - targets["forecast"]).pow(2).mean().sqrt().item(),
