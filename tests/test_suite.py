@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,14 +112,15 @@ def test_scaling_table_from_hand_made_results() -> None:
 
 
 def test_scaling_problems_run_their_methods(tmp_path: Path) -> None:
-    # many_tasks_k10: the first 10 of the 40 tasks, each alone, and the study's methods.
+    # many_tasks_k10: the first 10 of the 40 tasks, each alone, the constant baseline and the
+    # study's methods.
     _run("--smoke", "--jobs", "1", "--out", str(tmp_path), "--problems", "many_tasks_k10")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import suite
 
     runs = json.loads((tmp_path / "many_tasks_k10.json").read_text())["runs"]
     alone = {f"alone:t{i:02d}" for i in range(10)}
-    assert {r["method"] for r in runs} - set(suite.SCALING_METHODS) == alone
+    assert {r["method"] for r in runs} - set(suite.SCALING_METHODS) == {*alone, suite.CONSTANT}
     assert all(len(r["metrics"]) == 10 for r in runs)
 
 
@@ -134,3 +137,39 @@ def test_learning_rate_variants_change_the_rate_alone(variant: str, lr: float) -
     assert type(trainer.weighting) is type(base.weighting)
     assert all(g["lr"] == lr for g in trainer.optimizer.param_groups)
     assert base.optimizer.param_groups[0]["lr"] == problem.budget.lr
+
+
+def test_constant_baseline_predicts_the_training_targets_summary() -> None:
+    # Hand-computed: targets 1, 2, 6 have mean 3; classes [0, 2, 2] have frequencies 1/3, 0, 2/3
+    # (the majority, 2, is predicted); a positive rate of 1/4 has logit log(1/3).
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from problems import ConstantModel, constant_row
+
+    torch.testing.assert_close(
+        constant_row(torch.tensor([[1.0], [2.0], [6.0]]), "regression"), torch.tensor([3.0])
+    )
+    logits = constant_row(torch.tensor([0, 2, 2]), "class", 3)
+    torch.testing.assert_close(logits.exp(), torch.tensor([1 / 3, 1e-12, 2 / 3]))
+    rate = constant_row(torch.tensor([[0.0], [0.0], [1.0], [0.0]]), "binary")
+    torch.testing.assert_close(rate, torch.tensor([math.log(1 / 3)]))
+    out = ConstantModel({"a": torch.tensor([3.0, 4.0])})(torch.zeros(5, 7))
+    assert out["a"].shape == (5, 2)
+    assert (out["a"] == torch.tensor([3.0, 4.0])).all()
+
+
+def test_constant_runs_record_the_initial_gradient_imbalance(tmp_path: Path) -> None:
+    _run(
+        "--smoke",
+        "--jobs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--problems",
+        "digits",
+        "--methods",
+        "constant",
+    )
+    (run,) = json.loads((tmp_path / "digits.json").read_text())["runs"]
+    assert run["steps"] == 0
+    assert set(run["init_grad_norms"]) == set(run["metrics"]) == {"left", "right", "pixels"}
+    assert all(v > 0 for v in run["init_grad_norms"].values())

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Budget", "Problem", "Split", "TaskModel", "predict"]
+__all__ = ["Budget", "ConstantModel", "Problem", "Split", "TaskModel", "constant_row", "predict"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,40 @@ def predict(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     return outputs
 
 
+def constant_row(targets: Tensor, kind: str, classes: int = 0) -> Tensor:
+    """The one output row that a model ignoring its input predicts for ``targets`` (samples first).
+
+    ``kind``: ``"regression"`` gives the targets' mean per output; ``"class"`` the log of the
+    ``classes`` class frequencies as logits (so the majority class is predicted);
+    ``"binary"`` the logit of the positive rate.
+    """
+    if kind == "regression":
+        return targets.float().mean(0)
+    if kind == "class":
+        counts = torch.bincount(targets.flatten(), minlength=classes).float()
+        return (counts / counts.sum()).clamp_min(1e-12).log()
+    if kind == "binary":
+        rate = targets.float().mean(0).clamp(1e-6, 1.0 - 1e-6)
+        return torch.log(rate) - torch.log1p(-rate)
+    raise ValueError(f"`kind` must be 'regression', 'class' or 'binary', got {kind!r}")
+
+
+class ConstantModel(TaskModel):
+    """Predicts the same output row for every sample: a task's constant-prediction baseline.
+
+    A run in which a task ends worse than this is counted as diverged.
+    """
+
+    def __init__(self, rows: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.rows = dict(rows)
+        self.trunk = nn.Identity()
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        n = x.shape[0]
+        return {task: row.expand(n, *row.shape) for task, row in self.rows.items()}
+
+
 class Problem(Protocol):
     """One benchmark problem (see the module docstring)."""
 
@@ -97,4 +131,8 @@ class Problem(Protocol):
 
     def evaluate(self, model: TaskModel, split: Split) -> dict[str, float]:
         """Each task's validation metric on ``split`` (lower is better), under no_grad."""
+        ...
+
+    def constant_outputs(self, train: Split) -> dict[str, Tensor]:
+        """Per task, the output row a model ignoring its input predicts (see ``constant_row``)."""
         ...

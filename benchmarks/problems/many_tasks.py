@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Budget, Split, TaskModel, predict
+from . import Budget, Split, TaskModel, constant_row, predict
 
 __all__ = ["KINDS", "MAX_TASKS", "MIN_TASKS", "PROBLEM", "ManyTasks", "TaskSpec", "make"]
 
@@ -291,6 +291,16 @@ class ManyTasks:
             else:
                 metrics[spec.name] = float((pred.argmax(1) != y).float().mean())
         return metrics
+
+    def constant_outputs(self, train: Split) -> dict[str, Tensor]:
+        """Per task: the mean target (regression), the class or positive rate's logits."""
+        kinds = {"bce": "binary", "ce": "class"}
+        return {
+            spec.name: constant_row(
+                train.targets[spec.name], kinds.get(spec.kind, "regression"), N_CLASSES
+            )
+            for spec in self.specs
+        }
 
 
 def make(k: int) -> ManyTasks:

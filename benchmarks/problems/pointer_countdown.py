@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from problems import Budget, Split, TaskModel, predict
+from problems import Budget, Split, TaskModel, constant_row, predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import _pointer_countdown_lib as lib
@@ -101,6 +101,13 @@ class PointerCountdown:
         return {
             "pointer": float((out["pointer"] * lib.T - bars).abs().mean()),
             "countdown": float((out["countdown"] - clipped).abs().mean()),
+        }
+
+    def constant_outputs(self, train: Split) -> dict[str, Tensor]:
+        clipped = train.targets["countdown"].clamp(-lib.CLIP, lib.CLIP)
+        return {
+            "pointer": constant_row(train.targets["pointer"], "regression"),
+            "countdown": constant_row(clipped, "regression"),
         }
 
 

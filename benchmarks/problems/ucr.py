@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import Budget, Split, TaskModel, predict
+from . import Budget, Split, TaskModel, constant_row, predict
 
 __all__ = ["PROBLEM", "ArrowHead"]
 
@@ -155,6 +155,13 @@ class ArrowHead:
             "forecast": (outputs["forecast"] - targets["forecast"]).pow(2).mean().sqrt().item(),
             "label": 100.0 * (outputs["label"].argmax(1) != targets["label"]).float().mean().item(),
             "stat": (outputs["stat"] - targets["stat"]).abs().mean().item(),
+        }
+
+    def constant_outputs(self, train: Split) -> dict[str, Tensor]:
+        return {
+            "forecast": constant_row(train.targets["forecast"], "regression"),
+            "label": constant_row(train.targets["label"], "class", 3),
+            "stat": constant_row(train.targets["stat"], "regression"),
         }
 
 

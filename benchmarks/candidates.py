@@ -1,0 +1,101 @@
+"""Candidate defaults measured against the suite's default (issue: a default that holds).
+
+Each candidate is a small change on a method that exists, written here as a subclass so that a
+candidate that loses adds nothing to the package's API; the one that wins moves into the
+package. The suite runs them by name (``suite.VARIANTS``) on the development problems.
+
+- ``partial``: partial equalization at the features, :math:`s_k = (T / \\hat n_k)^\\alpha` with
+  :math:`0 < \\alpha < 1` (GradNorm's asymmetry exponent, Chen et al. 2018, in one pass).
+- ``lift``: lift only the starved: a task whose norm is below a share :math:`\\rho` of the mean is
+  raised to :math:`\\rho T`; no task is lowered, :math:`s_k = \\max(1, \\rho T / \\hat n_k)`.
+- ``frozen``: calibrate, then freeze: the norms are averaged over the first ``steps`` steps and
+  then kept, so the multipliers become fixed weights.
+- ``clamped``: full equalization with each multiplier clamped to ``[1 / c, c]``.
+- ``dbmtl-smoothed``: DB-MTL with its log transform's division by the batch loss replaced by a
+  division by the loss's running mean (the gradient of :math:`\\log L` is :math:`\\nabla L / L`;
+  here :math:`\\nabla L / \\hat m`), then the gradient half as in ``DBMTL``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+
+import balanced_losses as bl
+
+
+class Partial(bl.GradientBalancer):
+    """Partial equalization: each multiplier raised to ``alpha``."""
+
+    def __init__(self, tasks: Sequence[str], *, alpha: float) -> None:
+        super().__init__(tasks)
+        self.alpha = alpha
+
+    def _scales(self) -> Tensor:
+        return super()._scales().pow(self.alpha)
+
+
+class Lift(bl.GradientBalancer):
+    """Lift a task below ``rho`` of the mean norm up to it; never lower one."""
+
+    def __init__(self, tasks: Sequence[str], *, rho: float) -> None:
+        super().__init__(tasks)
+        self.rho = rho
+
+    def _scales(self) -> Tensor:
+        return (self.rho * super()._scales()).clamp_min(1.0)
+
+
+class Frozen(bl.GradientBalancer):
+    """The multipliers of the norms averaged over the first ``steps`` steps, then fixed."""
+
+    def __init__(self, tasks: Sequence[str], *, steps: int) -> None:
+        # An EMA with momentum 1 - 1/steps weighs the calibration steps nearly alike.
+        super().__init__(tasks, momentum=1.0 - 1.0 / steps)
+        self.steps = steps
+
+    def _stats_input(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        mean, valid = super()._stats_input(values, present)
+        return mean, valid & (self.count < self.steps)
+
+
+class Clamped(bl.GradientBalancer):
+    """Full equalization with every multiplier in ``[1 / limit, limit]``."""
+
+    def __init__(self, tasks: Sequence[str], *, limit: float) -> None:
+        super().__init__(tasks)
+        self.limit = limit
+
+    def _scales(self) -> Tensor:
+        return super()._scales().clamp(1.0 / self.limit, self.limit)
+
+
+class SmoothedDBMTL(bl.GradientBalancer):
+    """DB-MTL with each loss divided by its running mean instead of its batch value."""
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks, target="max")
+        self.normalizer = bl.LossNormalizer(list(tasks), correction="none")
+
+    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
+        self.normalizer(losses)  # updates the running means; its weights are 1 / m_k
+        scale = self.normalizer.last_weights
+        terms = {
+            t: scale[i].to(loss.dtype) * loss
+            for i, t in enumerate(self.tasks)
+            if (loss := losses.get(t)) is not None
+        }
+        return super().forward(terms)
+
+
+#: Candidate name -> factory of the task names.
+CANDIDATES = {
+    "partial-0.5": lambda tasks: Partial(tasks, alpha=0.5),
+    "lift-0.5": lambda tasks: Lift(tasks, rho=0.5),
+    "frozen-100": lambda tasks: Frozen(tasks, steps=100),
+    "clamped-4": lambda tasks: Clamped(tasks, limit=4.0),
+    "dbmtl-smoothed": SmoothedDBMTL,
+}
+
+__all__ = ["CANDIDATES", "Clamped", "Frozen", "Lift", "Partial", "SmoothedDBMTL"]
