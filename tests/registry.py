@@ -198,6 +198,18 @@ CASES: list[Case] = [
         level=FEATURES,
     ),
     Case(
+        "CalibratedBalancer",  # still calibrating through a short test: a GradientBalancer
+        lambda s: bl.CalibratedBalancer(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
+        level=FEATURES,
+    ),
+    Case(
+        "CalibratedBalancer-frozen",  # frozen after two steps: fixed weights from then on
+        lambda s: bl.CalibratedBalancer(
+            s.tasks, steps=2, weights=s.weights, allow_missing=s.allow_missing
+        ),
+        level=FEATURES,
+    ),
+    Case(
         "DBMTL",
         lambda s: bl.DBMTL(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
         level=FEATURES,

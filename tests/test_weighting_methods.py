@@ -36,6 +36,8 @@ _NO_SCALARS = {
     "leaf losses do not depend on (test_gradnorm.py and test_production.py drive it)",
     "GradientBalancer": "acts in backward at the shared features: with scalar losses nothing is "
     "measured and its weights are 0 (test_gradient.py and test_production.py drive it)",
+    "CalibratedBalancer": "acts in backward at the shared features while calibrating: with "
+    "scalar losses nothing is measured (test_calibrated.py and test_production.py drive it)",
 }
 _FEATURES = (
     "acts in backward at the shared features: with scalar losses nothing reaches it "
@@ -136,6 +138,7 @@ STATE_KEYS = {
         "optimizer_steps",
     },
     "GradientBalancer": {"ema", "count"},
+    "CalibratedBalancer": {"ema", "count", "steps_done", "frozen_scale"},
     "IMTLL": {"log_scales"},
     "RLW": {"seed", "num_steps"},
     # The aggregators keep norm statistics only with balance_norms, PCGrad its random stream.

@@ -15,6 +15,7 @@ from balanced_losses._base import Weighting
 from balanced_losses.features._aligned_mtl import AlignedMTL
 from balanced_losses.features._attach import Attachment
 from balanced_losses.features._cagrad import CAGrad
+from balanced_losses.features._calibrated import CalibratedBalancer
 from balanced_losses.features._dbmtl import DBMTL
 from balanced_losses.features._fairgrad import FairGrad
 from balanced_losses.features._gradient_balancer import GradientBalancer
@@ -46,6 +47,7 @@ __all__ = [
     "AlignedMTL",
     "Attachment",
     "CAGrad",
+    "CalibratedBalancer",
     "FairGrad",
     "GeometricMean",
     "GradNorm",
