@@ -453,6 +453,11 @@ register_feature_level(
     "GradientBalancer",
     description="per-task gradients rescaled at the shared features in one backward pass",
 )
+register_feature_level(
+    "calibrated",
+    "CalibratedBalancer",
+    description="GradientBalancer for the first 100 steps, then the weights it reached, fixed",
+)
 
 
 @register(

@@ -89,7 +89,7 @@ DEFAULT_METHODS = [
     "normalizer",
     "normalizer-sqrt",
     "uncertainty",
-    "dbmtl",
+    "calibrated",
 ]
 
 
@@ -249,6 +249,7 @@ LEGEND = {
     "normalizer-sqrt": 'LossNormalizer("sqrt"), 0.7/0.1',
     "uncertainty": "UncertaintyWeighting",
     "gradient-balancer": "GradientBalancer",
+    "calibrated": "CalibratedBalancer",
     "dbmtl": "DBMTL",
 }
 
