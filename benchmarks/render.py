@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import sys
@@ -56,6 +55,7 @@ LABELS = {
     "normalizer-sqrt": '`LossNormalizer(correction="sqrt")`, same weights',
     "uncertainty": "`UncertaintyWeighting`",
     "gradient-balancer": "`GradientBalancer`",
+    "calibrated": "`CalibratedBalancer`",
     "gradnorm": "`GradNorm`",
     "dwa": "`DWA`",
     "rlw": "`RLW`",
@@ -76,6 +76,7 @@ LABELS = {
 SHORT = {m: (label.split("`")[1] if "`" in label else label) for m, label in LABELS.items()}
 SHORT["normalizer"] = 'LossNormalizer(correction="none")'
 SHORT["normalizer-sqrt"] = 'LossNormalizer(correction="sqrt")'
+SHORT["calibrated"] = "CalibratedBalancer"
 #: What each method of the registry is, for the benchmark's own table.
 DESCRIPTIONS = {
     "pointer-alone": "pointer loss alone",
@@ -85,6 +86,7 @@ DESCRIPTIONS = {
     "normalizer-sqrt": "the same with correction sqrt (times sqrt(output size))",
     "uncertainty": "uncertainty weighting (Kendall), s = 0 at start, trained by the model's Adam",
     "gradient-balancer": "per-task gradients rescaled at the shared features in one backward",
+    "calibrated": "GradientBalancer for the first 100 steps, then the weights it reached, fixed",
     "gradnorm": "GradNorm (Chen et al. 2018), alpha 1.5, on the encoder's last layer",
     "dwa": "Dynamic Weight Average (Liu et al. 2019), T = 2",
     "rlw": "random loss weighting (Lin et al. 2022)",
@@ -228,138 +230,8 @@ def quality_settings(runs: list[dict[str, Any]]) -> tuple[int, list[int]]:
 # ----------------------------------------------------------------------------------- the blocks
 
 
-def block_quality_table() -> str:
-    runs = quality_runs()
-    summary = quality_summary(runs)
-    epochs, seeds = quality_settings(runs)
-    speed = load(SPEED)
-    demo_speed = speed_rows("demo")
-    alone = [summary[BASELINES[t]]["mae"][t] for t in TASKS]
-    lines = [
-        f"Validation MAE in bars after {epochs} epochs, mean ± standard deviation over seeds "
-        f"{seeds_text(seeds)}. Step time is the median over {speed['rounds']} interleaved rounds "
-        "of the method's step time divided by that of a plain `sum(losses)` in the same round; "
-        "peak memory is the step's peak of live tensor bytes, also divided by the plain sum's; "
-        f"both on the demo model with {speed['threads']} torch "
-        f"thread{'s' if speed['threads'] != 1 else ''}.",
-        "",
-        "| method | pointer MAE | countdown MAE | Δm (%) | step time / sum | peak memory / sum |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| each task alone | {mean_std(alone[0])} | {mean_std(alone[1])} | 0 | | |",
-    ]
-    for method, label in LABELS.items():
-        if method not in summary:
-            continue
-        row = summary[method]
-        cost = demo_speed.get(method)
-        time_ratio = f"{cost['ratio']:.3f}" if cost else "-"
-        peak_ratio = f"{cost['peak_ratio']:.2f}" if cost else "-"
-        lines.append(
-            f"| {label} | {mean_std(row['mae']['pointer'])} | {mean_std(row['mae']['countdown'])} "
-            f"| {mean_std(row['delta'], 0)} | {time_ratio} | {peak_ratio} |"
-        )
-    cpu_seconds = sum(r["seconds"] for r in runs)
-    lines += [
-        "",
-        f"Reproduce with `python benchmarks/quality.py --seeds {' '.join(map(str, seeds))}` "
-        f"(the {len(runs)} runs of `{QUALITY}` took {minutes(cpu_seconds)} of CPU time, one "
-        "thread each; `--jobs 2`, the default, runs two at a time) and "
-        f"`{command_text(speed)}` ({minutes(speed['wall_seconds'])} wall time, "
-        f"{machine_text(speed['machine'])}); the full tables, with a wider trunk, are in "
-        "`benchmarks/results/`.",
-    ]
-    return "\n".join(lines)
-
-
-def _best(summary: dict[str, dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> str:
-    methods = [m for m in LABELS if m in summary]
-    return min(methods, key=lambda m: key(summary[m]))
-
-
-def block_quality_verdict() -> str:
-    runs = quality_runs()
-    summary = quality_summary(runs)
-    _, seeds = quality_settings(runs)
-    best = {
-        "pointer MAE": _best(summary, lambda r: statistics.fmean(r["mae"]["pointer"])),
-        "countdown MAE": _best(summary, lambda r: statistics.fmean(r["mae"]["countdown"])),
-        "Δm": _best(summary, lambda r: statistics.fmean(r["delta"])),
-    }
-    leader = best["Δm"]
-    demo_cost = speed_rows("demo").get(leader)
-    wide_cost = speed_rows("wide").get(leader)
-    if len(set(best.values())) == 1:
-        first = f"On this problem {name(leader)} has the lowest mean error on both heads and "
-        first += "the best mean Δm"
-    else:
-        parts = [f"lowest mean {what}: {name(m)}" for what, m in best.items() if what != "Δm"]
-        first = f"On this problem {name(leader)} has the best mean Δm ({'; '.join(parts)})"
-    if demo_cost and wide_cost:
-        first += (
-            f", at {demo_cost['ratio']:.2f}× the step time of a plain sum on the demo model "
-            f"({wide_cost['ratio']:.2f}× with the wider trunk)"
-        )
-    lead = summary[leader]["delta"]
-    bound = statistics.fmean(lead) + (statistics.stdev(lead) if len(lead) > 1 else 0.0)
-    close = [
-        m
-        for m in LABELS
-        if m in summary and m != leader and statistics.fmean(summary[m]["delta"]) <= bound
-    ]
-    lines = [first + "."]
-    if close:
-        lines.append(
-            f"The mean Δm of {names(close)} is within one standard deviation (over the "
-            f"{len(seeds)} seeds) of {name(leader)}'s, so measure on your own model "
-            "(`balanced_losses.diagnostics`) before you trust a ranking."
-        )
-    alone = statistics.fmean(summary[BASELINES["countdown"]]["mae"]["countdown"])
-    starved = [
-        m
-        for m in LABELS
-        if m in summary and statistics.fmean(summary[m]["mae"]["countdown"]) > 2 * alone
-    ]
-    if starved:
-        lines.append(
-            f"With {names(starved)}, the countdown head ends at more than twice the mean error "
-            "of the countdown head trained alone."
-        )
-    return " ".join(lines)
-
-
-#: The methods a user can reach through the losses alone, and those that need the features.
-LOSS_LEVEL = (
-    "normalizer",
-    "normalizer-sqrt",
-    "uncertainty",
-    "gradnorm",
-    "dwa",
-    "rlw",
-    "imtll",
-    "famo",
-    "geometric-mean",
-)
-FEATURE_LEVEL = (
-    "gradient-balancer",
-    "dbmtl",
-    "upgrad",
-    "upgrad-balanced",
-    "mgda",
-    "cagrad",
-    "imtlg",
-    "aligned-mtl",
-    "nash-mtl",
-    "fairgrad",
-    "pcgrad",
-)
-
-
-SUITE = (
-    "benchmarks/results/pointer_countdown.json",
-    "benchmarks/results/digits.json",
-    "benchmarks/results/ucr.json",
-    "benchmarks/results/many_tasks.json",
-)
+SUITE_PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
+SUITE = tuple(f"benchmarks/results/{p}.json" for p in SUITE_PROBLEMS)
 
 
 def _suite() -> Any:
@@ -367,101 +239,6 @@ def _suite() -> Any:
     import render_suite
 
     return render_suite
-
-
-#: The feature-level method the README's and the docs' code examples use.
-EXAMPLE_METHOD = "dbmtl"
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """What the decision path recommends, from the suite's results."""
-
-    records: dict[str, Any]
-    rank: dict[str, float]
-    best: str
-    #: The feature-level methods that no problem shows worse than ``best`` beyond seed noise.
-    tied: list[str]
-    features: str
-    losses: str
-    #: Methods ranked above a pick but left out: method -> problems where a plain sum beat it.
-    excluded: dict[str, list[str]]
-    #: Every ranked method -> the problems where a plain sum beat it beyond seed noise.
-    losing: dict[str, list[str]]
-
-
-def recommendation() -> Recommendation:
-    """The decision path's picks, from the suite's results.
-
-    A method that some problem shows worse than a plain sum beyond seed noise is not
-    recommended, whatever its mean rank: a user cannot tell in advance whether their problem is
-    that one. Among the rest, the best mean rank; the feature-level methods that no problem shows
-    worse than that one beyond noise are its equals.
-    """
-    rs = _suite()
-    records = rs.load_all()
-    if len(records) != len(SUITE):
-        missing = sorted(set(SUITE) - {f"benchmarks/results/{p}.json" for p in records})
-        raise FileNotFoundError(f"the decision path needs the suite's results: {missing}")
-    rank = rs.mean_ranks(records)
-    losing = {
-        m: [p for p, r in records.items() if rs.comparison(r, m)[0] == "worse"]
-        for m in (*FEATURE_LEVEL, *LOSS_LEVEL)
-        if m in rank
-    }
-
-    def pick(methods: tuple[str, ...]) -> str:
-        ranked = sorted((m for m in methods if m in rank), key=rank.__getitem__)
-        return next((m for m in ranked if not losing[m]), ranked[0])
-
-    best = pick(FEATURE_LEVEL)
-    tied = [
-        m
-        for m in FEATURE_LEVEL
-        if m in rank
-        and not losing[m]
-        and all(rs.comparison(r, m, best)[0] != "worse" for r in records.values())
-    ]
-    # The code examples of the README and the docs use one method; it is the advice while no
-    # problem shows it worse than the best (tests/test_generated_docs.py checks that the
-    # examples name the method recommended here).
-    features = EXAMPLE_METHOD if EXAMPLE_METHOD in tied else best
-    losses = pick(LOSS_LEVEL)
-    excluded = {
-        m: losing[m]
-        for picked, level in ((best, FEATURE_LEVEL), (losses, LOSS_LEVEL))
-        for m in level
-        if m in rank and rank[m] < rank[picked] and losing[m]
-    }
-    return Recommendation(records, rank, best, tied, features, losses, excluded, losing)
-
-
-def recommended_feature_method() -> str:
-    """The feature-level method the decision path recommends (the class name)."""
-    return SHORT[recommendation().features]
-
-
-def _step_costs() -> dict[str, float]:
-    """Each method's largest step-time ratio to a plain sum over the suite's problems."""
-    path = ROOT / "benchmarks" / "results" / "suite_speed.json"
-    if not path.is_file():
-        return {}
-    costs: dict[str, float] = {}
-    problems = json.loads(path.read_text())["problems"]
-    for entry in (problems[p] for p in _suite().PROBLEMS if p in problems):
-        for row in entry["rows"]:
-            costs[row["method"]] = max(costs.get(row["method"], 0.0), row["ratio"])
-    return costs
-
-
-def _against_sum(records: dict[str, Any], method: str) -> str:
-    """Per problem, how ``method`` compares with a plain sum, in words with the figures."""
-    rs = _suite()
-    parts = []
-    for problem, record in records.items():
-        verdict, figures = rs.comparison(record, method)
-        parts.append(f"{problem} {verdict} ({figures})")
-    return "; ".join(parts)
 
 
 def block_suite_summary() -> str:
@@ -481,7 +258,12 @@ def block_suite_summary() -> str:
         f"The runs took {cpu:.1f} h of CPU time; `python benchmarks/suite.py` reproduces them "
         "(`--reuse` keeps what is there), `python benchmarks/render_suite.py` the tables in "
         "`benchmarks/results/` (one per problem, with per-task metrics, the worst seed and "
-        "the verdict against a plain sum) and the figures.\n\n" + rs.summary_table(records, speed)
+        "the verdict against a plain sum) and the figures.\n\n"
+        + rs.summary_table(records, speed)
+        + "\n"
+        + _default().ranked_above_default(
+            {**records, **_default().load((*_default().DEVELOPMENT, *_default().HELD_OUT))}
+        )
     )
 
 
@@ -510,79 +292,110 @@ def block_suite_scaling() -> str:
     )
 
 
-#: The robustness goal for the recommended method on problem 1: worst seed and mean Δm (%).
-GOAL_WORST, GOAL_MEAN = 20.0, 0.0
+def _default() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render_default
+
+    return render_default
 
 
-def block_defaults_study() -> str:
-    """The recommended method's defaults varied on problem 1, and whether they meet the goal."""
-    rs = _suite()
-    r = recommendation()
-    record = r.records["pointer_countdown"]
-    by_seed = rs.summarize(record)[r.features]["delta"]
-    deltas = list(by_seed.values())
-    mean, se = rs.mean_se(deltas)
-    met = max(deltas) <= GOAL_WORST and mean <= GOAL_MEAN
-    variants = " ".join(m for m in rs.STUDY if m not in rs.LABELS)
-    return (
-        f"On pointer_countdown, over seeds {seeds_text(sorted(by_seed))}; Δm against each task "
-        'trained alone (%), mean ± standard error; "against the defaults": the difference of '
-        "the means beyond twice its standard error, or within noise. `python benchmarks/suite.py "
-        f"--problems pointer_countdown --methods {variants}` reproduces the variants.\n\n"
-        + rs.study_table(record)
-        + f"\nThe goal for the recommended method, `{SHORT[r.features]}`, is a worst seed at most "
-        f"{GOAL_WORST:+.0f} % and a mean at most {GOAL_MEAN:.0f} %: it has "
-        f"{mean:+.1f} ± {se:.1f} % and {max(deltas):+.1f} % on its worst seed, so the goal is "
-        f"{'met' if met else 'not met'}."
+DEVELOPMENT_SOURCES = tuple(
+    f"benchmarks/results/{p}.json" for p in (*SUITE_PROBLEMS, "user_regime")
+)
+HELD_OUT_SOURCES = tuple(
+    f"benchmarks/results/{p}.json" for p in ("newcomer_digits", "blood_pressure", "power_demand")
+)
+DEFAULT_SOURCES = (*DEVELOPMENT_SOURCES, *HELD_OUT_SOURCES, "benchmarks/results/suite_speed.json")
+
+
+def _problem_list(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def block_default_answer() -> str:
+    """The one short answer every page gives: which method, why, when not, how to check."""
+    rd = _default()
+    records = rd.load((*rd.DEVELOPMENT, *rd.HELD_OUT))
+    report = rd.default_report(records)
+    checks = report["checks"]
+    n, held = len(checks), len(report["held_out"])
+    why = (
+        f"On each of the {n} problems we measured ({n - held} where it was chosen, {held} held "
+        "out and run once after the choice), it was never worse than a plain sum beyond seed "
+        "noise, no seed diverged (a task worse than a constant prediction) and its worst seed "
+        f"was no worse than a plain sum's; it beat a plain sum beyond noise on "
+        f"{len(report['better'])} of them, and a step costs at most "
+        f"{report['ratio']:.2f}× a plain sum's."
+        if not report["failing"]
+        else f"Of the {n} problems we measured ({n - held} where it was chosen, {held} held out), "
+        f"it held on {n - len(report['failing'])}: it was not worse than a plain sum beyond "
+        "seed noise, no seed diverged and its worst seed was no worse than a plain sum's. It "
+        f"did not hold on {_problem_list(report['failing'])} (the tables: Choosing a method); it "
+        f"beat a plain sum beyond noise on {len(report['better'])} problems, at "
+        f"{report['ratio']:.2f}× a plain sum's step at most."
+    )
+    return "\n".join(
+        [
+            f"1. **Use `{rd.DEFAULT_CLASS}` at its defaults.** {why}",
+            f"2. **When a plain sum is as good.** {rd.imbalance_sentence(records)}",
+            "3. **Check your model in a minute.** Before training, "
+            "`bl.diagnostics.gradient_report(losses, model.encoder.parameters())` prints each "
+            "task's gradient norm at the shared encoder; compare the largest with the smallest.",
+            "4. **Other methods** (gradient aggregators, learned weights, the field's "
+            "methods) and every figure behind this answer: Choosing a method "
+            "(`docs/choosing.md`).",
+        ]
     )
 
 
-def block_decision_path() -> str:
-    """The one recommendation every page shows, decided by the suite's results."""
-    r = recommendation()
-    rank, n, cost = r.rank, len(r.rank), _step_costs()
-    if len(r.tied) > 1:
-        why = (
-            "The feature-level methods that no problem shows worse than a plain sum, nor worse "
-            f"than the best mean rank among those (`{SHORT[r.best]}`, {rank[r.best]:.1f} of "
-            f"{n}), beyond seed noise are {', '.join(f'`{SHORT[m]}`' for m in r.tied)}: any of "
-            f"them; the examples use `{SHORT[r.features]}` (a step costs "
-            f"{cost.get(r.features, math.nan):.2f}× a plain sum's at most)"
-        )
-    else:
-        why = f"It has the best mean rank of the feature-level methods ({rank[r.best]:.1f} of {n})"
+def block_default_study() -> str:
+    rd = _default()
+    records = rd.load(rd.DEVELOPMENT)
+    return (
+        "Δm against each task trained alone (%), mean ± standard error over seeds 0-4, the worst "
+        "seed, and the seeds that diverged (a task worse than a constant prediction and than "
+        "the task trained alone); ✗: not worse than a plain sum beyond seed noise, no diverged "
+        "seed and a worst seed no worse than a plain sum's do not all hold. Step / sum: the "
+        "largest step-time ratio to a plain sum over the problems measured. `python "
+        "benchmarks/suite.py --problems pointer_countdown digits ucr many_tasks user_regime "
+        f"--reuse --methods {' '.join(m for m in rd.STUDY if m != 'tuned')}` reproduces the "
+        "runs.\n\n"
+        + rd.study_table(records, rd.STUDY)
+        + "\n"
+        + rd.strict_sentence(records, ("sum", rd.DEFAULT))
+    )
 
-    def left_out(level: tuple[str, ...]) -> str:
-        gone = [
-            f"`{SHORT[m]}` ({rank[m]:.1f}) is worse than a plain sum on {', '.join(r.excluded[m])}"
-            for m in level
-            if m in r.excluded
-        ]
-        return f" Ranked higher but left out: {'; '.join(gone)}." if gone else ""
 
-    return "\n".join(
-        [
-            f"1. **Can your code reach the shared features?** Use `{SHORT[r.features]}`. "
-            f"{why}. Against a plain sum, Δm: {_against_sum(r.records, r.features)}. "
-            '`weighting.attach(model, "trunk")` balances there without a change to your '
-            f"model's `forward`.{left_out(FEATURE_LEVEL)}",
-            f"2. **Only the losses?** `{SHORT[r.losses]}` has the best mean rank of the "
-            + (
-                "loss-level methods, all of which some problem shows worse than a plain sum "
-                if r.losing[r.losses]
-                else "loss-level methods that no problem shows worse than a plain sum "
-            )
-            + f"beyond seed noise ({rank[r.losses]:.1f} of {n}); against a plain sum: "
-            f"{_against_sum(r.records, r.losses)}.{left_out(LOSS_LEVEL)} Static weights tuned "
-            "on validation (the best of three simple vectors; put your own factors in "
-            f"`weights=`) against a plain sum: {_against_sum(r.records, 'tuned')}.",
-            "3. **Do task gradients point against each other?** (a negative cosine in "
-            "`balanced_losses.diagnostics.gradient_report`) `UPGrad` at the shared "
-            f"features; against a plain sum: {_against_sum(r.records, 'upgrad')}.",
-            "4. **Resuming from a checkpoint of an older release?** Keep the class it was "
-            "trained with: every class loads its earlier checkpoints. Switch methods at "
-            "the start of a run, not in the middle.",
-        ]
+FAILURE_SOURCES = (
+    "benchmarks/results/failure_modes.json",
+    "benchmarks/results/user_regime.json",
+    "benchmarks/results/digits.json",
+)
+
+
+def block_failure_modes() -> str:
+    rd = _default()
+    return (
+        rd.failure_text() + "\n\n`python benchmarks/failure_modes.py --problem user_regime --seeds "
+        f"{rd.failure_seed(rd.failure_runs()) if rd.failure_runs() else 0} --methods sum dbmtl "
+        "dbmtl-smoothed gradient-balancer gradient-balancer-max calibrated` reproduces the logs "
+        "(`benchmarks/results/failure_modes.json`); `python benchmarks/render_suite.py` draws "
+        "the figure."
+    )
+
+
+def block_held_out() -> str:
+    rd = _default()
+    records = rd.load(rd.HELD_OUT)
+    if not records:
+        return "Not run yet.\n"
+    return (
+        "The same columns, on the problems held out (each committed before any method ran on "
+        f"it). `python benchmarks/suite.py --problems {' '.join(rd.HELD_OUT)}` reproduces "
+        "them.\n\n"
+        + rd.study_table(records, rd.STUDY)
+        + "\n"
+        + rd.strict_sentence(records, ("sum", rd.DEFAULT))
     )
 
 
@@ -992,11 +805,11 @@ class Block:
 
 
 BLOCKS: dict[str, Block] = {
-    "quality-table": Block((QUALITY, SPEED), block_quality_table),
-    "quality-verdict": Block((QUALITY, SPEED), block_quality_verdict),
-    "decision-path": Block((*SUITE, "benchmarks/results/suite_speed.json"), block_decision_path),
-    "suite-summary": Block((*SUITE, "benchmarks/results/suite_speed.json"), block_suite_summary),
-    "defaults-study": Block((*SUITE, "benchmarks/results/suite_speed.json"), block_defaults_study),
+    "default-answer": Block(DEFAULT_SOURCES, block_default_answer),
+    "default-study": Block(DEFAULT_SOURCES, block_default_study),
+    "held-out": Block(DEFAULT_SOURCES, block_held_out),
+    "failure-modes": Block(FAILURE_SOURCES, block_failure_modes),
+    "suite-summary": Block((*SUITE, *DEFAULT_SOURCES[4:]), block_suite_summary),
     "suite-scaling": Block((*SCALING, "benchmarks/results/suite_speed.json"), block_suite_scaling),
     "demo-table": Block((DEMO,), block_demo_table),
     "demo-curves": Block((DEMO,), block_demo_curves),

@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
 PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
+#: Problems outside the mean ranks that get a table of their own: the development problem of
+#: the default study and the held-out problems (``benchmarks/render_default.py``).
+OTHER_PROBLEMS = ("user_regime", "newcomer_digits", "blood_pressure", "power_demand")
 #: The scaling study: ``many_tasks`` with K tasks (``benchmarks/suite.py``'s ``SCALING``).
 SCALING = {10: "many_tasks_k10", 20: "many_tasks", 40: "many_tasks_k40"}
 
@@ -44,6 +47,7 @@ LABELS: dict[str, str] = {
     "famo": "`FAMO`",
     "geometric-mean": "`GeometricMean`",
     "gradient-balancer": "`GradientBalancer`",
+    "calibrated": "`CalibratedBalancer`",
     "dbmtl": "`DBMTL`",
     "upgrad": "`UPGrad`",
     "upgrad-balanced": "`UPGrad(balance_norms=True)`",
@@ -487,7 +491,8 @@ def outputs() -> dict[Path, str]:
     records = {p: r for p in PROBLEMS if (r := load(p)) is not None}
     speed_path = RESULTS / "suite_speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
-    out = {RESULTS / f"{p}.md": f"# {p}\n\n{problem_table(r)}" for p, r in records.items()}
+    tabled = {**records, **{p: r for p in OTHER_PROBLEMS if (r := load(p)) is not None}}
+    out = {RESULTS / f"{p}.md": f"# {p}\n\n{problem_table(r)}" for p, r in tabled.items()}
     out[RESULTS / "suite.md"] = (
         "# Benchmark suite: summary\n\nMean rank over the problems (by mean Δm), Δm per problem "
         "(mean ± standard error over seeds) and the step time relative to a plain sum (range "
@@ -522,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     figures({p: r for p in PROBLEMS if (r := load(p)) is not None})
+    # The default's study reads this module's tables: imported here, not at the top (a cycle).
+    import render_default
+
+    render_default.failure_figure(FIGURES / "failure_modes.png")
     scaling = load_scaling()
     if scaling:
         speed_path = RESULTS / "suite_speed.json"

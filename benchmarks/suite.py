@@ -236,6 +236,7 @@ def _feature_level(problem: Problem) -> dict[str, Callable[[], bl.Weighting]]:
     tasks = list(problem.tasks)
     return {
         "gradient-balancer": lambda: bl.GradientBalancer(tasks),
+        "calibrated": lambda: bl.CalibratedBalancer(tasks),
         "dbmtl": lambda: bl.DBMTL(tasks),
         "upgrad": lambda: bl.UPGrad(tasks),
         "upgrad-balanced": lambda: bl.UPGrad(tasks, balance_norms=True),
@@ -272,6 +273,7 @@ PACKAGE_LOSS = (
 )
 PACKAGE_FEATURES = (
     "gradient-balancer",
+    "calibrated",
     "dbmtl",
     "upgrad",
     "upgrad-balanced",
@@ -295,6 +297,9 @@ VARIANTS: dict[str, Callable[[list[str]], bl.Weighting]] = {
     "gradient-balancer-momentum-0.99": lambda tasks: bl.GradientBalancer(tasks, momentum=0.99),
     "gradient-balancer-momentum-0": lambda tasks: bl.GradientBalancer(tasks, momentum=0.0),
     **CANDIDATES,
+    # Speed only: CalibratedBalancer frozen after one step, what every step after the
+    # calibration costs (suite_speed.py measures it next to the calibrating phase).
+    "calibrated-frozen": lambda tasks: bl.CalibratedBalancer(tasks, steps=1),
 }
 #: Variants of the study that change the learning rate alone: name -> (method, learning rate).
 #: The single-task baselines keep the budget's rate, so Δm shows what the change costs.
@@ -334,6 +339,7 @@ CONFIRMATION_METHODS = (
     "uncertainty",
     "famo",
     "gradient-balancer",
+    "calibrated",
     "dbmtl",
     "upgrad-balanced",
     "fairgrad",

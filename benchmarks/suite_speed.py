@@ -84,6 +84,10 @@ def main(args: argparse.Namespace) -> int:
     for name in args.problems:
         problem = suite.load_problem(name)
         methods = [m for m in (args.methods or suite.methods_of(problem)) if ":" not in m]
+        methods = [m for m in methods if m != suite.CONSTANT]
+        if "calibrated" in methods:
+            # The steps after the calibration, measured apart (the warm-up freezes it).
+            methods.append("calibrated-frozen")
         print(f"{name}: {len(methods)} methods, {rounds} interleaved rounds", flush=True)
         begun = time.perf_counter()
         entry = measure(problem, methods, rounds, warmup, smoke=args.smoke)

@@ -9,7 +9,6 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 
@@ -87,74 +86,13 @@ def test_unknown_block_is_an_error() -> None:
         render.render_page(text)
 
 
-def test_the_code_examples_use_the_recommended_method() -> None:
-    """The decision path and the README's attach example name the same method."""
-    render = _render()
-    recommended = render.recommended_feature_method()
+def test_the_code_examples_build_the_recommended_default() -> None:
+    """The README's and getting-started's first snippets build the default the answer names."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render_default
+
+    default = render_default.DEFAULT_CLASS
     readme = (ROOT / "README.md").read_text()
-    assert f"balancer = bl.{recommended}(" in readme
-    assert f"balancer = bl.{recommended}(" in (ROOT / "docs" / "getting-started.md").read_text()
-
-
-def _records(delta_by_method: dict[str, list[float]]) -> dict[str, dict[str, object]]:
-    """One result record per problem: one task, 2 identical seeds, Δm (%) per problem given."""
-    records = {}
-    for i, name in enumerate(("pointer_countdown", "digits", "ucr", "many_tasks")):
-        runs = [
-            {"method": "alone:a", "seed": s, "smoke": False, "metrics": {"a": 1.0}} for s in (0, 1)
-        ]
-        for method, deltas in delta_by_method.items():
-            metric = {"a": 1.0 + deltas[i] / 100}
-            runs += [
-                {"method": method, "seed": s, "smoke": False, "metrics": metric} for s in (0, 1)
-            ]
-        records[name] = {"problem": {"tasks": ["a"]}, "runs": runs}
-    return records
-
-
-def _recommend(records: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, Any]:
-    """``render`` and its recommendation from ``records`` instead of the committed results."""
-    render = _render()
-    monkeypatch.setattr(render._suite(), "load_all", lambda: records)
-    return render, render.recommendation()
-
-
-def test_the_decision_path_skips_a_method_that_loses_to_a_plain_sum_somewhere(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # FAMO has the better mean rank of the two loss-level methods (5, 1, 1, 1 against 3, 4, 4,
-    # 4), but it is worse than a plain sum on the first problem; GradientBalancer ranks first
-    # and DBMTL, better than it on one problem and never worse, is its equal.
-    records = _records(
-        {
-            "sum": [20, 20, 20, 20],
-            "famo": [100, -50, -50, -50],
-            "normalizer-sqrt": [-10, -10, -10, -10],
-            "gradient-balancer": [-20, -20, -20, -20],
-            "dbmtl": [-20, -20, -20, -30],
-            "upgrad": [30, -20, -20, -20],
-        }
-    )
-    render, rec = _recommend(records, monkeypatch)
-    assert rec.losses == "normalizer-sqrt"
-    assert rec.excluded == {"famo": ["pointer_countdown"]}
-    assert rec.best == "gradient-balancer"  # DBMTL ranks ahead of it on the last problem alone
-    assert rec.tied == ["gradient-balancer", "dbmtl"]  # UPGrad loses to a plain sum once
-    assert rec.features == render.EXAMPLE_METHOD == "dbmtl"
-
-
-def test_when_every_loss_level_method_loses_somewhere_the_best_rank_is_kept(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    records = _records(
-        {
-            "sum": [20, 20, 20, 20],
-            "famo": [100, -50, -50, -50],
-            "normalizer-sqrt": [30, -10, -10, -10],
-            "gradient-balancer": [-20, -20, -20, -20],
-        }
-    )
-    _, rec = _recommend(records, monkeypatch)
-    assert rec.losses == "famo"
-    assert rec.losing["famo"] == rec.losing["normalizer-sqrt"] == ["pointer_countdown"]
-    assert rec.excluded == {}
+    assert f"balancer = bl.{default}([" in readme
+    assert f"balancer = bl.{default}([" in (ROOT / "docs" / "getting-started.md").read_text()
+    assert f"Use `{default}` at its defaults" in readme

@@ -1,0 +1,548 @@
+"""The evidence behind the recommended default, from the suite's results (no torch needed).
+
+The default was chosen on the development problems and then confirmed, once, on held-out
+problems whose code was committed before any method ran on them. For each problem and method
+this module computes what the choice rests on:
+
+- the verdict against a plain sum: "better" or "worse" when the difference of the mean Δm is
+  beyond twice its standard error, "within noise" otherwise;
+- the diverged seeds: runs in which some task ends worse than a constant prediction (the
+  problem's ``constant`` run);
+- the worst seed's Δm, next to a plain sum's worst seed.
+
+A method *holds* on a problem when it is not worse than a plain sum beyond noise, has no
+diverged seed and its worst seed is no worse than a plain sum's. ``benchmarks/render.py`` puts
+the tables and the one-screen answer into the README and the docs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import render_suite as rs
+
+# ruff: noqa: RUF001  (the rendered text uses the plus-minus and multiplication signs)
+
+#: Where the default was chosen: the suite's four problems and the user's regime.
+DEVELOPMENT = ("pointer_countdown", "digits", "ucr", "many_tasks", "user_regime")
+#: Where it was confirmed: committed before any method ran on them (see each docstring).
+HELD_OUT = ("newcomer_digits", "blood_pressure", "power_demand")
+#: The recommended default, as the suite names it, and the class a user builds.
+DEFAULT = "normalizer-sqrt"
+DEFAULT_CLASS = "LossNormalizer"
+#: The step-time budget of the default, as a ratio to a plain sum's step.
+MAX_STEP_RATIO = 1.10
+#: What the default study compares: the baselines, the previous default and its parts, the
+#: candidate changes (``benchmarks/candidates.py``) and the loss-level alternatives.
+STUDY = (
+    "sum",
+    "tuned",
+    "normalizer-sqrt",
+    "dbmtl",
+    "gradient-balancer",
+    "calibrated",
+    "partial-0.5",
+    "lift-0.5",
+    "frozen-100",
+    "clamped-4",
+    "dbmtl-smoothed",
+    "upgrad-balanced",
+    "fairgrad",
+    "famo",
+    "uncertainty",
+)
+STUDY_LABELS = {
+    "partial-0.5": "partial equalization, α = 0.5",
+    "lift-0.5": "lift only the starved, ρ = 0.5",
+    "frozen-100": "calibrate 100 steps, then freeze",
+    "clamped-4": "equalization clamped to [1/4, 4]",
+    "dbmtl-smoothed": "DB-MTL on running-mean losses",
+}
+FAILURES = rs.RESULTS / "failure_modes.json"
+
+
+def label(method: str) -> str:
+    return STUDY_LABELS.get(method, rs.label(method))
+
+
+def load(problems: Sequence[str]) -> dict[str, dict[str, Any]]:
+    return {p: r for p in problems if (r := rs.load(p)) is not None}
+
+
+def constant_metrics(record: dict[str, Any]) -> dict[str, float] | None:
+    """Each task's constant-prediction metric (the same for every seed), if it was run."""
+    runs = [r for r in record["runs"] if r["method"] == "constant" and not r["smoke"]]
+    return runs[0]["metrics"] if runs else None
+
+
+def alone_metrics(record: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """Per seed, each task's metric when trained alone."""
+    out: dict[int, dict[str, float]] = {}
+    for r in record["runs"]:
+        if r["method"].startswith("alone:") and not r["smoke"]:
+            task = r["method"].split(":", 1)[1]
+            out.setdefault(r["seed"], {})[task] = r["metrics"][task]
+    return out
+
+
+def diverged_seeds(record: dict[str, Any], method: str) -> list[int]:
+    """The seeds in which some task of ``method`` ended worse than a constant prediction.
+
+    Worse than a constant *and* than the task trained alone with the same seed: where a task
+    alone does not beat a constant within the budget (pointer_countdown's countdown, whose
+    per-step mean is a strong predictor there), ending near the constant is a task not learned,
+    not one that training destroyed.
+    """
+    constant = constant_metrics(record)
+    summary = rs.summarize(record)
+    if constant is None or method not in summary:
+        return []
+    alone = alone_metrics(record)
+    return sorted(
+        seed
+        for seed, metrics in summary[method]["metrics"].items()
+        if any(
+            metrics[t] > max(constant[t], alone.get(seed, {}).get(t, -math.inf)) for t in metrics
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Check:
+    """How one method fares against a plain sum on one problem."""
+
+    verdict: str
+    mean: float
+    se: float
+    worst: float
+    sum_mean: float
+    sum_se: float
+    sum_worst: float
+    diverged: list[int]
+    sum_diverged: list[int]
+
+    @property
+    def holds(self) -> bool:
+        return self.verdict != "worse" and not self.diverged and self.worst <= self.sum_worst
+
+
+def check(record: dict[str, Any], method: str) -> Check | None:
+    summary = rs.summarize(record)
+    if method not in summary or "sum" not in summary:
+        return None
+    ours, theirs = (list(summary[m]["delta"].values()) for m in (method, "sum"))
+    m, se = rs.mean_se(ours)
+    s, s_se = rs.mean_se(theirs)
+    apart = abs(m - s) > 2 * math.hypot(se, s_se)
+    verdict = ("better" if m < s else "worse") if apart else "within noise"
+    return Check(
+        verdict,
+        m,
+        se,
+        max(ours),
+        s,
+        s_se,
+        max(theirs),
+        diverged_seeds(record, method),
+        diverged_seeds(record, "sum"),
+    )
+
+
+#: Methods whose cost changes during a run: the speed row of the later phase, and the number of
+#: steps the first phase lasts. Their ratio is the mean over each problem's budget.
+PHASES = {"calibrated": ("calibrated-frozen", 100)}
+
+
+def _budget_steps(problem: str) -> int | None:
+    record = rs.load(problem)
+    steps = [r["steps"] for r in record["runs"] if not r["smoke"]] if record else []
+    return max(steps) if steps else None
+
+
+def step_ratios(method: str) -> dict[str, float]:
+    """Per problem measured, the step-time ratio to a plain sum (over the budget, see PHASES)."""
+    path = rs.RESULTS / "suite_speed.json"
+    if not path.is_file():
+        return {}
+    wanted = "static-size" if method == "tuned" else method
+    out = {}
+    for problem, entry in json.loads(path.read_text())["problems"].items():
+        rows = {row["method"]: row["ratio"] for row in entry["rows"]}
+        if wanted not in rows:
+            continue
+        out[problem] = rows[wanted]
+        later, first = PHASES.get(wanted, ("", 0))
+        total = _budget_steps(problem)
+        if later in rows and total:
+            early = min(first, total)
+            out[problem] = (early * rows[wanted] + (total - early) * rows[later]) / total
+    return out
+
+
+def step_ratio(method: str, problems: Sequence[str] = (*DEVELOPMENT, *HELD_OUT)) -> float:
+    """The largest step-time ratio to a plain sum over ``problems`` (nan if none measured)."""
+    ratios = [r for p, r in step_ratios(method).items() if p in problems]
+    return max(ratios) if ratios else math.nan
+
+
+def _cell(c: Check | None) -> str:
+    if c is None:
+        return ""
+    mark = "" if c.holds else " ✗"
+    div = f", {len(c.diverged)} diverged" if c.diverged else ""
+    return f"{c.mean:+.0f} ± {c.se:.0f} (worst {c.worst:+.0f}{div}){mark}"
+
+
+def study_table(records: Mapping[str, dict[str, Any]], methods: Sequence[str]) -> str:
+    """Δm per problem with the worst seed; ✗ where the method does not hold there."""
+    shown = [p for p in records if any(check(records[p], m) for m in methods)]
+    head = ["method", *[f"{p}{' (held out)' if p in HELD_OUT else ''}" for p in shown]]
+    head += ["holds on", "step / sum"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for method in methods:
+        checks = [check(records[p], method) for p in shown]
+        if not any(checks):
+            continue
+        ran = [c for c in checks if c is not None]
+        held = sum(c.holds for c in ran)
+        ratio = step_ratio(method)
+        cells = [label(method), *(_cell(c) for c in checks), f"{held} of {len(ran)}"]
+        cells.append("" if math.isnan(ratio) else f"{ratio:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def imbalance(record: dict[str, Any]) -> float | None:
+    """Median over seeds of the largest over the smallest task gradient norm at initialization."""
+    ratios = [
+        max(r["init_grad_norms"].values()) / min(r["init_grad_norms"].values())
+        for r in record["runs"]
+        if r["method"] == "constant" and "init_grad_norms" in r
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def default_holds_everywhere(records: Mapping[str, dict[str, Any]]) -> bool:
+    checks = [check(r, DEFAULT) for r in records.values()]
+    return all(c is not None and c.holds for c in checks)
+
+
+def default_report(records: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the one-screen answer states, computed from the results."""
+    checks = {p: c for p, r in records.items() if (c := check(r, DEFAULT)) is not None}
+    better = [p for p, c in checks.items() if c.verdict == "better"]
+    failing = [p for p, c in checks.items() if not c.holds]
+    imbalances = {p: imbalance(r) for p, r in records.items()}
+    return {
+        "checks": checks,
+        "better": better,
+        "failing": failing,
+        "held_out": [p for p in checks if p in HELD_OUT],
+        "imbalances": imbalances,
+        "ratio": step_ratio(DEFAULT),
+    }
+
+
+def ratio_text(value: float) -> str:
+    """A gradient-norm ratio for prose, with a multiplication sign: 1.3, 27, 4e+08."""
+    if value < 10:
+        return f"{value:.1f}×"
+    return f"{value:.0f}×" if value < 1000 else f"{value:.0e}×"
+
+
+def imbalance_sentence(records: Mapping[str, dict[str, Any]]) -> str:
+    """Where the default beat a plain sum, against the gradient imbalance at initialization."""
+    report = default_report(records)
+    rows = sorted(
+        (v, p) for p, v in report["imbalances"].items() if v is not None and p in report["checks"]
+    )
+    helped = [(v, p) for v, p in rows if p in report["better"]]
+    same = [(v, p) for v, p in rows if p not in report["better"]]
+    if not helped:
+        return "On no problem of the suite was balancing better than a plain sum beyond noise."
+    if not same:
+        return (
+            "Balancing beat a plain sum beyond seed noise on every problem of the suite, the "
+            f"most balanced of which started with its largest task gradient "
+            f"{ratio_text(helped[0][0])} its smallest."
+        )
+
+    def shown(items: list[tuple[float, str]]) -> str:
+        return ", ".join(f"{p} ({ratio_text(v)})" for v, p in items)
+
+    if max(v for v, _ in same) < min(v for v, _ in helped):
+        return (
+            "Where the tasks' gradients at the shared layers start close: a plain sum was as "
+            f"good on {shown(same)} and balancing beat it beyond seed noise on {shown(helped)} "
+            "(in brackets, the largest task gradient over the smallest at initialization)."
+        )
+    return (
+        f"On {shown(same)} a plain sum was as good (within seed noise); balancing beat it on "
+        f"{shown(helped)}. In brackets, the largest task gradient over the smallest at "
+        "initialization: in the suite it did not tell these apart on its own, so it says "
+        "whether the tasks are unbalanced, not whether balancing will pay."
+    )
+
+
+# ------------------------------------------------------------------------ the failure logs
+
+
+def failure_runs() -> list[dict[str, Any]]:
+    return json.loads(FAILURES.read_text())["runs"] if FAILURES.is_file() else []
+
+
+def _windows(values: Sequence[float], size: int) -> list[float]:
+    return [statistics.fmean(values[i : i + size]) for i in range(0, len(values), size)]
+
+
+def failure_figure(path: Path) -> None:
+    """Per-step logs of the failing seed: losses, multipliers, trunk gradient and update."""
+    runs = failure_runs()
+    if not runs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = failure_seed(runs)
+    chosen = [r for r in runs if r["seed"] == seed]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
+    for r in chosen:
+        log, per = r["log"], r["steps_per_epoch"]
+        x = [i / per for i in range(0, len(log["loss"]), per)]
+        x = [(i + 0.5) for i in range(len(_windows(log["trunk_grad"], per)))]
+        name = label(r["method"]).replace("`", "")
+        tasks = r["tasks"]
+        sent = [
+            [raw * m for raw, m in zip(row_r, row_m, strict=True)]
+            for row_r, row_m in zip(log["raw"], log["mult"], strict=True)
+        ]
+        share = [row[-1] / max(sum(row), 1e-30) for row in sent]
+        axes[0][0].plot(x, _windows([row[0] for row in log["loss"]], per), label=name)
+        axes[0][1].plot(x, _windows(share, per), label=name)
+        axes[1][0].semilogy(x, _windows(log["trunk_grad"], per), label=name)
+        axes[1][1].semilogy(x, _windows(log["update"], per), label=name)
+    axes[0][0].set_ylabel(f"{tasks[0]} loss (batch mean)")
+    axes[0][1].set_ylabel(f"{tasks[-1]}'s share of what reaches the trunk")
+    axes[1][0].set_ylabel("gradient norm on the trunk's parameters")
+    axes[1][1].set_ylabel("norm of the trunk's update per step")
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{chosen[0]['problem']}, seed {seed}: per-epoch means of per-step logs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def failure_seed(runs: Sequence[dict[str, Any]]) -> int:
+    """The seed on which the previous default ends worst against its own other seeds."""
+    dbmtl = [r for r in runs if r["method"] == "dbmtl"]
+    if not dbmtl:
+        return int(runs[0]["seed"])
+    return int(max(dbmtl, key=lambda r: r["metrics"][r["tasks"][-1]])["seed"])
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(v for v in values if math.isfinite(v))
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _run(runs: Sequence[dict[str, Any]], method: str, seed: int) -> dict[str, Any] | None:
+    return next((r for r in runs if r["method"] == method and r["seed"] == seed), None)
+
+
+def early_cost(record: dict[str, Any], methods: Sequence[str], tasks: Sequence[str]) -> str:
+    """Mean over seeds of the mean of ``tasks``' metrics after the first epoch, per method."""
+    parts = []
+    for method in methods:
+        runs = [r for r in record["runs"] if r["method"] == method and not r["smoke"]]
+        if runs:
+            first = statistics.fmean(
+                statistics.fmean(r["curves"][t][0] for t in tasks) for r in runs
+            )
+            parts.append(f"{label(method)} {first:.0f}")
+    return ", ".join(parts)
+
+
+def failure_text() -> str:
+    """What the per-step logs of the failing seed show, hypothesis by hypothesis."""
+    runs = failure_runs()
+    if not runs:
+        return "No per-step logs yet: `python benchmarks/failure_modes.py`."
+    seed = failure_seed(runs)
+    problem = runs[0]["problem"]
+    record = rs.load(problem)
+    tasks = runs[0]["tasks"]
+    lines = []
+    dbmtl, smooth = _run(runs, "dbmtl", seed), _run(runs, "dbmtl-smoothed", seed)
+    gb_max = _run(runs, "gradient-balancer-max", seed)
+    gb, calibrated = _run(runs, "gradient-balancer", seed), _run(runs, "calibrated", seed)
+    total = _run(runs, "sum", seed)
+    if record is not None and dbmtl is not None:
+        constant = constant_metrics(record) or {}
+        worst = {t: dbmtl["metrics"][t] for t in tasks}
+        shown = ", ".join(
+            f"{t} {worst[t]:.2f} (a constant prediction: {constant.get(t, math.nan):.2f})"
+            for t in tasks
+        )
+        lines.append(
+            f"On {problem}, seed {seed}, `DBMTL` at its defaults ends with {shown}. Its "
+            "per-step logs, next to those of the same seed under other methods, test the "
+            "three explanations we had:"
+        )
+    if dbmtl is not None and smooth is not None and gb_max is not None:
+
+        def spikes(run: dict[str, Any]) -> float:
+            grads = run["log"]["trunk_grad"]
+            return max(grads) / statistics.median(grads)
+
+        def spread(run: dict[str, Any]) -> float:
+            col = [row[0] for row in run["log"]["mult"]]
+            return _percentile(col, 0.99) / _percentile(col, 0.5)
+
+        lines.append(
+            "- **The log half divides each task's gradient by its batch loss.** Under `DBMTL` "
+            f"the {tasks[0]}'s multiplier reaches {spread(dbmtl):.1f}× its median on 1 % of "
+            f"the steps, against {spread(smooth):.1f}× when the loss is divided by its running "
+            f"mean and {spread(gb_max):.1f}× with the gradient half alone; the largest step's "
+            f"gradient on the trunk is {spikes(dbmtl):.0f}× the median step's, against "
+            f"{spikes(smooth):.0f}× and {spikes(gb_max):.0f}×. Confirmed: a batch whose loss "
+            "happens to be small gets a large step."
+        )
+    if gb is not None:
+
+        def epoch_mean(run: dict[str, Any], key: str, task: int, epoch: int) -> float:
+            per = run["steps_per_epoch"]
+            rows = run["log"][key][epoch * per : (epoch + 1) * per]
+            return statistics.fmean(row[task] for row in rows)
+
+        last = len(gb["log"]["raw"]) // gb["steps_per_epoch"] - 1
+        i = 0
+        raw_drop = epoch_mean(gb, "raw", i, 0) / epoch_mean(gb, "raw", i, last)
+        lift = epoch_mean(gb, "mult", i, last) / epoch_mean(gb, "mult", i, 0)
+        text = (
+            "- **Full equalization keeps lifting a task whose gradient shrank because it was "
+            f"learned.** Under `GradientBalancer` the {tasks[i]}'s raw gradient at the features "
+            f"falls {raw_drop:.0f}× from the first epoch to the last, and its multiplier rises "
+            f"{lift:.0f}× to make up for it"
+        )
+        if calibrated is not None:
+            fixed = epoch_mean(calibrated, "mult", i, last) / epoch_mean(calibrated, "mult", i, 1)
+            text += (
+                f"; under `CalibratedBalancer` it stays where the first 100 steps put it "
+                f"({fixed:.2f}× from the second epoch to the last)"
+            )
+        lines.append(text + ".")
+    if dbmtl is not None and gb is not None and total is not None:
+
+        def median(run: dict[str, Any], key: str) -> float:
+            return statistics.median(run["log"][key])
+
+        lines.append(
+            '- **`target="max"` inflates the step.** The median gradient on the trunk\'s '
+            f"parameters is {median(dbmtl, 'trunk_grad') / median(total, 'trunk_grad'):.0f}× a "
+            "plain sum's under `DBMTL` and "
+            f"{median(gb, 'trunk_grad') / median(total, 'trunk_grad'):.1f}× under "
+            "`GradientBalancer` (the mean target); Adam absorbs most of it, not all: the median "
+            f"update of the trunk is {median(dbmtl, 'update') / median(total, 'update'):.1f}× "
+            f"and {median(gb, 'update') / median(total, 'update'):.1f}× a plain sum's."
+        )
+    digits = rs.load("digits")
+    if digits is not None:
+        lines.append(
+            "- **Equalizing early costs the tasks whose gradient was already large.** On "
+            "`digits`, where the denoising head's gradient at the features starts far below the "
+            "classifiers', the classifiers' mean error rate after the first epoch (%, mean over "
+            "seeds): "
+            + early_cost(
+                digits, ("sum", "gradient-balancer", "calibrated", "dbmtl"), ("left", "right")
+            )
+            + ". By the end of the budget the balancers have caught up (the tables below); a run "
+            "stopped after an epoch or two pays for the balancing."
+        )
+    return "\n".join(lines)
+
+
+def why_not_default(method: str, records: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Why ``method`` is not the default: where it does not hold, and its cost if over budget."""
+    reasons = []
+    for problem, record in records.items():
+        c = check(record, method)
+        if c is None or c.holds:
+            continue
+        what = (
+            f"{len(c.diverged)} diverged seed{'s' if len(c.diverged) > 1 else ''}"
+            if c.diverged
+            else "worse than a plain sum"
+            if c.verdict == "worse"
+            else f"worst seed {c.worst:+.0f} % against a plain sum's {c.sum_worst:+.0f} %"
+        )
+        reasons.append(f"{what} on {problem}")
+    ratio = step_ratio(method)
+    if ratio > MAX_STEP_RATIO:
+        reasons.append(f"a step costs up to {ratio:.2f}× a plain sum's")
+    return reasons
+
+
+def ranked_above_default(records: Mapping[str, dict[str, Any]]) -> str:
+    """A sentence on each method the suite's mean ranks put above the default, and why not it."""
+    rank = rs.mean_ranks({p: r for p, r in records.items() if p in rs.PROBLEMS})
+    if DEFAULT not in rank:
+        return ""
+    above = sorted((m for m in rank if rank[m] < rank[DEFAULT]), key=rank.__getitem__)
+    if not above:
+        return f"`{DEFAULT_CLASS}` has the best mean rank."
+    parts = []
+    for method in above:
+        reasons = why_not_default(method, records)
+        shown = "; ".join(reasons) if reasons else "holds everywhere it ran, at the budget's cost"
+        parts.append(f"{label(method)} ({rank[method]:.1f}: {shown})")
+    return (
+        f"Ranked above `{DEFAULT_CLASS}` ({rank[DEFAULT]:.1f}) by mean Δm on these four problems, "
+        "and why none of them is the default (it must hold on every problem at most "
+        f"{MAX_STEP_RATIO:.2f}× a plain sum's step): " + "; ".join(parts) + "."
+    )
+
+
+def below_constant_seeds(record: dict[str, Any], method: str) -> list[int]:
+    """The seeds in which some task of ``method`` ended worse than a constant prediction alone."""
+    constant = constant_metrics(record)
+    summary = rs.summarize(record)
+    if constant is None or method not in summary:
+        return []
+    return sorted(
+        seed
+        for seed, metrics in summary[method]["metrics"].items()
+        if any(metrics[t] > constant[t] for t in metrics)
+    )
+
+
+def strict_sentence(records: Mapping[str, dict[str, Any]], methods: Sequence[str]) -> str:
+    """Seeds with a task worse than a constant prediction, whatever the task alone reaches."""
+    parts = []
+    for problem, record in records.items():
+        counts = [
+            f"{label(m)} {len(below_constant_seeds(record, m))}"
+            for m in methods
+            if m in rs.summarize(record)
+        ]
+        alone = alone_metrics(record)
+        constant = constant_metrics(record) or {}
+        weak = sum(
+            any(v > constant.get(t, math.inf) for t, v in metrics.items())
+            for metrics in alone.values()
+        )
+        parts.append(f"{problem}: {', '.join(counts)} (tasks alone: {weak} seeds)")
+    return (
+        "Seeds in which some task ends worse than a constant prediction, whatever that task "
+        "reaches trained alone: " + "; ".join(parts) + "."
+    )
