@@ -24,6 +24,8 @@ LAYERS = {
     "_autograd": 0,
     "distributed": 0,
     "functional": 0,
+    "_state": 0,
+    "_watch": 0,
     "_base": 1,
     "losses": 1,
     "weighting": 2,

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from balanced_losses import distributed
 from balanced_losses._checks import check_momentum
-from balanced_losses._numerics import debiased, norm_scales
+from balanced_losses._numerics import debiased, ema_step, norm_scales, wide_dtype
 from balanced_losses.features._branch import FeatureWeighting
 
 __all__ = ["GramianAggregator", "gramian"]
@@ -29,7 +29,7 @@ def gramian(per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
     k = len(per_task)
     num_inputs = len(per_task[0]) if per_task else 0
     ref = next(g for task in per_task for g in task if g is not None)
-    wide = torch.float32 if ref.device.type == "mps" else torch.float64
+    wide = wide_dtype(ref.device)
     total = torch.zeros(k, k, dtype=wide, device=ref.device)
     for j in range(num_inputs):
         grads = [task[j] for task in per_task]
@@ -149,12 +149,12 @@ class GramianAggregator(FeatureWeighting):
         # Whether a training backward has set `last_weights` (a Python flag: no sync).
         self._measured = False
 
-    def _current_coefficients(self) -> Tensor:
+    def _current_weights(self) -> Tensor:
         # A diagnostic measures one task at a time, which cannot reproduce the joint weights:
         # it shows the last training step's coefficients, or each gradient as it is before any.
         return self.last_weights if self._measured else torch.ones_like(self.last_weights)
 
-    def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
+    def _step_weights(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
         k = len(self.tasks)
         device, dtype = self.grad_norms.device, self.grad_norms.dtype
         if not torch.compiler.is_compiling():
@@ -180,9 +180,9 @@ class GramianAggregator(FeatureWeighting):
             measured = norms.to(device=device, dtype=dtype)
             valid = finite.to(device) & (measured > 0)
             if self.balance_norms:
-                blended = self.momentum * self.ema + (1.0 - self.momentum) * measured
-                self.ema.copy_(torch.where(valid, blended, self.ema))
-                self.count.add_(valid.to(self.count.dtype))
+                ema, count = ema_step(self.ema, self.count, measured, valid, self.momentum)
+                self.ema.copy_(ema)
+                self.count.copy_(count)
                 # Only rows that take part: an absent task's scale may be huge (a tiny EMA
                 # against a large target) and must not meet its zero row (inf * 0 = NaN).
                 took_part = finite.clone()

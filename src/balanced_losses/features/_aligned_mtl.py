@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, jacobi_eigh, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian, jacobi_eigh
 
 __all__ = ["AlignedMTL", "aligned_mtl_weights"]
 
@@ -48,7 +48,7 @@ def aligned_mtl_weights(
         Learning. CVPR 2023.
     """
     k = check_gramian(gramian)
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     if pref is None:
         w = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
     else:

@@ -9,13 +9,13 @@ import torch
 from torch import Tensor
 
 from balanced_losses._checks import check_number
+from balanced_losses._numerics import wide_dtype
 from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian
 from balanced_losses.features._qp import (
     normalize_gramian,
     simplex_soc,
     sweeps,
-    work_dtype,
 )
 
 __all__ = ["CAGrad", "cagrad_weights"]
@@ -94,7 +94,7 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4) -> Tensor:
     k = check_gramian(gramian)
     if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
         raise ValueError(f"`c` must be a finite number >= 0, got {c!r}")
-    dtype = work_dtype(gramian)
+    dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
     mean = torch.full((k,), 1.0 / k, dtype=dtype, device=g.device)
     if c == 0:

@@ -11,7 +11,7 @@ from torch import Tensor
 from balanced_losses._checks import check_number
 from balanced_losses._numerics import settled
 from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian
 
 __all__ = ["FairGrad", "fairgrad_weights"]
 
@@ -161,7 +161,7 @@ def fairgrad_weights(gramian: Tensor, alpha: float = 1.0, *, steps: int | None =
         raise ValueError(f"`alpha` must be a float >= 0, got {alpha!r}")
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"`alpha` must be finite and >= 0, got {alpha!r}")
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     if alpha == 0:
         return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device)
     p = 1.0 / alpha

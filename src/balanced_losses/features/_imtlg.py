@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, pinv_psd, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian, pinv_psd
 
 __all__ = ["IMTLG", "imtlg_weights"]
 
@@ -55,7 +55,7 @@ def imtlg_weights(gramian: Tensor, *, sweeps: int | None = None) -> Tensor:
         Quinton, Rey. Jacobian Descent for Multi-Objective Optimization. arXiv:2406.16232, 2024.
     """
     check_gramian(gramian)
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     diag = g.diagonal().clamp(min=0)
     v = pinv_psd(g, sweeps) @ diag.sqrt()
     v_sum = v.sum()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from balanced_losses._numerics import wide_dtype
 from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian
 from balanced_losses.features._qp import (
     normalize_gramian,
     simplex_qp,
     sweeps,
-    work_dtype,
 )
 
 __all__ = ["MGDA", "mgda_weights"]
@@ -69,7 +69,7 @@ def mgda_weights(gramian: Tensor) -> Tensor:
         C. R. Math. 350(5-6), 2012.
     """
     k = check_gramian(gramian)
-    dtype = work_dtype(gramian)
+    dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
     g = g + _RIDGE * torch.eye(k, dtype=dtype, device=g.device)
     return simplex_qp(g, sweeps(k)).to(gramian.dtype)

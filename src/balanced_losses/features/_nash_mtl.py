@@ -10,7 +10,7 @@ from torch import Tensor
 
 from balanced_losses._checks import check_number
 from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian
 from balanced_losses.features._fairgrad import alive_rows, solve_power_equation
 
 __all__ = ["NashMTL", "nash_mtl_weights"]
@@ -71,7 +71,7 @@ def nash_mtl_weights(gramian: Tensor, *, max_norm: float = 1.0, steps: int | Non
         raise ValueError(f"`max_norm` must be a float >= 0, got {max_norm!r}")
     if not (math.isfinite(max_norm) and max_norm >= 0):
         raise ValueError(f"`max_norm` must be finite and >= 0, got {max_norm!r}")
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     # Solve at unit scale, where the start and the Armijo slack are O(1): G alpha = 1 / alpha
     # for G = c G_1 is alpha = alpha_1 / sqrt(c).
     norm = torch.linalg.matrix_norm(g)

@@ -10,7 +10,7 @@ from torch import Tensor
 from balanced_losses._checks import check_seed
 from balanced_losses._numerics import MASK32, philox4x32
 from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian
 
 __all__ = ["PCGrad", "pcgrad_orders", "pcgrad_weights"]
 
@@ -108,7 +108,7 @@ def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
             f"`orders` must be a ({k}, {k}) integer tensor, got shape {tuple(orders.shape)} "
             f"and dtype {orders.dtype}"
         )
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     orders = orders.to(device=g.device, dtype=torch.int64)
     eye = torch.eye(k, dtype=g.dtype, device=g.device)
     diag = g.diagonal()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from balanced_losses._numerics import wide_dtype
 from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian
 from balanced_losses.features._qp import (
     bound_qp,
     normalize_gramian,
     sweeps,
-    work_dtype,
 )
 
 __all__ = ["UPGrad", "upgrad_weights"]
@@ -86,7 +86,7 @@ def upgrad_weights(gramian: Tensor, pref: Tensor | None = None) -> Tensor:
         raise ValueError(
             f"`pref` must have shape ({k},) to match `gramian`, got {tuple(pref.shape)}"
         )
-    dtype = work_dtype(gramian)
+    dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
     g = g + _REG_EPS * torch.eye(k, dtype=dtype, device=g.device)
     p = (

@@ -10,10 +10,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from balanced_losses._autograd import as_tensors, gradient_norm, task_gradients
+from balanced_losses._autograd import as_tensors, task_gradients
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_betas, check_number
-from balanced_losses._numerics import adam_update
+from balanced_losses._numerics import adam_update, gradient_norm
 from balanced_losses.distributed import autograd_targets
 
 __all__ = ["GradNorm"]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_momentum, check_number, check_task_names
-from balanced_losses._numerics import debiased
+from balanced_losses._numerics import debiased, ema_step
 from balanced_losses.functional import Correction, reduction_factors
 
 __all__ = ["LossNormalizer"]
@@ -173,9 +173,7 @@ class LossNormalizer(Weighting):
         self.micro_step.add_(1)
         seen = self.pending_count > 0
         window_mean = self.pending_sum / self.pending_count.clamp_min(1).to(self.ema.dtype)
-        blended = self.momentum * self.ema + (1.0 - self.momentum) * window_mean
-        ema = torch.where(seen, blended, self.ema)
-        count = self.count + seen.to(self.count.dtype)
+        ema, count = ema_step(self.ema, self.count, window_mean, seen, self.momentum)
         # Tensor-valued condition, so no host sync: commit when the window is full.
         commit = self.micro_step >= self.accumulation_steps
         self.ema.copy_(torch.where(commit, ema, self.ema))
