@@ -30,6 +30,7 @@ LAYERS = {
     "losses": 1,
     "weighting": 2,
     "features": 3,
+    "aggregation": 4,
     "diagnostics": 4,
     "__init__": 5,
 }

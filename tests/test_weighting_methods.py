@@ -148,6 +148,7 @@ STATE_KEYS = {
     "NashMTL": set(),
     "FairGrad": set(),
     "PCGrad": {"seed", "num_steps"},
+    "GramianWeighting": set(),
 }
 
 

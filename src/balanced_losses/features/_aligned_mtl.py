@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
-from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import at_least_float32, check_gramian, jacobi_eigh
+from balanced_losses.features._gramian import GramianWeighting
 
 __all__ = ["AlignedMTL", "aligned_mtl_weights"]
 
@@ -43,6 +45,12 @@ def aligned_mtl_weights(
     Returns:
         ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
 
+    Example:
+        >>> import torch
+        >>> jac = torch.tensor([[1.0, 0.0], [-0.5, 2.0]], dtype=torch.float64)
+        >>> aligned_mtl_weights(jac @ jac.T)
+        tensor([0.5336, 0.2767], dtype=torch.float64)
+
     References:
         Senushkin, Patakin, Kuznetsov, Konushin. Independent Component Alignment for Multi-Task
         Learning. CVPR 2023.
@@ -71,7 +79,7 @@ def aligned_mtl_weights(
     return (balance @ w).to(gramian.dtype)
 
 
-class AlignedMTL(GramianAggregator):
+class AlignedMTL(GramianWeighting):
     r"""Aligned-MTL: align the singular values of the task gradients to the smallest one.
 
     .. math::
@@ -114,6 +122,24 @@ class AlignedMTL(GramianAggregator):
         Multi-Task Learning. CVPR 2023.
     """
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """AlignedMTL's weights for a ``(K, K)`` Gramian."""
-        return aligned_mtl_weights(gramian)
+    _shows_rule = False
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            aligned_mtl_weights,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            weights=weights,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )

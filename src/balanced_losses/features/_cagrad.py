@@ -10,8 +10,8 @@ from torch import Tensor
 
 from balanced_losses._checks import check_number
 from balanced_losses._numerics import wide_dtype
-from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian
+from balanced_losses.features._gramian import GramianWeighting
 from balanced_losses.features._qp import (
     normalize_gramian,
     simplex_soc,
@@ -108,7 +108,7 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4) -> Tensor:
     return torch.where(near_pareto, torch.zeros_like(weights), weights).to(gramian.dtype)
 
 
-class CAGrad(GramianAggregator):
+class CAGrad(GramianWeighting):
     r"""CAGrad: the best worst-task improvement within a ball around the mean gradient.
 
     .. math::
@@ -152,6 +152,8 @@ class CAGrad(GramianAggregator):
         NeurIPS 2021.
     """
 
+    _shows_rule = False
+
     def __init__(
         self,
         tasks: Sequence[str],
@@ -165,6 +167,7 @@ class CAGrad(GramianAggregator):
     ) -> None:
         super().__init__(
             tasks,
+            self._rule,
             balance_norms=balance_norms,
             momentum=momentum,
             weights=weights,
@@ -173,7 +176,7 @@ class CAGrad(GramianAggregator):
         )
         self.c = check_number("c", c, low=0.0, strict=False)
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+    def _rule(self, gramian: Tensor) -> Tensor:
         """CAGrad's weights for a ``(K, K)`` Gramian."""
         return cagrad_weights(gramian, self.c)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
-from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import at_least_float32, check_gramian, pinv_psd
+from balanced_losses.features._gramian import GramianWeighting
 
 __all__ = ["IMTLG", "imtlg_weights"]
 
@@ -48,6 +50,14 @@ def imtlg_weights(gramian: Tensor, *, sweeps: int | None = None) -> Tensor:
     Returns:
         ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
 
+    Example:
+        >>> import torch
+        >>> jac = torch.tensor([[1.0, 0.0], [-0.5, 2.0]], dtype=torch.float64)
+        >>> w = imtlg_weights(jac @ jac.T)
+        >>> units = jac / jac.norm(dim=1, keepdim=True)
+        >>> units @ (w @ jac)  # the same projection on every task's unit gradient
+        tensor([0.5101, 0.5101], dtype=torch.float64)
+
     References:
         Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang. Towards Impartial Multi-task Learning.
         ICLR 2021.
@@ -68,7 +78,7 @@ def imtlg_weights(gramian: Tensor, *, sweeps: int | None = None) -> Tensor:
     return weights.to(gramian.dtype)
 
 
-class IMTLG(GramianAggregator):
+class IMTLG(GramianWeighting):
     r"""IMTL-G: the combination whose projection on every task's unit gradient is equal.
 
     .. math::
@@ -111,9 +121,27 @@ class IMTLG(GramianAggregator):
         ICLR 2021.
     """
 
+    _shows_rule = False
+
     # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
     _cancels_factors = True
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """IMTLG's weights for a ``(K, K)`` Gramian."""
-        return imtlg_weights(gramian)
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            imtlg_weights,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            weights=weights,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )

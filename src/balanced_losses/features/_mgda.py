@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
 from balanced_losses._numerics import wide_dtype
-from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian
+from balanced_losses.features._gramian import GramianWeighting
 from balanced_losses.features._qp import (
     normalize_gramian,
     simplex_qp,
@@ -75,7 +77,7 @@ def mgda_weights(gramian: Tensor) -> Tensor:
     return simplex_qp(g, sweeps(k)).to(gramian.dtype)
 
 
-class MGDA(GramianAggregator):
+class MGDA(GramianWeighting):
     r"""MGDA-UB: the minimum-norm point of the convex hull of the task gradients.
 
     .. math::
@@ -118,6 +120,24 @@ class MGDA(GramianAggregator):
         Sener, Koltun. Multi-Task Learning as Multi-Objective Optimization. NeurIPS 2018.
     """
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """MGDA's weights for a ``(K, K)`` Gramian."""
-        return mgda_weights(gramian)
+    _shows_rule = False
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            mgda_weights,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            weights=weights,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )

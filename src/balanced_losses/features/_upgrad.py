@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
 from balanced_losses._numerics import wide_dtype
-from balanced_losses.features._aggregator import GramianAggregator
 from balanced_losses.features._eigh import check_gramian
+from balanced_losses.features._gramian import GramianWeighting
 from balanced_losses.features._qp import (
     bound_qp,
     normalize_gramian,
@@ -100,7 +102,7 @@ def upgrad_weights(gramian: Tensor, pref: Tensor | None = None) -> Tensor:
     return (p + x.sum(0)).to(gramian.dtype)
 
 
-class UPGrad(GramianAggregator):
+class UPGrad(GramianWeighting):
     r"""UPGrad: project each task's gradient onto the dual cone of all of them, then average.
 
     .. math::
@@ -144,6 +146,24 @@ class UPGrad(GramianAggregator):
         2024.
     """
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """UPGrad's weights for a ``(K, K)`` Gramian."""
-        return upgrad_weights(gramian)
+    _shows_rule = False
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            upgrad_weights,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            weights=weights,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )
