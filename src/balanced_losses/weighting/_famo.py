@@ -168,9 +168,8 @@ class FAMO(Weighting):
                     f"loss of task `{name}` must be > its bound `min_losses` = {bound}, got {value}"
                 )
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the FAMO total of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The FAMO total and its effective weights :math:`c\, z_k / (L_k - b_k + \epsilon)`."""
         if self.check_inputs and self._loss_domain is None:
             self._check_bounds(values, present)
         shifted = values - self.min_losses.to(values.dtype) + self.eps
@@ -190,8 +189,7 @@ class FAMO(Weighting):
                 self.prev_losses.copy_(before.to(self.prev_losses.dtype))
                 self.prev_valid.copy_(valid)
             self._pending = True
-        self._record(weights, present)
-        return self._returned(total)
+        return total, weights
 
     @torch.no_grad()
     def update(self, losses: Mapping[str, Tensor | None]) -> None:

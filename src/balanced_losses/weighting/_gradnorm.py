@@ -192,6 +192,9 @@ class GradNorm(Weighting):
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the total with this step's weights, then update the weights (see above)."""
+        # Not the base's template over `combine`: the update differentiates each raw loss
+        # through the shared parameters, which the stacked `values` do not stand for (they
+        # carry the user's factors in their gradients).
         values, present = self._stack(losses)
         # The weights of this step, copied before the in-place update below; a buffer, so the
         # total's gradient reaches the losses only.

@@ -184,9 +184,8 @@ class LossNormalizer(Weighting):
         self.micro_step.mul_(keep.to(self.micro_step.dtype))
         return ema, count
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the normalized total of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The normalized total :math:`\sum_k c_k L_k / \hat m_k` and its weights."""
         if self._updating:
             ema, count = self._update(values, present)
         else:
@@ -197,8 +196,7 @@ class LossNormalizer(Weighting):
         scale = torch.where(count > 0, debiased(ema, count, self.momentum).abs(), current)
         weights = self.factors / scale.clamp_min(self.eps)
         weights = torch.where(present, weights, torch.zeros_like(weights))
-        self._record(weights, present)
-        return self._returned((weights.to(values.dtype) * values).sum())
+        return (weights.to(values.dtype) * values).sum(), weights
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
         # Version 2 added the gradient-accumulation window (pending_sum, pending_count,
