@@ -203,7 +203,12 @@ class Weighting(TaskState):
 
     @property
     def weights(self) -> dict[str, Tensor]:
-        """Effective weight of each task at the last step, d total / d loss, as 0-dim tensors."""
+        """Deprecated: use :attr:`last_weights`, a ``(K,)`` tensor in task order.
+
+        Effective weight of each task at the last step, d total / d loss, as 0-dim tensors
+        (copies). ``dict(zip(w.tasks, w.last_weights.clone()))`` gives the same.
+        """
+        _deprecated(f"{type(self).__name__}.weights", "last_weights")
         # Copies: the buffer is overwritten in place at the next step, and a user who keeps
         # these tensors to convert on a later logging step must see this step's values.
         return {name: self.last_weights[i].clone() for i, name in enumerate(self._tasks)}

@@ -88,8 +88,8 @@ class DBMTL(Weighting):
         >>> total = dbmtl({"depth": torch.tensor(4.0), "segmentation": torch.tensor(0.25)})
         >>> total  # log 4 + log 0.25
         tensor(0.)
-        >>> {task: w.item() for task, w in dbmtl.weights.items()}  # 1 / L_k
-        {'depth': 0.25, 'segmentation': 4.0}
+        >>> dbmtl.last_weights  # 1 / L_k
+        tensor([0.2500, 4.0000])
 
     References:
         Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok. Dual-Balancing for Multi-Task Learning.

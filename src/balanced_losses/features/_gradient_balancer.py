@@ -101,7 +101,7 @@ class GradientBalancer(FeatureWeighting):
     **Distributed.** With ``sync_dist`` and an initialized multi-rank process group, the norms
     entering the EMA are averaged across ranks, so all ranks apply the same multipliers.
 
-    Logging: :attr:`weights` holds the last multipliers :math:`s_k` (0 for a task without
+    Logging: :attr:`last_weights` holds the last multipliers :math:`s_k` (0 for a task without
     gradient) and :attr:`grad_norms` the last measured :math:`n_k`, both as tensors.
 
     Args:

@@ -68,8 +68,8 @@ class DWA(Weighting):
         ...     dwa.step()
         >>> dwa({"depth": torch.tensor(1.0), "segmentation": torch.tensor(1.0)})
         tensor(2.0000)
-        >>> {task: round(w.item(), 4) for task, w in dwa.weights.items()}
-        {'depth': 0.9003, 'segmentation': 1.0997}
+        >>> dwa.last_weights
+        tensor([0.9003, 1.0997])
 
     References:
         Liu, Johns, Davison. End-to-End Multi-Task Learning with Attention. CVPR 2019.

@@ -75,8 +75,8 @@ class FAMO(Weighting):
         >>> import torch
         >>> famo = FAMO(["depth", "segmentation"])
         >>> total = famo({"depth": torch.tensor(2.0), "segmentation": torch.tensor(0.5)})
-        >>> {task: round(w.item(), 4) for task, w in famo.weights.items()}  # c z_k / L_k
-        {'depth': 0.2, 'segmentation': 0.8}
+        >>> famo.last_weights  # c z_k / L_k
+        tensor([0.2000, 0.8000])
         >>> # ... total.backward(); optimizer.step(); recompute the losses on the same batch:
         >>> famo.update({"depth": torch.tensor(1.0), "segmentation": torch.tensor(0.45)})
         >>> famo.logits  # depth improved more, so it loses weight

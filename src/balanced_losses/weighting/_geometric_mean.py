@@ -42,8 +42,8 @@ class GeometricMean(Weighting):
         >>> gls = GeometricMean(["depth", "segmentation"])
         >>> gls({"depth": torch.tensor(8.0), "segmentation": torch.tensor(0.5)})
         tensor(2.)
-        >>> {task: w.item() for task, w in gls.weights.items()}  # total / (K L_k)
-        {'depth': 0.125, 'segmentation': 2.0}
+        >>> gls.last_weights  # total / (K L_k)
+        tensor([0.1250, 2.0000])
 
     References:
         Chennupati, Sistu, Yogamani, Rawashdeh. MultiNet++: Multi-Stream Feature Aggregation

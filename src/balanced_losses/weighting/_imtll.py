@@ -53,8 +53,8 @@ class IMTLL(Weighting):
         >>> with torch.no_grad():
         ...     _ = imtl.log_scales.copy_(torch.tensor([-0.5, 0.5]))
         >>> total = imtl(losses)
-        >>> {task: round(w.item(), 4) for task, w in imtl.weights.items()}  # e^s
-        {'depth': 0.6065, 'segmentation': 1.6487}
+        >>> imtl.last_weights  # e^s
+        tensor([0.6065, 1.6487])
 
     References:
         Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang. Towards Impartial Multi-task Learning.

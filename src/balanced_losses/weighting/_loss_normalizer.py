@@ -93,8 +93,8 @@ class LossNormalizer(Weighting):
         >>> losses = {"pointer": torch.tensor(0.2), "countdown": torch.tensor(15.7)}
         >>> normalizer(losses)
         tensor(2.0000)
-        >>> {task: round(w.item(), 4) for task, w in normalizer.weights.items()}
-        {'pointer': 1.25, 'countdown': 0.1115}
+        >>> normalizer.last_weights
+        tensor([1.2500, 0.1115])
     """
 
     ema: Tensor

@@ -66,8 +66,8 @@ class RLW(Weighting):
         >>> import torch
         >>> rlw = RLW(["depth", "segmentation"], seed=0)
         >>> total = rlw({"depth": torch.tensor(2.0), "segmentation": torch.tensor(0.5)})
-        >>> {task: round(w.item(), 4) for task, w in rlw.weights.items()}
-        {'depth': 0.9618, 'segmentation': 1.0382}
+        >>> rlw.last_weights
+        tensor([0.9618, 1.0382])
         >>> rlw.num_steps
         tensor(1)
         >>> _ = rlw.eval()
