@@ -89,10 +89,12 @@ class AlignedMTL(GramianWeighting):
     (Senushkin et al. 2023): a well-conditioned system of gradients, so no direction dominates.
     Use it when the gradients are close to collinear or of very different sizes.
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.aligned_mtl_weights`, and acts on each task's gradient at
+    the shared features inside the one backward pass (route the features through :meth:`branch`);
+    the forward total is the plain sum of the losses. The docs page "When task gradients conflict"
+    says what it costs and when the representation-level version differs from the parameter-level
+    one.
 
     Args:
         tasks: Task names, in order.
