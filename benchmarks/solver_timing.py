@@ -19,27 +19,18 @@ from pathlib import Path
 
 import torch
 
-from balanced_losses.features import (
-    _aligned_mtl,
-    _cagrad,
-    _fairgrad,
-    _imtlg,
-    _mgda,
-    _nash_mtl,
-    _pcgrad,
-    _upgrad,
-)
+from balanced_losses import aggregation
 
 SOLVERS = {
-    "UPGrad": _upgrad.upgrad_weights,
-    "MGDA": _mgda.mgda_weights,
-    "CAGrad": _cagrad.cagrad_weights,
-    "IMTLG": _imtlg.imtlg_weights,
-    "AlignedMTL": _aligned_mtl.aligned_mtl_weights,
-    "NashMTL": _nash_mtl.nash_mtl_weights,
-    "FairGrad": _fairgrad.fairgrad_weights,
-    "PCGrad": lambda g: _pcgrad.pcgrad_weights(
-        g, _pcgrad.pcgrad_orders(g.shape[0], torch.tensor(0), torch.tensor(0), g.device)
+    "UPGrad": aggregation.upgrad_weights,
+    "MGDA": aggregation.mgda_weights,
+    "CAGrad": aggregation.cagrad_weights,
+    "IMTLG": aggregation.imtlg_weights,
+    "AlignedMTL": aggregation.aligned_mtl_weights,
+    "NashMTL": aggregation.nash_mtl_weights,
+    "FairGrad": aggregation.fairgrad_weights,
+    "PCGrad": lambda g: aggregation.pcgrad_weights(
+        g, aggregation.pcgrad_orders(g.shape[0], torch.tensor(0), torch.tensor(0), g.device)
     ),
 }
 

@@ -200,7 +200,7 @@ def figure_running_mean(out: Path, momentum: float = 0.95, steps: int = 80) -> P
     ema1 = float(losses[0])
     for loss in losses.tolist():
         normalizer({"countdown": torch.tensor(loss, dtype=torch.float64)})
-        corrected.append(normalizer.weights["countdown"].item() * level)
+        corrected.append(normalizer.last_weights[0].item() * level)
         ema0 = momentum * ema0 + (1 - momentum) * loss
         ema1 = momentum * ema1 + (1 - momentum) * loss
         from_zero.append(level / ema0)

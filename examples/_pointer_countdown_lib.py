@@ -305,18 +305,30 @@ class Strategy:
         total = probe(dict(losses))
         if self.branches:
             torch.autograd.grad(total, model.shared_parameters(), allow_unused=True)
-        # Reported numbers: a weighting may return weights that still carry a graph.
-        weights = {t: float(w.detach()) for t, w in probe.weights.items()}
+        weights = last_weights_of(probe)
         inner = getattr(probe, "balancer", None)  # DBMTL: its gradient half scales on top
         if self.branches and inner is not None:
-            weights = {t: w * float(inner.weights[t]) for t, w in weights.items()}
+            scales = last_weights_of(inner)
+            weights = {t: w * scales[t] for t, w in weights.items()}
         return weights
 
     def describe_weights(self) -> dict[str, float]:
-        if self.weighting is None or not hasattr(self.weighting, "weights"):
+        if self.weighting is None:
             return {}
-        # Reported numbers only: cut any graph the weights still carry.
-        return {t: float(w.detach()) for t, w in self.weighting.weights.items()}
+        if not isinstance(self.weighting, bl.Weighting) and not hasattr(self.weighting, "weights"):
+            return {}
+        return last_weights_of(self.weighting)
+
+
+def last_weights_of(weighting: Any) -> dict[str, float]:
+    """Last step's weight per task: a Weighting's ``last_weights``, or a stand-in's ``weights``.
+
+    A stand-in for a method (any module with ``tasks``, ``forward`` and a ``weights`` dict of
+    tensors) reports through ``weights``. Reported numbers only: cut any graph they carry.
+    """
+    if isinstance(weighting, bl.Weighting):
+        return dict(zip(weighting.tasks, weighting.last_weights.detach().tolist(), strict=True))
+    return {t: float(w.detach()) for t, w in weighting.weights.items()}
 
 
 @dataclass(frozen=True)

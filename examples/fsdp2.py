@@ -116,7 +116,7 @@ def train(weighting: str, steps: int, device: torch.device) -> dict[str, float]:
         total.backward()
         optimizer.step()
     # The weights: computed from the (gathered) parameters or the synchronized buffers.
-    weights = {t: w.item() for t, w in method.weights.items()}
+    weights = dict(zip(method.tasks, method.last_weights.tolist(), strict=True))
     # The weighting's state: DTensors (sharded learned parameters) gathered to plain tensors.
     state = {k: full(v) for k, v in method.state_dict().items()}
     gathered: list[Any] = [None] * dist.get_world_size()

@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             trainer = make_trainer(out, args.steps, save_steps=50)
             trainer.train()
             metrics: dict[str, float] = trainer.evaluate()
-            print({t: round(w.item(), 4) for t, w in trainer.weighting.weights.items()}, metrics)
+            weighting = trainer.weighting
+            print(dict(zip(weighting.tasks, weighting.last_weights.tolist(), strict=True)), metrics)
             return metrics
 
         # Smoke: 4 steps in one go, then the same run resumed from its step-2 checkpoint.

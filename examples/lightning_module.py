@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         enable_model_summary=not quick,
     )
     trainer.fit(model, train, val)
-    weights = {task: round(w.item(), 4) for task, w in model.weighting.weights.items()}
+    weighting = model.weighting
+    last = weighting.last_weights.tolist()
+    weights = {t: round(w, 4) for t, w in zip(weighting.tasks, last, strict=True)}
     print(f"weights at the last step: {weights}")
     if args.fast_dev_run:
         return {f"weight/{task}": w for task, w in weights.items()}

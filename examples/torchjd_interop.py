@@ -58,8 +58,8 @@ def balance_losses(
     """Scale each task's loss by its balancing weight, in ``OUTPUT_SIZES`` order."""
     if balance == "normalizer":
         assert normalizer is not None
-        normalizer(raw)  # updates the running means; .weights are this step's constants
-        weights = normalizer.weights
+        normalizer(raw)  # updates the running means; last_weights are this step's constants
+        weights = dict(zip(normalizer.tasks, normalizer.last_weights.clone(), strict=True))
     else:
         factors = reduction_factors(OUTPUT_SIZES, "sqrt")
         weights = {t: torch.tensor(factors[t]) for t in OUTPUT_SIZES}

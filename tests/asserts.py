@@ -11,6 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from balanced_losses import _numerics
 
 
+def by_task(weighting: object) -> dict[str, Tensor]:
+    """The last step's weights as ``{task: 0-dim tensor}``: copies of ``last_weights``."""
+    weights: Tensor = weighting.last_weights.clone()  # type: ignore[attr-defined]
+    return dict(zip(weighting.tasks, weights.unbind(), strict=True))  # type: ignore[attr-defined]
+
+
 def grad_norm(output: Tensor, wrt: Tensor | Iterable[Tensor]) -> Tensor:
     """Norm of the gradient of ``output`` w.r.t. ``wrt`` (a tensor or several), graph kept."""
     inputs = [wrt] if isinstance(wrt, Tensor) else list(wrt)

@@ -97,6 +97,16 @@ class Case:
         return self.build(Setup(tuple(tasks), allow_missing, list(shared), weights))
 
 
+def mean_norms(gramian: Tensor) -> Tensor:
+    """A user's rule of the Gramian: every gradient scaled to the tasks' mean norm.
+
+    c_k = mean_j ||g_j|| / ||g_k|| (0 for a zero gradient): invariant to the losses' scale.
+    """
+    norms = torch.diagonal(gramian).clamp_min(0).sqrt()
+    inverse = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+    return norms.mean() * inverse
+
+
 def head_size(index: int) -> int:
     """Output size of the head of the ``index``-th task: 1, 14, 27, ..."""
     return 1 + 13 * index
@@ -269,6 +279,15 @@ CASES: list[Case] = [
         "PCGrad",
         lambda s: bl.PCGrad(s.tasks, seed=0, weights=s.weights, allow_missing=s.allow_missing),
         level=FEATURES,
+    ),
+    # A user's rule through the public machinery.
+    Case(
+        "GramianWeighting",
+        lambda s: bl.GramianWeighting(
+            s.tasks, mean_norms, weights=s.weights, allow_missing=s.allow_missing
+        ),
+        level=FEATURES,
+        stateless=True,
     ),
 ]
 BY_NAME: dict[str, Case] = {case.name: case for case in CASES}

@@ -18,12 +18,15 @@ import torch
 from torch import Tensor
 
 from balanced_losses import _numerics
-from balanced_losses.features._aligned_mtl import aligned_mtl_weights
+from balanced_losses.aggregation import (
+    aligned_mtl_weights,
+    fairgrad_weights,
+    imtlg_weights,
+    nash_mtl_weights,
+    pcgrad_orders,
+    pcgrad_weights,
+)
 from balanced_losses.features._eigh import default_sweeps, jacobi_eigh, pinv_psd
-from balanced_losses.features._fairgrad import fairgrad_weights
-from balanced_losses.features._imtlg import imtlg_weights
-from balanced_losses.features._nash_mtl import nash_mtl_weights
-from balanced_losses.features._pcgrad import pcgrad_orders, pcgrad_weights
 from tests.asserts import NoSync
 
 

@@ -11,10 +11,8 @@ import torch
 from torch import Tensor
 
 from balanced_losses import _numerics
-from balanced_losses.features._cagrad import cagrad_weights
-from balanced_losses.features._mgda import mgda_weights
+from balanced_losses.aggregation import cagrad_weights, mgda_weights, upgrad_weights
 from balanced_losses.features._qp import bound_qp, simplex_qp, simplex_soc, sweeps
-from balanced_losses.features._upgrad import upgrad_weights
 from tests.asserts import NoSync
 
 

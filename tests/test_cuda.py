@@ -12,16 +12,7 @@ import math
 import pytest
 import torch
 
-from balanced_losses.features import (
-    _aligned_mtl,
-    _cagrad,
-    _fairgrad,
-    _imtlg,
-    _mgda,
-    _nash_mtl,
-    _pcgrad,
-    _upgrad,
-)
+from balanced_losses import aggregation
 from tests.registry import Driver, cuda_sync_errors, params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -60,13 +51,13 @@ def test_fp16_autocast_with_grad_scaler_trains_and_skips_overflow_steps(case):
 
 
 WEIGHTS = {
-    "UPGrad": _upgrad.upgrad_weights,
-    "MGDA": _mgda.mgda_weights,
-    "CAGrad": _cagrad.cagrad_weights,
-    "IMTLG": _imtlg.imtlg_weights,
-    "AlignedMTL": _aligned_mtl.aligned_mtl_weights,
-    "NashMTL": _nash_mtl.nash_mtl_weights,
-    "FairGrad": _fairgrad.fairgrad_weights,
+    "UPGrad": aggregation.upgrad_weights,
+    "MGDA": aggregation.mgda_weights,
+    "CAGrad": aggregation.cagrad_weights,
+    "IMTLG": aggregation.imtlg_weights,
+    "AlignedMTL": aggregation.aligned_mtl_weights,
+    "NashMTL": aggregation.nash_mtl_weights,
+    "FairGrad": aggregation.fairgrad_weights,
 }
 
 
@@ -89,8 +80,8 @@ def test_weights_on_the_device_equal_the_cpu_and_do_not_sync(name, k):
 
 def test_pcgrad_orders_on_the_device_equal_the_cpu():
     seed, step = torch.tensor(3), torch.tensor(11)
-    cpu = _pcgrad.pcgrad_orders(5, seed, step, "cpu")
+    cpu = aggregation.pcgrad_orders(5, seed, step, "cpu")
     seed, step = seed.cuda(), step.cuda()
     with cuda_sync_errors():
-        gpu = _pcgrad.pcgrad_orders(5, seed, step, "cuda")
+        gpu = aggregation.pcgrad_orders(5, seed, step, "cuda")
     assert torch.equal(gpu.cpu(), cpu)

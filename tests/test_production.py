@@ -319,6 +319,8 @@ def test_batch_with_every_task_missing_still_backpropagates(case):
     _assert_statistics_finite(driver.weighting)
 
 
+# The deprecated `weights` property returns copies until it is removed (see test_deprecations.py).
+@pytest.mark.filterwarnings("ignore:`.*weights` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("case", params())
 def test_kept_weights_are_not_overwritten_by_the_next_step(case):
     driver = Driver(case, TASKS)

@@ -12,6 +12,7 @@ import torch
 from balanced_losses import RLW
 from balanced_losses._numerics import philox4x32 as _philox4x32
 from balanced_losses._numerics import standard_normal as _standard_normal
+from tests.asserts import by_task
 from tests.registry import TASKS, leaf_losses, losses_at
 
 # Known-answer vectors of Philox4x32-10, from the Random123 distribution (tests/kat_vectors):
@@ -65,7 +66,7 @@ def test_weights_are_k_softmax_of_the_stream_at_the_step_counter() -> None:
         expected = 3 * torch.exp(z) / torch.exp(z).sum()
         values = losses_at(step)
         total = rlw(leaf_losses(values))
-        torch.testing.assert_close(torch.stack(list(rlw.weights.values())), expected)
+        torch.testing.assert_close(torch.stack(list(by_task(rlw).values())), expected)
         torch.testing.assert_close(total, (expected * torch.tensor(values).double()).sum())
         assert int(rlw.num_steps) == step + 1
 
@@ -149,7 +150,7 @@ def test_same_seed_same_draws_and_seed_none_follows_manual_seed() -> None:
         out = []
         for step in range(3):
             module(leaf_losses(losses_at(step)))
-            out.append(torch.stack(list(module.weights.values())))
+            out.append(torch.stack(list(by_task(module).values())))
         return out
 
     for a, b in zip(draws_of(RLW(TASKS, seed=3)), draws_of(RLW(TASKS, seed=3)), strict=True):
@@ -170,7 +171,7 @@ def test_eval_mode_is_the_plain_sum_and_draws_nothing() -> None:
     probe.eval()
     total = probe(leaf_losses([1.0, 2.0, 3.0]))
     torch.testing.assert_close(total, torch.tensor(6.0, dtype=torch.float64))
-    assert all(w.item() == 1.0 for w in probe.weights.values())
+    assert all(w.item() == 1.0 for w in by_task(probe).values())
     assert int(probe.num_steps) == 0
     probe.train()
     trained(leaf_losses([1.0, 2.0, 3.0]))

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from balanced_losses import UncertaintyWeighting
-from tests.asserts import effective_weights
+from tests.asserts import by_task, effective_weights
 
 
 def _losses(**values: float) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def test_kendall_total_and_gradients_by_hand():
     w = effective_weights(total, losses)
     assert w["depth"].item() == pytest.approx(0.5 * math.exp(-0.4), rel=1e-12)
     assert w["seg"].item() == pytest.approx(math.exp(1.2), rel=1e-12)
-    assert uw.weights["seg"].item() == pytest.approx(math.exp(1.2), rel=1e-12)
+    assert by_task(uw)["seg"].item() == pytest.approx(math.exp(1.2), rel=1e-12)
 
 
 def test_positive_regularizer_by_hand():
@@ -65,7 +65,7 @@ def test_gradient_wrt_s_vanishes_at_the_closed_form_optimum(loss, kind):
     (grad_s,) = torch.autograd.grad(uw(_losses(t=loss)), uw.log_vars)
     assert abs(grad_s.item()) < 1e-12
     # ... and the weight there is 1/(2L) for both kinds: a loss-value normalization.
-    assert uw.weights["t"].item() == pytest.approx(1 / (2 * loss), rel=1e-9)
+    assert by_task(uw)["t"].item() == pytest.approx(1 / (2 * loss), rel=1e-9)
 
 
 @given(
@@ -105,7 +105,7 @@ def test_missing_task_adds_neither_loss_nor_regularizer():
     total.backward()
     assert uw.log_vars.grad is not None
     assert uw.log_vars.grad[1].item() == 0.0
-    assert uw.weights["b"].item() == 0.0
+    assert by_task(uw)["b"].item() == 0.0
 
 
 @pytest.mark.parametrize(

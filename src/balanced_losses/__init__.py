@@ -5,12 +5,13 @@ loss and returns the total to call ``.backward()`` on. Two families:
 
 - loss-level weightings (:mod:`balanced_losses.weighting`) combine the loss values;
 - feature-level methods (:mod:`balanced_losses.features`) act on each task's gradient at the
-  shared features, inside the one backward pass.
+  shared features, inside the one backward pass; :class:`GramianWeighting` runs any rule of
+  the tasks' Gramian there (the rules: :mod:`balanced_losses.aggregation`).
 
 Every public class is imported from here, and only from here.
 """
 
-from balanced_losses import diagnostics, functional
+from balanced_losses import aggregation, diagnostics, functional
 from balanced_losses._base import Weighting
 from balanced_losses.features._aligned_mtl import AlignedMTL
 from balanced_losses.features._attach import Attachment
@@ -19,6 +20,7 @@ from balanced_losses.features._calibrated import CalibratedBalancer
 from balanced_losses.features._dbmtl import DBMTL
 from balanced_losses.features._fairgrad import FairGrad
 from balanced_losses.features._gradient_balancer import GradientBalancer
+from balanced_losses.features._gramian import GramianWeighting
 from balanced_losses.features._imtlg import IMTLG
 from balanced_losses.features._mgda import MGDA
 from balanced_losses.features._nash_mtl import NashMTL
@@ -52,6 +54,7 @@ __all__ = [
     "GeometricMean",
     "GradNorm",
     "GradientBalancer",
+    "GramianWeighting",
     "HuberLoss",
     "LossNormalizer",
     "NashMTL",
@@ -60,6 +63,7 @@ __all__ = [
     "UncertaintyWeighting",
     "Weighting",
     "__version__",
+    "aggregation",
     "diagnostics",
     "functional",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,11 +13,11 @@ from torch import Tensor, nn
 __all__ = [
     "as_tensors",
     "constant_factor",
-    "gradient_norm",
     "is_measuring",
     "measuring",
     "scale_gradient",
     "task_gradients",
+    "warn_constant_factors",
 ]
 
 # How many measurements are in progress. A process-wide counter, not a thread-local or a
@@ -84,28 +85,6 @@ def task_gradients(loss: Tensor, tensors: list[Tensor]) -> list[Tensor | None]:
     return list(grads)
 
 
-def gradient_norm(grads: list[Tensor | None]) -> Tensor | None:
-    """L2 norm over all elements of ``grads`` (None entries count as zero), at least float32.
-
-    None when every entry is None.
-    """
-    # Squares of float32 gradients above ~1e19 overflow float32 although the gradient itself is
-    # finite, as under a large GradScaler scale: accumulate in float64 where the device has it.
-    parts: list[Tensor] = [
-        torch.linalg.vector_norm(
-            g, dtype=torch.float32 if g.device.type == "mps" else torch.float64
-        )
-        for g in grads
-        if g is not None
-    ]
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    norm: Tensor = torch.linalg.vector_norm(torch.stack([p.to(parts[0].device) for p in parts]))
-    return norm
-
-
 class _ScaleGradient(torch.autograd.Function):
     """Identity forward; multiplies the incoming gradient by fixed factors in backward."""
 
@@ -150,3 +129,24 @@ def constant_factor(loss: Tensor) -> float | None:
         # A factor of 0 is not cancelled: it removes the task.
         return float(saved) or None
     return None
+
+
+def warn_constant_factors(method: str, given: Mapping[str, Tensor]) -> None:
+    """Warn about losses multiplied by a Python number, for a ``method`` that cancels them.
+
+    Eager mode only (see :func:`constant_factor`); the caller asks once per module.
+    """
+    factors = {name: constant_factor(loss) for name, loss in given.items()}
+    found = {name: f for name, f in factors.items() if f is not None and f != 1.0}
+    if not found:
+        return
+    shown = ", ".join(f"`{name}` (x{f:g})" for name, f in found.items())
+    suggestion = ", ".join(f"{name!r}: {f:g}" for name, f in found.items())
+    warnings.warn(
+        f"{method}: the losses of {shown} are multiplied by a constant, and {method} "
+        "cancels a constant factor of a loss, so that factor does not change training. "
+        f"Drop it from the loss and pass `weights={{{suggestion}}}` to {method} instead: "
+        "that scales the task's gradient after balancing",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -12,6 +12,7 @@ __all__ = [
     "check_betas",
     "check_loss",
     "check_loss_mapping",
+    "check_loss_values",
     "check_momentum",
     "check_number",
     "check_seed",
@@ -135,3 +136,22 @@ def check_loss(name: str, loss: object) -> Tensor:
             f"{tuple(loss.shape)}; reduce it first"
         )
     return loss
+
+
+def check_loss_values(
+    tasks: Sequence[str], values: Tensor, present: Tensor, domain: str | None
+) -> None:
+    """Raise ``ValueError`` naming the task on a present loss that is not finite or in ``domain``.
+
+    ``domain`` is None (any finite value), ``"nonnegative"`` or ``"positive"``. Opt-in
+    (``check_inputs=True``): every ``.tolist()`` here is a host-device sync.
+    """
+    for name, value, ok in zip(tasks, values.tolist(), present.tolist(), strict=True):
+        if not ok:
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"loss of task `{name}` must be finite, got {value}")
+        if domain == "nonnegative" and value < 0:
+            raise ValueError(f"loss of task `{name}` must be >= 0, got {value}")
+        if domain == "positive" and value <= 0:
+            raise ValueError(f"loss of task `{name}` must be > 0, got {value}")

@@ -1,4 +1,4 @@
-"""Arithmetic both families of methods share: bias-corrected EMA, Adam's step, Philox draws."""
+"""Arithmetic both families of methods share: the wide dtype, EMAs, Adam's step, Philox draws."""
 
 from __future__ import annotations
 
@@ -11,16 +11,59 @@ __all__ = [
     "MASK32",
     "adam_update",
     "debiased",
+    "ema_step",
+    "gradient_norm",
     "host_shortcuts",
     "norm_scales",
     "philox4x32",
     "settled",
     "standard_normal",
+    "wide_dtype",
 ]
 
 #: Whether fixed-budget solvers may take host shortcuts on CPU tensors (see
 #: :func:`host_shortcuts`). Tests switch it off to run the accelerator path on the CPU.
 HOST_SHORTCUTS = True
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums and solves that must not lose precision: float64, float32 on MPS.
+
+    MPS has no float64. Everywhere else float64 costs nothing measurable for what uses it
+    (``(K, K)`` Gramians and programs, per-task norms, a logged step), and keeps the squares of a
+    large GradScaler scale's gradients finite and the QP solves accurate.
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def ema_step(
+    ema: Tensor, count: Tensor, value: Tensor, valid: Tensor, momentum: float
+) -> tuple[Tensor, Tensor]:
+    r"""One EMA update :math:`m \leftarrow \beta m + (1 - \beta) x`, where ``valid``; out of place.
+
+    Returns the new ``(ema, count)``: entries where ``valid`` is False keep their EMA and count
+    (selected with ``torch.where``: no host-device sync). Read the EMA with :func:`debiased`.
+    """
+    blended = momentum * ema + (1.0 - momentum) * value
+    return torch.where(valid, blended, ema), count + valid.to(count.dtype)
+
+
+def gradient_norm(grads: list[Tensor | None]) -> Tensor | None:
+    """L2 norm over all elements of ``grads`` (None entries count as zero), in :func:`wide_dtype`.
+
+    None when every entry is None.
+    """
+    # Squares of float32 gradients above ~1e19 overflow float32 although the gradient itself is
+    # finite, as under a large GradScaler scale: accumulate in the wide dtype.
+    parts: list[Tensor] = [
+        torch.linalg.vector_norm(g, dtype=wide_dtype(g.device)) for g in grads if g is not None
+    ]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    norm: Tensor = torch.linalg.vector_norm(torch.stack([p.to(parts[0].device) for p in parts]))
+    return norm
 
 
 def debiased(ema: Tensor, count: Tensor, momentum: float) -> Tensor:

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from balanced_losses._autograd import as_tensors, gradient_norm, task_gradients
+from balanced_losses._autograd import as_tensors, task_gradients
 from balanced_losses._checks import check_loss, check_loss_mapping
+from balanced_losses._numerics import gradient_norm
 
 __all__ = [
     "GradientMonitor",

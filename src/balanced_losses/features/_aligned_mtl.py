@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
-from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, jacobi_eigh, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian, jacobi_eigh
+from balanced_losses.features._gramian import GramianWeighting
 
 __all__ = ["AlignedMTL", "aligned_mtl_weights"]
 
@@ -43,12 +45,18 @@ def aligned_mtl_weights(
     Returns:
         ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
 
+    Example:
+        >>> import torch
+        >>> jac = torch.tensor([[1.0, 0.0], [-0.5, 2.0]], dtype=torch.float64)
+        >>> aligned_mtl_weights(jac @ jac.T)
+        tensor([0.5336, 0.2767], dtype=torch.float64)
+
     References:
         Senushkin, Patakin, Kuznetsov, Konushin. Independent Component Alignment for Multi-Task
         Learning. CVPR 2023.
     """
     k = check_gramian(gramian)
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     if pref is None:
         w = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
     else:
@@ -71,7 +79,7 @@ def aligned_mtl_weights(
     return (balance @ w).to(gramian.dtype)
 
 
-class AlignedMTL(GramianAggregator):
+class AlignedMTL(GramianWeighting):
     r"""Aligned-MTL: align the singular values of the task gradients to the smallest one.
 
     .. math::
@@ -81,10 +89,12 @@ class AlignedMTL(GramianAggregator):
     (Senushkin et al. 2023): a well-conditioned system of gradients, so no direction dominates.
     Use it when the gradients are close to collinear or of very different sizes.
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.aligned_mtl_weights`, and acts on each task's gradient at
+    the shared features inside the one backward pass (route the features through :meth:`branch`);
+    the forward total is the plain sum of the losses. The docs page "When task gradients conflict"
+    says what it costs and when the representation-level version differs from the parameter-level
+    one.
 
     Args:
         tasks: Task names, in order.
@@ -114,6 +124,24 @@ class AlignedMTL(GramianAggregator):
         Multi-Task Learning. CVPR 2023.
     """
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """AlignedMTL's weights for a ``(K, K)`` Gramian."""
-        return aligned_mtl_weights(gramian)
+    _shows_rule = False
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            aligned_mtl_weights,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            weights=weights,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )

@@ -1,7 +1,12 @@
-"""Route an unmodified model's head inputs through a feature-level method's views, with hooks."""
+"""Route an unmodified model's head inputs through a feature-level method's views, with hooks.
+
+With the heads not named, each task's gradient at the trunk's output is measured in the
+weighting's forward instead (:func:`route_measured`).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -9,7 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Attachment"]
+from balanced_losses._autograd import is_measuring
+
+__all__ = ["Attachment", "ModuleRef", "Upstream", "keep_upstream", "route_measured"]
 
 ModuleRef = str | nn.Module
 
@@ -18,6 +25,7 @@ class _Branching(Protocol):
     """What an attachment needs of a feature-level method."""
 
     _attachments: list[Any]
+    _last_present: frozenset[str] | None
 
     @property
     def tasks(self) -> tuple[str, ...]: ...
@@ -26,6 +34,92 @@ class _Branching(Protocol):
     def _updating(self) -> bool: ...
 
     def branch(self, feats: Any) -> dict[str, Any]: ...
+
+    def _combine_gradients(
+        self, grads: Sequence[Tensor | None], num_inputs: int
+    ) -> list[Tensor | None]: ...
+
+
+class Upstream:
+    """The gradient that reached a measured step's total: what the caller scaled it by."""
+
+    scale: Tensor | None = None
+
+
+class _KeepUpstream(torch.autograd.Function):
+    """Identity on the total; its backward keeps the gradient that reaches it.
+
+    That gradient is whatever the caller scaled the total by: a GradScaler's scale, a
+    gradient-accumulation divisor, any factor applied after the weighting's call.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, total: Tensor, upstream: Upstream) -> Tensor:
+        ctx.upstream = upstream
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.upstream.scale = grad.detach()
+        return grad, None
+
+
+def keep_upstream(total: Tensor, upstream: Upstream) -> Tensor:
+    """``total`` unchanged; its backward records in ``upstream`` the gradient reaching it."""
+    kept: Tensor = _KeepUpstream.apply(total, upstream)  # type: ignore[no-untyped-call]
+    return kept
+
+
+def _replace_gradient(combined: Tensor, upstream: Upstream, grad: Tensor) -> Tensor | None:
+    """Tensor hook of a measured attachment: the combined gradient replaces the summed one.
+
+    The combination was measured from the losses themselves; the factor that reached the total
+    in this backward (``upstream``, recorded before this hook runs) is applied to it.
+    """
+    # A diagnostic's autograd.grad sees each task's own gradient, unchanged.
+    if is_measuring():
+        return None
+    scale = upstream.scale
+    if scale is None:
+        return combined
+    # In at least float32: a GradScaler's 65536 is inf in float16.
+    wide = torch.promote_types(combined.dtype, torch.float32)
+    return (combined.to(wide) * scale.to(combined.device, wide)).to(combined.dtype)
+
+
+def route_measured(weighting: _Branching, values: Tensor) -> Upstream | bool:
+    """Balance at an attached trunk's output whose heads were not named.
+
+    Each task's gradient at the trunk's output is taken here with ``autograd.grad`` (through
+    its head only, not the trunk), combined as the backward node would, and a hook on the
+    output replaces the summed gradient of the coming backward pass with the combination,
+    times the factor that reaches the total in that pass (see :func:`keep_upstream`).
+
+    Returns False without a measured attachment, True when there is nothing to measure, and
+    the holder of that factor otherwise (the total must go through :func:`keep_upstream`).
+    """
+    leaves = next(
+        (t for t in (a._tracked() for a in weighting._attachments if a.measures) if t is not None),
+        None,
+    )
+    if leaves is None:
+        return False
+    if not leaves or not values.requires_grad:
+        return True
+    per_task: list[Tensor | None] = []
+    for i, task in enumerate(weighting.tasks):
+        if weighting._last_present is not None and task not in weighting._last_present:
+            per_task.extend([None] * len(leaves))
+            continue
+        per_task.extend(
+            torch.autograd.grad(values[i], leaves, retain_graph=True, allow_unused=True)
+        )
+    merged = weighting._combine_gradients(per_task, len(leaves))
+    upstream = Upstream()
+    for leaf, combined in zip(leaves, merged, strict=True):
+        if combined is not None:
+            leaf.register_hook(functools.partial(_replace_gradient, combined, upstream))
+    return upstream
 
 
 def _describe(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,9 +12,15 @@ from torch import Tensor, nn
 
 from balanced_losses._autograd import is_measuring
 from balanced_losses._base import Weighting
-from balanced_losses.features._attach import Attachment, ModuleRef
+from balanced_losses.features._attach import (
+    Attachment,
+    ModuleRef,
+    Upstream,
+    keep_upstream,
+    route_measured,
+)
 
-__all__ = ["FeatureWeighting", "flatten"]
+__all__ = ["FeatureWeighting", "flatten", "grad_shares"]
 
 
 def flatten(feats: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
@@ -39,6 +45,19 @@ def flatten(feats: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
         if not isinstance(leaf, Tensor):
             raise TypeError(f"every element of `feats` must be a Tensor, got {type(leaf)} at {i}")
     return leaves, rebuild
+
+
+def grad_shares(
+    multipliers: Tensor, norms: Tensor, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    r"""Each task's part of what reaches the shared features, :math:`|c_k| n_k / \sum_j |c_j| n_j`.
+
+    NaN everywhere when nothing was sent; in ``dtype`` on ``device``, for :meth:`log_dict`.
+    """
+    sent = multipliers.detach().to(device, dtype).abs() * norms.detach().to(device, dtype)
+    total = sent.sum()
+    tiny = torch.finfo(dtype).tiny
+    return torch.where(total > 0, sent / total.clamp_min(tiny), math.nan)
 
 
 def per_task_dtype(per_task: Sequence[Sequence[Tensor | None]], j: int) -> torch.dtype:
@@ -69,53 +88,12 @@ class _Branch(torch.autograd.Function):
         return (None, None, *merged)
 
 
-class _Upstream:
-    """The gradient that reached a measured step's total: what the caller scaled it by."""
-
-    scale: Tensor | None = None
-
-
-class _KeepUpstream(torch.autograd.Function):
-    """Identity on the total; its backward keeps the gradient that reaches it.
-
-    That gradient is whatever the caller scaled the total by: a GradScaler's scale, a
-    gradient-accumulation divisor, any factor applied after the weighting's call.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, total: Tensor, upstream: _Upstream) -> Tensor:
-        ctx.upstream = upstream
-        return total.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        ctx.upstream.scale = grad.detach()
-        return grad, None
-
-
-def _replace_gradient(combined: Tensor, upstream: _Upstream, grad: Tensor) -> Tensor | None:
-    """Tensor hook of a measured attachment: the combined gradient replaces the summed one.
-
-    The combination was measured from the losses themselves; the factor that reached the total
-    in this backward (``upstream``, recorded before this hook runs) is applied to it.
-    """
-    # A diagnostic's autograd.grad sees each task's own gradient, unchanged.
-    if is_measuring():
-        return None
-    scale = upstream.scale
-    if scale is None:
-        return combined
-    # In at least float32: a GradScaler's 65536 is inf in float16.
-    wide = torch.promote_types(combined.dtype, torch.float32)
-    return (combined.to(wide) * scale.to(combined.device, wide)).to(combined.dtype)
-
-
 class FeatureWeighting(Weighting):
     r"""Base of the feature-level methods: per-task views of the shared features.
 
     :meth:`branch` returns one view of the shared features per task; the heads take their
     task's view. In the backward pass one autograd node receives every task's gradient at the
-    views, and a subclass turns them into one coefficient per task (:meth:`_coefficients`); the
+    views, and a subclass turns them into one weight per task (:meth:`_step_weights`); the
     trunk receives :math:`\sum_k c_k g_k`. :meth:`forward` returns the plain sum of the losses:
     the method acts in backward.
 
@@ -142,8 +120,15 @@ class FeatureWeighting(Weighting):
             sync_dist=sync_dist,
         )
         self._reset_python_state()
-        #: The name warnings use for this method (a wrapper such as DBMTL sets its own).
-        self._method_name = type(self).__name__
+        # Models this method is attached to (``attach``); Python references, never saved.
+        self._attachments: list[Attachment] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or a pickle of a weighting is not attached to the original's model (and must
+        # not drag that model along).
+        state = dict(self.__dict__)
+        state["_attachments"] = []
+        return state
 
     def _reset_python_state(self) -> None:
         # Tasks given to the last forward(); None before any. A Python set: checked in backward
@@ -268,40 +253,6 @@ class FeatureWeighting(Weighting):
         """
         return Attachment(self, model, trunk, heads)
 
-    def _route_measured(self, values: Tensor) -> _Upstream | bool:
-        """Balance at an attached trunk's output whose heads were not named.
-
-        Each task's gradient at the trunk's output is taken here with ``autograd.grad`` (through
-        its head only, not the trunk), combined as the backward node would, and a hook on the
-        output replaces the summed gradient of the coming backward pass with the combination,
-        times the factor that reaches the total in that pass (see :class:`_KeepUpstream`).
-
-        Returns False without a measured attachment, True when there is nothing to measure, and
-        the holder of that factor otherwise (the total must go through ``_KeepUpstream``).
-        """
-        leaves = next(
-            (t for t in (a._tracked() for a in self._attachments if a.measures) if t is not None),
-            None,
-        )
-        if leaves is None:
-            return False
-        if not leaves or not values.requires_grad:
-            return True
-        per_task: list[Tensor | None] = []
-        for i, task in enumerate(self.tasks):
-            if self._last_present is not None and task not in self._last_present:
-                per_task.extend([None] * len(leaves))
-                continue
-            per_task.extend(
-                torch.autograd.grad(values[i], leaves, retain_graph=True, allow_unused=True)
-            )
-        merged = self._combine_gradients(per_task, len(leaves))
-        upstream = _Upstream()
-        for leaf, combined in zip(leaves, merged, strict=True):
-            if combined is not None:
-                leaf.register_hook(functools.partial(_replace_gradient, combined, upstream))
-        return upstream
-
     def _views(
         self,
         leaves: list[Tensor],
@@ -322,7 +273,7 @@ class FeatureWeighting(Weighting):
         """Return the plain sum of the present losses; the balancing happens in backward."""
         values, _ = self._stack(losses)
         self._last_present = frozenset(name for name in self.tasks if losses.get(name) is not None)
-        measured = self._route_measured(values) if self._updating else False
+        measured = route_measured(self, values) if self._updating else False
         if measured is not False:
             self._branched = True
         if self._updating and not self._branched:
@@ -342,14 +293,19 @@ class FeatureWeighting(Weighting):
             # the branch node runs in backward as on every other rank: under DDP its collective
             # must not be skipped on one rank while the others wait in it.
             total = total + sum(o.sum() for o in outputs) * 0.0
-        if isinstance(measured, _Upstream):
-            total = _KeepUpstream.apply(total, measured)  # type: ignore[no-untyped-call]
+        if isinstance(measured, Upstream):
+            total = keep_upstream(total, measured)
+        # The heads have run: drop the features that `attach` held for the step.
+        for attachment in self._attachments:
+            attachment._release()
         return self._returned(total)
 
     # ----------------------------------------------------------------------------- backward
 
-    def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
-        """The coefficient of each task's gradient, shape ``(K,)``; may update statistics.
+    def _step_weights(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
+        """The weight of each task's gradient in this backward, ``(K,)``; may update statistics.
+
+        It records them (:meth:`_record`) for :attr:`last_weights`.
 
         Args:
             per_task: Task k's gradients at the views, one per shared tensor (None: no
@@ -358,13 +314,15 @@ class FeatureWeighting(Weighting):
         """
         raise NotImplementedError
 
-    def _current_coefficients(self) -> Tensor:
-        """The coefficients the current statistics give, without measuring or updating."""
+    def _current_weights(self) -> Tensor:
+        """The weights the current statistics give, without measuring or updating."""
         raise NotImplementedError
 
-    def _sent_to_features(self) -> tuple[Tensor, Tensor] | None:
+    def _logged_per_task(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         norms: Tensor | None = getattr(self, "grad_norms", None)
-        return None if norms is None else (self.last_weights, norms)
+        if norms is None:
+            return {}
+        return {"grad_share": grad_shares(self.last_weights, norms, device, dtype)}
 
     def _combine_gradients(
         self, grads: Sequence[Tensor | None], num_inputs: int
@@ -392,7 +350,7 @@ class FeatureWeighting(Weighting):
             # A diagnostic's autograd.grad (one task at a time): show what each task sends
             # with the current coefficients, and leave statistics and logs alone.
             with torch.no_grad():
-                scale = self._current_coefficients()
+                weights = self._current_weights()
         else:
             if not torch.compiler.is_compiling():
                 self._awaiting_backward = False
@@ -406,7 +364,7 @@ class FeatureWeighting(Weighting):
                         UserWarning,
                         stacklevel=2,
                     )
-            scale = self._coefficients(measured, got)
+            weights = self._step_weights(measured, got)
         merged: list[Tensor | None] = []
         for j in range(m):
             total: Tensor | None = None
@@ -418,7 +376,7 @@ class FeatureWeighting(Weighting):
                 # At least float32: a multiplier above 65504 (a tiny task scaled to a large
                 # one) would be inf in fp16 and spoil every later step.
                 dtype = torch.promote_types(g.dtype, torch.float32)
-                factor = scale[i].to(device=g.device, dtype=dtype)
+                factor = weights[i].to(device=g.device, dtype=dtype)
                 # In place after the first task: one feature-sized buffer, as a plain sum's
                 # gradient accumulation needs, instead of one temporary per task.
                 total = g.to(dtype) * factor if total is None else total.addcmul_(g, factor)

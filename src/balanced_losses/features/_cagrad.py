@@ -9,13 +9,13 @@ import torch
 from torch import Tensor
 
 from balanced_losses._checks import check_number
-from balanced_losses.features._aggregator import GramianAggregator
+from balanced_losses._numerics import wide_dtype
 from balanced_losses.features._eigh import check_gramian
+from balanced_losses.features._gramian import GramianWeighting
 from balanced_losses.features._qp import (
     normalize_gramian,
     simplex_soc,
     sweeps,
-    work_dtype,
 )
 
 __all__ = ["CAGrad", "cagrad_weights"]
@@ -94,7 +94,7 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4) -> Tensor:
     k = check_gramian(gramian)
     if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
         raise ValueError(f"`c` must be a finite number >= 0, got {c!r}")
-    dtype = work_dtype(gramian)
+    dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
     mean = torch.full((k,), 1.0 / k, dtype=dtype, device=g.device)
     if c == 0:
@@ -108,7 +108,7 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4) -> Tensor:
     return torch.where(near_pareto, torch.zeros_like(weights), weights).to(gramian.dtype)
 
 
-class CAGrad(GramianAggregator):
+class CAGrad(GramianWeighting):
     r"""CAGrad: the best worst-task improvement within a ball around the mean gradient.
 
     .. math::
@@ -118,10 +118,11 @@ class CAGrad(GramianAggregator):
     (Liu et al. 2021), solved through its dual over the simplex. :math:`c = 0` is the mean;
     larger :math:`c` trades average progress for the worst task's.
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.cagrad_weights`, and acts on each task's gradient at the
+    shared features inside the one backward pass (route the features through :meth:`branch`); the
+    forward total is the plain sum of the losses. The docs page "When task gradients conflict" says
+    what it costs and when the representation-level version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.
@@ -152,6 +153,8 @@ class CAGrad(GramianAggregator):
         NeurIPS 2021.
     """
 
+    _shows_rule = False
+
     def __init__(
         self,
         tasks: Sequence[str],
@@ -165,6 +168,7 @@ class CAGrad(GramianAggregator):
     ) -> None:
         super().__init__(
             tasks,
+            self._rule,
             balance_norms=balance_norms,
             momentum=momentum,
             weights=weights,
@@ -173,7 +177,7 @@ class CAGrad(GramianAggregator):
         )
         self.c = check_number("c", c, low=0.0, strict=False)
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+    def _rule(self, gramian: Tensor) -> Tensor:
         """CAGrad's weights for a ``(K, K)`` Gramian."""
         return cagrad_weights(gramian, self.c)
 

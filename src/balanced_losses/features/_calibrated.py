@@ -119,7 +119,7 @@ class CalibratedBalancer(GradientBalancer):
 
     def multipliers(self) -> Tensor:
         r"""The factors :math:`w_k s_k` applied now: the frozen ones after the calibration."""
-        return self.task_weights * self.frozen_scale if self._frozen else super().multipliers()
+        return self._fixed_weights * self.frozen_scale if self._frozen else super().multipliers()
 
     def _reset_python_state(self) -> None:
         super()._reset_python_state()
@@ -161,9 +161,9 @@ class CalibratedBalancer(GradientBalancer):
         self._record(scale, present)
         return self._returned((scale.to(values.dtype) * values).sum())
 
-    def _sent_to_features(self) -> tuple[Tensor, Tensor] | None:
+    def _logged_per_task(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         # Once frozen nothing is measured at the features: no gradient shares to log.
-        return None if self._frozen else super()._sent_to_features()
+        return {} if self._frozen else super()._logged_per_task(device, dtype)
 
     def reset_running_stats(self) -> None:
         """Forget the norms and the frozen weights: the next steps calibrate again."""

@@ -11,9 +11,20 @@ from torch import Tensor, nn
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_number
 from balanced_losses.features._attach import Attachment, ModuleRef
+from balanced_losses.features._branch import grad_shares
 from balanced_losses.features._gradient_balancer import GradientBalancer
 
 __all__ = ["DBMTL"]
+
+
+class _GradientHalf(GradientBalancer):
+    """DB-MTL's gradient-magnitude half: a :class:`GradientBalancer` whose warnings name DBMTL.
+
+    Composition: :class:`DBMTL` holds one as ``balancer`` and routes :meth:`DBMTL.branch` and
+    :meth:`DBMTL.attach` to it; the user meets DBMTL only, so the half speaks as DBMTL.
+    """
+
+    _display_name = "DBMTL"
 
 
 class DBMTL(Weighting):
@@ -77,8 +88,8 @@ class DBMTL(Weighting):
         >>> total = dbmtl({"depth": torch.tensor(4.0), "segmentation": torch.tensor(0.25)})
         >>> total  # log 4 + log 0.25
         tensor(0.)
-        >>> {task: w.item() for task, w in dbmtl.weights.items()}  # 1 / L_k
-        {'depth': 0.25, 'segmentation': 4.0}
+        >>> dbmtl.last_weights  # 1 / L_k
+        tensor([0.2500, 4.0000])
 
     References:
         Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok. Dual-Balancing for Multi-Task Learning.
@@ -108,7 +119,7 @@ class DBMTL(Weighting):
             sync_dist=sync_dist,
         )
         self.eps = check_number("eps", eps, low=0.0, strict=False)
-        self.balancer = GradientBalancer(
+        self.balancer = _GradientHalf(
             self.tasks,
             target="max",
             momentum=momentum,
@@ -118,13 +129,18 @@ class DBMTL(Weighting):
             allow_missing=True,
             sync_dist=sync_dist,
         )
-        self.balancer._method_name = "DBMTL"
         self.balance_features = bool(balance_features)
 
-    def _sent_to_features(self) -> tuple[Tensor, Tensor] | None:
+    @property
+    def _attachments(self) -> list[Attachment]:
+        # The gradient half does the balancing: it owns the attachments.
+        return self.balancer._attachments
+
+    def _logged_per_task(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         if not self.balance_features:
-            return None
-        return self.balancer.last_weights, self.balancer.grad_norms
+            return {}
+        half = self.balancer
+        return {"grad_share": grad_shares(half.last_weights, half.grad_norms, device, dtype)}
 
     def attach(
         self,

@@ -1,4 +1,4 @@
-"""Gramian helpers: input checks, the working dtype, a sync-free Jacobi eigensolver, pinv."""
+"""Gramian helpers: input checks, the closed forms' dtype, a sync-free Jacobi eigensolver, pinv."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 
 from balanced_losses._numerics import host_shortcuts
 
-__all__ = ["check_gramian", "default_sweeps", "jacobi_eigh", "pinv_psd", "work_dtype"]
+__all__ = ["at_least_float32", "check_gramian", "default_sweeps", "jacobi_eigh", "pinv_psd"]
 
 
 def default_sweeps(k: int) -> int:
@@ -25,7 +25,7 @@ def default_sweeps(k: int) -> int:
     return 3 + math.ceil(2 * math.log2(max(k, 2)))
 
 
-def work_dtype(gramian: Tensor) -> torch.dtype:
+def at_least_float32(gramian: Tensor) -> torch.dtype:
     """The dtype the closed forms compute in: the Gramian's, but never below float32."""
     return torch.promote_types(gramian.dtype, torch.float32)
 

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from balanced_losses._checks import check_number
 from balanced_losses._numerics import settled
-from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian
+from balanced_losses.features._gramian import GramianWeighting
 
 __all__ = ["FairGrad", "fairgrad_weights"]
 
@@ -151,6 +151,14 @@ def fairgrad_weights(gramian: Tensor, alpha: float = 1.0, *, steps: int | None =
     Returns:
         ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
 
+    Example:
+        >>> import torch
+        >>> jac = torch.tensor([[1.0, 0.0], [-0.5, 2.0]], dtype=torch.float64)
+        >>> gram = jac @ jac.T
+        >>> w = fairgrad_weights(gram, alpha=1.0)
+        >>> torch.allclose(w * (gram @ w), torch.ones(2, dtype=torch.float64))  # G w = 1 / w
+        True
+
     References:
         Ban, Ji. Fair Resource Allocation in Multi-Task Learning. ICML 2024.
 
@@ -161,7 +169,7 @@ def fairgrad_weights(gramian: Tensor, alpha: float = 1.0, *, steps: int | None =
         raise ValueError(f"`alpha` must be a float >= 0, got {alpha!r}")
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"`alpha` must be finite and >= 0, got {alpha!r}")
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     if alpha == 0:
         return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device)
     p = 1.0 / alpha
@@ -172,7 +180,7 @@ def fairgrad_weights(gramian: Tensor, alpha: float = 1.0, *, steps: int | None =
     return (w * scale.pow(-1.0 / (1.0 + p))).to(gramian.dtype)
 
 
-class FairGrad(GramianAggregator):
+class FairGrad(GramianWeighting):
     r"""FairGrad: alpha-fair shares of improvement between the tasks.
 
     .. math::
@@ -182,10 +190,11 @@ class FairGrad(GramianAggregator):
     without its clip), larger :math:`\alpha` moves towards max-min fairness. Solved exactly
     (a convex problem's stationary point, Newton with a fixed budget).
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.fairgrad_weights`, and acts on each task's gradient at the
+    shared features inside the one backward pass (route the features through :meth:`branch`); the
+    forward total is the plain sum of the losses. The docs page "When task gradients conflict" says
+    what it costs and when the representation-level version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.
@@ -215,6 +224,8 @@ class FairGrad(GramianAggregator):
         Ban, Ji. Fair Resource Allocation in Multi-Task Learning. ICML 2024.
     """
 
+    _shows_rule = False
+
     def __init__(
         self,
         tasks: Sequence[str],
@@ -228,6 +239,7 @@ class FairGrad(GramianAggregator):
     ) -> None:
         super().__init__(
             tasks,
+            self._rule,
             balance_norms=balance_norms,
             momentum=momentum,
             weights=weights,
@@ -236,7 +248,7 @@ class FairGrad(GramianAggregator):
         )
         self.alpha = check_number("alpha", alpha, low=0.0, strict=False)
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+    def _rule(self, gramian: Tensor) -> Tensor:
         """FairGrad's weights for a ``(K, K)`` Gramian."""
         return fairgrad_weights(gramian, self.alpha)
 

@@ -8,9 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from balanced_losses._autograd import gradient_norm
 from balanced_losses._checks import check_momentum, check_number
-from balanced_losses._numerics import debiased, norm_scales
+from balanced_losses._numerics import debiased, ema_step, gradient_norm, norm_scales
 from balanced_losses.features._branch import FeatureWeighting
 
 __all__ = ["GradientBalancer"]
@@ -102,7 +101,7 @@ class GradientBalancer(FeatureWeighting):
     **Distributed.** With ``sync_dist`` and an initialized multi-rank process group, the norms
     entering the EMA are averaged across ranks, so all ranks apply the same multipliers.
 
-    Logging: :attr:`weights` holds the last multipliers :math:`s_k` (0 for a task without
+    Logging: :attr:`last_weights` holds the last multipliers :math:`s_k` (0 for a task without
     gradient) and :attr:`grad_norms` the last measured :math:`n_k`, both as tensors.
 
     Args:
@@ -174,16 +173,16 @@ class GradientBalancer(FeatureWeighting):
 
         :math:`s_k = w_k` where task :math:`k` has no usable EMA yet.
         """
-        return self.task_weights * self._scales()
+        return self._fixed_weights * self._scales()
 
     def _scales(self) -> Tensor:
         # T / n_k: what the method itself applies to each task's (unweighted) gradient.
         return norm_scales(self.running_norm, self.count, self.target, self.eps)
 
-    def _current_coefficients(self) -> Tensor:
+    def _current_weights(self) -> Tensor:
         return self._scales()
 
-    def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
+    def _step_weights(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
         """Measure each task's norm, update the EMAs, return the multipliers."""
         device, dtype = self.ema.device, self.ema.dtype
         # A measurement, not part of any graph: under create_graph=True the gradients carry
@@ -201,9 +200,9 @@ class GradientBalancer(FeatureWeighting):
             # graph, so every rank reaches this node, in the same order relative to DDP's own
             # gradient all-reduces, and the collectives match.
             mean, valid = self._stats_input(measured, measured > 0)
-            blended = self.momentum * self.ema + (1.0 - self.momentum) * mean
-            self.ema.copy_(torch.where(valid, blended, self.ema))
-            self.count.add_(valid.to(self.count.dtype))
+            ema, count = ema_step(self.ema, self.count, mean, valid, self.momentum)
+            self.ema.copy_(ema)
+            self.count.copy_(count)
             self.grad_norms.copy_(measured)
             scale = self._scales()
             present = self._all_present.to(device)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
-from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, pinv_psd, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian, pinv_psd
+from balanced_losses.features._gramian import GramianWeighting
 
 __all__ = ["IMTLG", "imtlg_weights"]
 
@@ -48,6 +50,14 @@ def imtlg_weights(gramian: Tensor, *, sweeps: int | None = None) -> Tensor:
     Returns:
         ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
 
+    Example:
+        >>> import torch
+        >>> jac = torch.tensor([[1.0, 0.0], [-0.5, 2.0]], dtype=torch.float64)
+        >>> w = imtlg_weights(jac @ jac.T)
+        >>> units = jac / jac.norm(dim=1, keepdim=True)
+        >>> units @ (w @ jac)  # the same projection on every task's unit gradient
+        tensor([0.5101, 0.5101], dtype=torch.float64)
+
     References:
         Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang. Towards Impartial Multi-task Learning.
         ICLR 2021.
@@ -55,7 +65,7 @@ def imtlg_weights(gramian: Tensor, *, sweeps: int | None = None) -> Tensor:
         Quinton, Rey. Jacobian Descent for Multi-Objective Optimization. arXiv:2406.16232, 2024.
     """
     check_gramian(gramian)
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     diag = g.diagonal().clamp(min=0)
     v = pinv_psd(g, sweeps) @ diag.sqrt()
     v_sum = v.sum()
@@ -68,7 +78,7 @@ def imtlg_weights(gramian: Tensor, *, sweeps: int | None = None) -> Tensor:
     return weights.to(gramian.dtype)
 
 
-class IMTLG(GramianAggregator):
+class IMTLG(GramianWeighting):
     r"""IMTL-G: the combination whose projection on every task's unit gradient is equal.
 
     .. math::
@@ -78,10 +88,11 @@ class IMTLG(GramianAggregator):
     (Liu et al. 2021, "impartial" gradient: every task improves at the same rate along its own
     direction). Use it when tasks conflict and none should dominate the shared layers.
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.imtlg_weights`, and acts on each task's gradient at the
+    shared features inside the one backward pass (route the features through :meth:`branch`); the
+    forward total is the plain sum of the losses. The docs page "When task gradients conflict" says
+    what it costs and when the representation-level version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.
@@ -111,9 +122,27 @@ class IMTLG(GramianAggregator):
         ICLR 2021.
     """
 
+    _shows_rule = False
+
     # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
     _cancels_factors = True
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """IMTLG's weights for a ``(K, K)`` Gramian."""
-        return imtlg_weights(gramian)
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            imtlg_weights,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            weights=weights,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )

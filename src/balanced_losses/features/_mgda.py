@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
-from balanced_losses.features._aggregator import GramianAggregator
+from balanced_losses._numerics import wide_dtype
 from balanced_losses.features._eigh import check_gramian
+from balanced_losses.features._gramian import GramianWeighting
 from balanced_losses.features._qp import (
     normalize_gramian,
     simplex_qp,
     sweeps,
-    work_dtype,
 )
 
 __all__ = ["MGDA", "mgda_weights"]
@@ -69,13 +71,13 @@ def mgda_weights(gramian: Tensor) -> Tensor:
         C. R. Math. 350(5-6), 2012.
     """
     k = check_gramian(gramian)
-    dtype = work_dtype(gramian)
+    dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
     g = g + _RIDGE * torch.eye(k, dtype=dtype, device=g.device)
     return simplex_qp(g, sweeps(k)).to(gramian.dtype)
 
 
-class MGDA(GramianAggregator):
+class MGDA(GramianWeighting):
     r"""MGDA-UB: the minimum-norm point of the convex hull of the task gradients.
 
     .. math::
@@ -86,10 +88,11 @@ class MGDA(GramianAggregator):
     Its norm is at most the smallest task's, so it can starve tasks with large gradients;
     prefer :class:`~balanced_losses.UPGrad` unless you need Pareto stationarity.
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.mgda_weights`, and acts on each task's gradient at the
+    shared features inside the one backward pass (route the features through :meth:`branch`); the
+    forward total is the plain sum of the losses. The docs page "When task gradients conflict" says
+    what it costs and when the representation-level version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.
@@ -118,6 +121,24 @@ class MGDA(GramianAggregator):
         Sener, Koltun. Multi-Task Learning as Multi-Objective Optimization. NeurIPS 2018.
     """
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """MGDA's weights for a ``(K, K)`` Gramian."""
-        return mgda_weights(gramian)
+    _shows_rule = False
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            mgda_weights,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            weights=weights,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from balanced_losses._checks import check_number
-from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian
 from balanced_losses.features._fairgrad import alive_rows, solve_power_equation
+from balanced_losses.features._gramian import GramianWeighting
 
 __all__ = ["NashMTL", "nash_mtl_weights"]
 
@@ -62,6 +62,14 @@ def nash_mtl_weights(gramian: Tensor, *, max_norm: float = 1.0, steps: int | Non
     Returns:
         ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
 
+    Example:
+        >>> import torch
+        >>> jac = torch.tensor([[1.0, 0.0], [-0.5, 2.0]], dtype=torch.float64)
+        >>> gram = jac @ jac.T
+        >>> w = nash_mtl_weights(gram)
+        >>> w * (gram @ w)  # the bargaining solution: the same for every task
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+
     References:
         Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya. Multi-Task Learning as a
         Bargaining Game. ICML 2022.
@@ -71,7 +79,7 @@ def nash_mtl_weights(gramian: Tensor, *, max_norm: float = 1.0, steps: int | Non
         raise ValueError(f"`max_norm` must be a float >= 0, got {max_norm!r}")
     if not (math.isfinite(max_norm) and max_norm >= 0):
         raise ValueError(f"`max_norm` must be finite and >= 0, got {max_norm!r}")
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     # Solve at unit scale, where the start and the Armijo slack are O(1): G alpha = 1 / alpha
     # for G = c G_1 is alpha = alpha_1 / sqrt(c).
     norm = torch.linalg.matrix_norm(g)
@@ -86,7 +94,7 @@ def nash_mtl_weights(gramian: Tensor, *, max_norm: float = 1.0, steps: int | Non
     return alpha.to(gramian.dtype)
 
 
-class NashMTL(GramianAggregator):
+class NashMTL(GramianWeighting):
     r"""Nash-MTL: the Nash bargaining solution between the tasks' gradients.
 
     .. math::
@@ -97,10 +105,11 @@ class NashMTL(GramianAggregator):
     weighed equally; solved exactly here (a convex problem's stationary point, damped Newton
     with a fixed budget), with no solver on the host.
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.nash_mtl_weights`, and acts on each task's gradient at the
+    shared features inside the one backward pass (route the features through :meth:`branch`); the
+    forward total is the plain sum of the losses. The docs page "When task gradients conflict" says
+    what it costs and when the representation-level version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.
@@ -131,6 +140,8 @@ class NashMTL(GramianAggregator):
         Bargaining Game. ICML 2022.
     """
 
+    _shows_rule = False
+
     # The method is invariant to a constant factor of a loss (see Weighting._check_factors).
     _cancels_factors = True
 
@@ -147,6 +158,7 @@ class NashMTL(GramianAggregator):
     ) -> None:
         super().__init__(
             tasks,
+            self._rule,
             balance_norms=balance_norms,
             momentum=momentum,
             weights=weights,
@@ -155,7 +167,7 @@ class NashMTL(GramianAggregator):
         )
         self.max_norm = check_number("max_norm", max_norm, low=0.0, strict=True)
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+    def _rule(self, gramian: Tensor) -> Tensor:
         """NashMTL's weights for a ``(K, K)`` Gramian."""
         return nash_mtl_weights(gramian, max_norm=self.max_norm)
 

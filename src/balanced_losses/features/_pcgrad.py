@@ -9,8 +9,8 @@ from torch import Tensor
 
 from balanced_losses._checks import check_seed
 from balanced_losses._numerics import MASK32, philox4x32
-from balanced_losses.features._aggregator import GramianAggregator
-from balanced_losses.features._eigh import check_gramian, work_dtype
+from balanced_losses.features._eigh import at_least_float32, check_gramian
+from balanced_losses.features._gramian import GramianWeighting
 
 __all__ = ["PCGrad", "pcgrad_orders", "pcgrad_weights"]
 
@@ -43,6 +43,14 @@ def pcgrad_orders(
     Returns:
         ``(..., K, K)`` int64: row ``i`` is the order of task ``i``'s projections (its own index
         included; :func:`pcgrad_weights` skips it).
+
+    Example:
+        >>> import torch
+        >>> orders = pcgrad_orders(3, seed=torch.tensor(0), step=torch.tensor(7))
+        >>> orders.sort(dim=1).values  # every row a permutation of the tasks
+        tensor([[0, 1, 2],
+                [0, 1, 2],
+                [0, 1, 2]])
 
     References:
         Salmon, Moraes, Dror, Shaw. Parallel Random Numbers: As Easy as 1, 2, 3. SC 2011.
@@ -98,6 +106,13 @@ def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
     Returns:
         ``(K,)`` weights in the Gramian's dtype (computed in at least float32).
 
+    Example:
+        >>> import torch
+        >>> jac = torch.tensor([[1.0, 0.0], [-0.5, 2.0]], dtype=torch.float64)
+        >>> orders = pcgrad_orders(2, torch.tensor(0), torch.tensor(0))
+        >>> pcgrad_weights(jac @ jac.T, orders)
+        tensor([1.5000, 1.1176], dtype=torch.float64)
+
     References:
         Yu, Kumar, Gupta, Levine, Hausman, Finn. Gradient Surgery for Multi-Task Learning.
         NeurIPS 2020.
@@ -108,7 +123,7 @@ def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
             f"`orders` must be a ({k}, {k}) integer tensor, got shape {tuple(orders.shape)} "
             f"and dtype {orders.dtype}"
         )
-    g = gramian.to(work_dtype(gramian))
+    g = gramian.to(at_least_float32(gramian))
     orders = orders.to(device=g.device, dtype=torch.int64)
     eye = torch.eye(k, dtype=g.dtype, device=g.device)
     diag = g.diagonal()
@@ -128,7 +143,7 @@ def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
     return coef.sum(dim=0).to(gramian.dtype)
 
 
-class PCGrad(GramianAggregator):
+class PCGrad(GramianWeighting):
     r"""PCGrad: project each task's gradient off the gradients it conflicts with, then sum.
 
     .. math::
@@ -139,10 +154,11 @@ class PCGrad(GramianAggregator):
     (Philox, as :class:`~balanced_losses.RLW`) at ``(seed, num_steps)``: reproducible, the same on
     every rank, and resumed exactly from ``state_dict``.
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.pcgrad_weights`, and acts on each task's gradient at the
+    shared features inside the one backward pass (route the features through :meth:`branch`); the
+    forward total is the plain sum of the losses. The docs page "When task gradients conflict" says
+    what it costs and when the representation-level version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.
@@ -173,6 +189,8 @@ class PCGrad(GramianAggregator):
         NeurIPS 2020.
     """
 
+    _shows_rule = False
+
     seed: Tensor
     num_steps: Tensor
 
@@ -189,6 +207,7 @@ class PCGrad(GramianAggregator):
     ) -> None:
         super().__init__(
             tasks,
+            self._rule,
             balance_norms=balance_norms,
             momentum=momentum,
             weights=weights,
@@ -199,7 +218,7 @@ class PCGrad(GramianAggregator):
         self._add_state("seed", torch.tensor(seed, dtype=torch.long), kind="config", task_axis=None)
         self._add_state("num_steps", torch.zeros((), dtype=torch.long), task_axis=None)
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+    def _rule(self, gramian: Tensor) -> Tensor:
         """PCGrad's weights for a ``(K, K)`` Gramian."""
         return pcgrad_weights(
             gramian, pcgrad_orders(gramian.shape[0], self.seed, self.num_steps, gramian.device)

@@ -27,7 +27,10 @@ Gramian's condition number up to :math:`10^4` (UPGrad's regularization) accelera
 gradient would need thousands of steps to reach :math:`10^{-7}`.
 
 All solves use ``torch.linalg.solve_ex`` (no error check, hence no sync) in the working dtype
-of :func:`work_dtype`.
+of :func:`~balanced_losses._numerics.wide_dtype` (float64; float32 on MPS, which has none):
+the systems are :math:`K \times K`, so float64 costs nothing measurable even on a GPU, and
+UPGrad's regularized Gramian has a condition number up to :math:`10^4`, where float32 would
+leave about three correct digits.
 
 References:
     Nocedal, Wright. Numerical Optimization, 2nd ed. Springer 2006, Sec. 16.5.
@@ -50,22 +53,11 @@ __all__ = [
     "simplex_qp",
     "simplex_soc",
     "sweeps",
-    "work_dtype",
 ]
 
 # A face solver: (free set, current iterate) -> (face minimizer, multipliers of the fixed
 # coordinates at that minimizer); the multipliers matter only where the minimizer is feasible.
 _Face = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-def work_dtype(t: Tensor) -> torch.dtype:
-    r"""The dtype the programs are solved in: float64, except on MPS, which has none (float32).
-
-    The systems are :math:`K \times K`, so float64 costs nothing measurable even on a GPU, and
-    UPGrad's regularized Gramian has a condition number up to :math:`10^4`: float32 would leave
-    about three correct digits in its solves.
-    """
-    return torch.float32 if t.device.type == "mps" else torch.float64
 
 
 def sweeps(k: int) -> int:

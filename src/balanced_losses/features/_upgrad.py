@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
-from balanced_losses.features._aggregator import GramianAggregator
+from balanced_losses._numerics import wide_dtype
 from balanced_losses.features._eigh import check_gramian
+from balanced_losses.features._gramian import GramianWeighting
 from balanced_losses.features._qp import (
     bound_qp,
     normalize_gramian,
     sweeps,
-    work_dtype,
 )
 
 __all__ = ["UPGrad", "upgrad_weights"]
@@ -86,7 +88,7 @@ def upgrad_weights(gramian: Tensor, pref: Tensor | None = None) -> Tensor:
         raise ValueError(
             f"`pref` must have shape ({k},) to match `gramian`, got {tuple(pref.shape)}"
         )
-    dtype = work_dtype(gramian)
+    dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
     g = g + _REG_EPS * torch.eye(k, dtype=dtype, device=g.device)
     p = (
@@ -100,7 +102,7 @@ def upgrad_weights(gramian: Tensor, pref: Tensor | None = None) -> Tensor:
     return (p + x.sum(0)).to(gramian.dtype)
 
 
-class UPGrad(GramianAggregator):
+class UPGrad(GramianWeighting):
     r"""UPGrad: project each task's gradient onto the dual cone of all of them, then average.
 
     .. math::
@@ -111,10 +113,11 @@ class UPGrad(GramianAggregator):
     and it is the mean when no two gradients conflict. Use it when tasks conflict and you want
     no task's loss to go up at first order; it keeps the scale of a plain mean.
 
-    It acts on each task's gradient at the shared features inside the one backward pass (route
-    the features through :meth:`branch`); the forward total is the plain sum of the losses. The
-    docs page "When task gradients conflict" says what it costs and when the representation-level
-    version differs from the parameter-level one.
+    It is :class:`~balanced_losses.GramianWeighting` with the rule
+    :func:`~balanced_losses.aggregation.upgrad_weights`, and acts on each task's gradient at the
+    shared features inside the one backward pass (route the features through :meth:`branch`); the
+    forward total is the plain sum of the losses. The docs page "When task gradients conflict" says
+    what it costs and when the representation-level version differs from the parameter-level one.
 
     Args:
         tasks: Task names, in order.
@@ -144,6 +147,24 @@ class UPGrad(GramianAggregator):
         2024.
     """
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """UPGrad's weights for a ``(K, K)`` Gramian."""
-        return upgrad_weights(gramian)
+    _shows_rule = False
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        balance_norms: bool = False,
+        momentum: float = 0.9,
+        weights: Mapping[str, float] | None = None,
+        allow_missing: bool = False,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks,
+            upgrad_weights,
+            balance_norms=balance_norms,
+            momentum=momentum,
+            weights=weights,
+            allow_missing=allow_missing,
+            sync_dist=sync_dist,
+        )

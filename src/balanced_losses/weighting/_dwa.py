@@ -68,8 +68,8 @@ class DWA(Weighting):
         ...     dwa.step()
         >>> dwa({"depth": torch.tensor(1.0), "segmentation": torch.tensor(1.0)})
         tensor(2.0000)
-        >>> {task: round(w.item(), 4) for task, w in dwa.weights.items()}
-        {'depth': 0.9003, 'segmentation': 1.0997}
+        >>> dwa.last_weights
+        tensor([0.9003, 1.0997])
 
     References:
         Liu, Johns, Davison. End-to-End Multi-Task Learning with Attention. CVPR 2019.
@@ -119,9 +119,8 @@ class DWA(Weighting):
         # softmax into NaN. The largest finite value keeps the intended "this task gets all".
         return rates.nan_to_num(posinf=torch.finfo(rates.dtype).max)
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the DWA total of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The DWA total :math:`\sum_k \lambda_k L_k` and the weights :math:`\lambda_k`."""
         # Eq. 3: K * softmax(r / T). The weights come from past epochs only, so they are
         # constants for this batch's gradient.
         k = len(self.tasks)
@@ -133,8 +132,7 @@ class DWA(Weighting):
         weights = torch.where(present, weights, torch.zeros_like(weights))
         if self._updating:
             self._accumulate(values, present)
-        self._record(weights, present)
-        return self._returned((weights * values).sum())
+        return (weights * values).sum(), weights
 
     @torch.no_grad()
     def _accumulate(self, values: Tensor, present: Tensor) -> None:

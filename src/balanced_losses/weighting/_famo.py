@@ -75,8 +75,8 @@ class FAMO(Weighting):
         >>> import torch
         >>> famo = FAMO(["depth", "segmentation"])
         >>> total = famo({"depth": torch.tensor(2.0), "segmentation": torch.tensor(0.5)})
-        >>> {task: round(w.item(), 4) for task, w in famo.weights.items()}  # c z_k / L_k
-        {'depth': 0.2, 'segmentation': 0.8}
+        >>> famo.last_weights  # c z_k / L_k
+        tensor([0.2000, 0.8000])
         >>> # ... total.backward(); optimizer.step(); recompute the losses on the same batch:
         >>> famo.update({"depth": torch.tensor(1.0), "segmentation": torch.tensor(0.45)})
         >>> famo.logits  # depth improved more, so it loses weight
@@ -168,9 +168,8 @@ class FAMO(Weighting):
                     f"loss of task `{name}` must be > its bound `min_losses` = {bound}, got {value}"
                 )
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the FAMO total of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The FAMO total and its effective weights :math:`c\, z_k / (L_k - b_k + \epsilon)`."""
         if self.check_inputs and self._loss_domain is None:
             self._check_bounds(values, present)
         shifted = values - self.min_losses.to(values.dtype) + self.eps
@@ -190,8 +189,7 @@ class FAMO(Weighting):
                 self.prev_losses.copy_(before.to(self.prev_losses.dtype))
                 self.prev_valid.copy_(valid)
             self._pending = True
-        self._record(weights, present)
-        return self._returned(total)
+        return total, weights
 
     @torch.no_grad()
     def update(self, losses: Mapping[str, Tensor | None]) -> None:

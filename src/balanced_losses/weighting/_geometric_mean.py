@@ -42,8 +42,8 @@ class GeometricMean(Weighting):
         >>> gls = GeometricMean(["depth", "segmentation"])
         >>> gls({"depth": torch.tensor(8.0), "segmentation": torch.tensor(0.5)})
         tensor(2.)
-        >>> {task: w.item() for task, w in gls.weights.items()}  # total / (K L_k)
-        {'depth': 0.125, 'segmentation': 2.0}
+        >>> gls.last_weights  # total / (K L_k)
+        tensor([0.1250, 2.0000])
 
     References:
         Chennupati, Sistu, Yogamani, Rawashdeh. MultiNet++: Multi-Stream Feature Aggregation
@@ -67,9 +67,11 @@ class GeometricMean(Weighting):
             tasks, weights=weights, allow_missing=allow_missing, check_inputs=check_inputs
         )
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the geometric mean of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The geometric mean of the present losses and the weights :math:`\text{total} / (K L_k)`.
+
+        Not a weighted sum: the total is :math:`(\prod_k L_k)^{1/K}` over the present tasks.
+        """
         count = present.sum().to(values.dtype)
         # In log space: exp(mean log L) neither overflows nor underflows where the product of
         # K losses would.
@@ -82,5 +84,4 @@ class GeometricMean(Weighting):
         total = torch.where(count > 0, torch.exp(mean_log), torch.zeros_like(mean_log))
         # d total / d L_k = total / (K L_k). Logged, not differentiated: cut the graph.
         detached = torch.where(present, values.detach().clamp_min(tiny), ones)
-        self._record(total.detach() / (count.clamp_min(1.0) * detached), present)
-        return self._returned(total)
+        return total, total.detach() / (count.clamp_min(1.0) * detached)

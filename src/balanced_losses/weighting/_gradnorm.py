@@ -10,10 +10,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from balanced_losses._autograd import as_tensors, gradient_norm, task_gradients
+from balanced_losses._autograd import as_tensors, task_gradients
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_betas, check_number
-from balanced_losses._numerics import adam_update
+from balanced_losses._numerics import adam_update, gradient_norm
 from balanced_losses.distributed import autograd_targets
 
 __all__ = ["GradNorm"]
@@ -192,6 +192,9 @@ class GradNorm(Weighting):
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """Return the total with this step's weights, then update the weights (see above)."""
+        # Not the base's template over `combine`: the update differentiates each raw loss
+        # through the shared parameters, which the stacked `values` do not stand for (they
+        # carry the user's factors in their gradients).
         values, present = self._stack(losses)
         # The weights of this step, copied before the in-place update below; a buffer, so the
         # total's gradient reaches the losses only.

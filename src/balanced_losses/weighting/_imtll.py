@@ -53,8 +53,8 @@ class IMTLL(Weighting):
         >>> with torch.no_grad():
         ...     _ = imtl.log_scales.copy_(torch.tensor([-0.5, 0.5]))
         >>> total = imtl(losses)
-        >>> {task: round(w.item(), 4) for task, w in imtl.weights.items()}  # e^s
-        {'depth': 0.6065, 'segmentation': 1.6487}
+        >>> imtl.last_weights  # e^s
+        tensor([0.6065, 1.6487])
 
     References:
         Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang. Towards Impartial Multi-task Learning.
@@ -83,16 +83,13 @@ class IMTLL(Weighting):
             "log_scales", torch.full((len(self.tasks),), self.init, dtype=torch.float64)
         )
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the IMTL-L total of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
-        self._watch_parameters()
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The IMTL-L total :math:`\sum_k (e^{s_k} L_k - s_k)` and the weights :math:`e^{s_k}`."""
         s = self.log_scales.to(values.dtype)
         scales = torch.exp(s)
         # IMTL-L of Liu et al. 2021: e^s L - s; the -s term stops s from drifting to -inf.
         terms = scales * values - s
-        self._record(scales, present)
-        return self._returned(torch.where(present, terms, torch.zeros_like(terms)).sum())
+        return torch.where(present, terms, torch.zeros_like(terms)).sum(), scales
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

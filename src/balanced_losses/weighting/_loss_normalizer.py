@@ -10,7 +10,7 @@ from torch import Tensor
 
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_momentum, check_number, check_task_names
-from balanced_losses._numerics import debiased
+from balanced_losses._numerics import debiased, ema_step
 from balanced_losses.functional import Correction, reduction_factors
 
 __all__ = ["LossNormalizer"]
@@ -93,8 +93,8 @@ class LossNormalizer(Weighting):
         >>> losses = {"pointer": torch.tensor(0.2), "countdown": torch.tensor(15.7)}
         >>> normalizer(losses)
         tensor(2.0000)
-        >>> {task: round(w.item(), 4) for task, w in normalizer.weights.items()}
-        {'pointer': 1.25, 'countdown': 0.1115}
+        >>> normalizer.last_weights
+        tensor([1.2500, 0.1115])
     """
 
     ema: Tensor
@@ -173,9 +173,7 @@ class LossNormalizer(Weighting):
         self.micro_step.add_(1)
         seen = self.pending_count > 0
         window_mean = self.pending_sum / self.pending_count.clamp_min(1).to(self.ema.dtype)
-        blended = self.momentum * self.ema + (1.0 - self.momentum) * window_mean
-        ema = torch.where(seen, blended, self.ema)
-        count = self.count + seen.to(self.count.dtype)
+        ema, count = ema_step(self.ema, self.count, window_mean, seen, self.momentum)
         # Tensor-valued condition, so no host sync: commit when the window is full.
         commit = self.micro_step >= self.accumulation_steps
         self.ema.copy_(torch.where(commit, ema, self.ema))
@@ -186,9 +184,8 @@ class LossNormalizer(Weighting):
         self.micro_step.mul_(keep.to(self.micro_step.dtype))
         return ema, count
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the normalized total of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The normalized total :math:`\sum_k c_k L_k / \hat m_k` and its weights."""
         if self._updating:
             ema, count = self._update(values, present)
         else:
@@ -199,8 +196,7 @@ class LossNormalizer(Weighting):
         scale = torch.where(count > 0, debiased(ema, count, self.momentum).abs(), current)
         weights = self.factors / scale.clamp_min(self.eps)
         weights = torch.where(present, weights, torch.zeros_like(weights))
-        self._record(weights, present)
-        return self._returned((weights.to(values.dtype) * values).sum())
+        return (weights.to(values.dtype) * values).sum(), weights
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
         # Version 2 added the gradient-accumulation window (pending_sum, pending_count,

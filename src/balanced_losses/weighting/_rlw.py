@@ -66,8 +66,8 @@ class RLW(Weighting):
         >>> import torch
         >>> rlw = RLW(["depth", "segmentation"], seed=0)
         >>> total = rlw({"depth": torch.tensor(2.0), "segmentation": torch.tensor(0.5)})
-        >>> {task: round(w.item(), 4) for task, w in rlw.weights.items()}
-        {'depth': 0.9618, 'segmentation': 1.0382}
+        >>> rlw.last_weights
+        tensor([0.9618, 1.0382])
         >>> rlw.num_steps
         tensor(1)
         >>> _ = rlw.eval()
@@ -104,9 +104,8 @@ class RLW(Weighting):
         # Draws made so far: the counter of the stream, what a resumed run continues from.
         self._add_state("num_steps", torch.zeros((), dtype=torch.long), task_axis=None)
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the randomly weighted total of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The randomly weighted total and this step's weights :math:`K\,\mathrm{softmax}(z)`."""
         k = len(self.tasks)
         if self._updating:
             # Algorithm 1 of Lin et al. 2022: z ~ N(0, I), lambda = softmax(z); times K (ours).
@@ -119,8 +118,7 @@ class RLW(Weighting):
         else:
             weights = torch.ones_like(values)
         weights = torch.where(present, weights, torch.zeros_like(weights))
-        self._record(weights, present)
-        return self._returned((weights * values).sum())
+        return (weights * values).sum(), weights
 
     def _upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
         # A checkpoint without a version (a state_dict copied without its metadata) may still be

@@ -142,10 +142,8 @@ class UncertaintyWeighting(Weighting):
         self._add_state("coefficients", torch.tensor(coefficients), kind="constant")
         self._add_state("factors", torch.tensor(factors), kind="constant")
 
-    def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """Return the uncertainty-weighted total of ``losses`` (task name to scalar loss)."""
-        values, present = self._stack(losses)
-        self._watch_parameters()
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The uncertainty-weighted total and the weights :math:`c_k e^{-s_k}`."""
         s = self.log_vars.to(values.dtype)
         weights = self.coefficients * self.factors * torch.exp(-s)
         # Eq. 7 of Kendall et al. 2018: the log sigma = s/2 term keeps sigma from growing
@@ -153,8 +151,7 @@ class UncertaintyWeighting(Weighting):
         # so that the total stays positive.
         penalty = 0.5 * s if self.regularizer == "kendall" else F.softplus(s)
         terms = weights * values + self.factors * penalty
-        self._record(weights, present)
-        return self._returned(torch.where(present, terms, torch.zeros_like(terms)).sum())
+        return torch.where(present, terms, torch.zeros_like(terms)).sum(), weights
 
     @property
     def sigma(self) -> dict[str, Tensor]:

@@ -1,18 +1,18 @@
-"""The base of the conflict-aware aggregators: weights from the Gramian of the task gradients."""
+"""GramianWeighting: any rule of the task gradients' Gramian, in the one backward pass."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from balanced_losses import distributed
 from balanced_losses._checks import check_momentum
-from balanced_losses._numerics import debiased, norm_scales
+from balanced_losses._numerics import debiased, ema_step, norm_scales, wide_dtype
 from balanced_losses.features._branch import FeatureWeighting
 
-__all__ = ["GramianAggregator", "gramian"]
+__all__ = ["GramianWeighting", "gramian"]
 
 
 def gramian(per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
@@ -29,7 +29,7 @@ def gramian(per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
     k = len(per_task)
     num_inputs = len(per_task[0]) if per_task else 0
     ref = next(g for task in per_task for g in task if g is not None)
-    wide = torch.float32 if ref.device.type == "mps" else torch.float64
+    wide = wide_dtype(ref.device)
     total = torch.zeros(k, k, dtype=wide, device=ref.device)
     for j in range(num_inputs):
         grads = [task[j] for task in per_task]
@@ -60,19 +60,30 @@ def gramian(per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
     return total
 
 
-class GramianAggregator(FeatureWeighting):
-    r"""Base of the aggregators: each task's gradient at the shared features, combined by weights.
+class GramianWeighting(FeatureWeighting):
+    r"""Any rule of the Gramian, applied to each task's gradient at the shared features.
 
     In the one backward pass the :math:`K` tasks' gradients at the shared features are the
-    rows of :math:`J`; the trunk receives :math:`J^\top c` for a coefficient vector :math:`c`
-    computed from the :math:`K \times K` Gramian :math:`G = J J^\top` alone (summed in
-    float64, see :func:`gramian`). A subclass gives the weights, :meth:`weights_from_gramian`.
+    rows of :math:`J`; the trunk receives :math:`J^\top c` for weights :math:`c = r(G)`
+    computed by ``rule`` :math:`r` from the :math:`K \times K` Gramian :math:`G = J J^\top`
+    alone (summed in float64, see :func:`gramian`). Any function of the Gramian works: those of
+    :mod:`balanced_losses.aggregation` (UPGrad, MGDA, CAGrad, ...; the named classes such as
+    :class:`~balanced_losses.UPGrad` are this class with their rule) or your own. The forward
+    total is the plain sum of the losses; route the shared features through :meth:`branch`, or
+    :meth:`attach` the method to the model.
+
+    **The rule** is called in backward, under ``torch.no_grad()``, once per training step, with
+    the Gramian of the present tasks in float64 (float32 on MPS), ``(K', K')``; it returns their
+    weights, ``(K',)``. It should not synchronize with the host (no ``.item()``) if the step is
+    to stay asynchronous, and must be deterministic across ranks under DDP. A rule with state
+    of its own (a random stream, as PCGrad's) subclasses this class and overrides
+    :meth:`weights_from_gramian`.
 
     **Norm balancing first** (``balance_norms=True``): each task's gradient is first scaled to
     the mean of the tasks' EMA gradient norms, as :class:`~balanced_losses.GradientBalancer`
-    does (:math:`s_k = T / \hat n_k`), and the aggregator runs on the scaled gradients:
-    :math:`c = s \odot w(S G S)`. Magnitudes are then set by the measured norms and directions
-    by the aggregator.
+    does (:math:`s_k = T / \hat n_k`), and the rule runs on the scaled gradients:
+    :math:`c = s \odot r(S G S)`. Magnitudes are then set by the measured norms and directions
+    by the rule.
 
     **Tasks without a gradient** (absent labels under ``allow_missing``) are dropped from the
     problem: the weights are those of the present tasks alone. Under ``torch.compile`` the
@@ -90,9 +101,39 @@ class GramianAggregator(FeatureWeighting):
     are zero) and divided by the squared world size, DDP averaging the gradients: every rank
     computes the same weights, those of one process on the concatenated batch.
 
-    Logging: :attr:`weights` holds the coefficients :math:`c_k`, :attr:`grad_norms` the
-    measured :math:`\lVert g_k \rVert` and :attr:`cosines` the cosine similarities of the last
-    step's gradients (``(K, K)``, 0 where a norm is 0).
+    Logging: :attr:`last_weights` holds the weights :math:`c_k` (your factors included),
+    :attr:`grad_norms` the measured :math:`\lVert g_k \rVert` and :attr:`cosines` the cosine
+    similarities of the last step's gradients (``(K, K)``, 0 where a norm is 0).
+
+    Args:
+        tasks: Task names, in order.
+        rule: The weights of the present tasks from their Gramian, ``(K', K') -> (K',)``.
+        balance_norms: First scale each task's gradient to the mean of the tasks' EMA
+            gradient norms, as :class:`~balanced_losses.GradientBalancer` does.
+        momentum: EMA momentum of the norm statistics, with ``balance_norms``.
+        weights: Your fixed factor per task (default 1), applied after the method's
+            balancing: see :class:`~balanced_losses.Weighting`.
+        allow_missing: Accept loss mappings without some tasks; those are dropped from the
+            problem for that step.
+        sync_dist: Sum the Gramian over ranks under ``torch.distributed``.
+
+    Example:
+        Each task's gradient scaled to norm 1 before the sum, :math:`c_k = 1 / \lVert g_k
+        \rVert`, a rule written in one line:
+
+        >>> import torch
+        >>> def unit_norms(gramian):
+        ...     return torch.diagonal(gramian).clamp_min(1e-30).rsqrt()
+        >>> method = GramianWeighting(["a", "b"], unit_norms)
+        >>> trunk = torch.nn.Linear(3, 4)
+        >>> head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 105)
+        >>> views = method.branch(trunk(torch.randn(8, 3)))
+        >>> loss_a = head_a(views["a"]).square().mean()
+        >>> loss_b = head_b(views["b"]).square().sum()
+        >>> method({"a": loss_a, "b": loss_b}).backward()
+        >>> sent = method.last_weights * method.grad_norms  # what each task sent the trunk
+        >>> torch.allclose(sent, torch.ones(2))
+        True
     """
 
     _loss_domain = None
@@ -102,9 +143,13 @@ class GramianAggregator(FeatureWeighting):
     grad_norms: Tensor
     cosines: Tensor
 
+    #: Whether :meth:`extra_repr` names the rule (the named classes are their rule).
+    _shows_rule: bool = True
+
     def __init__(
         self,
         tasks: Sequence[str],
+        rule: Callable[[Tensor], Tensor],
         *,
         balance_norms: bool = False,
         momentum: float = 0.9,
@@ -113,6 +158,13 @@ class GramianAggregator(FeatureWeighting):
         sync_dist: bool = True,
     ) -> None:
         super().__init__(tasks, weights=weights, allow_missing=allow_missing, sync_dist=sync_dist)
+        if not callable(rule):
+            raise TypeError(
+                "`rule` must be a function from the (K, K) Gramian to K weights, got "
+                f"{type(rule).__name__} {rule!r}"
+            )
+        #: The rule: Gramian of the present tasks, ``(K', K')``, to their weights, ``(K',)``.
+        self.rule = rule
         self.balance_norms = bool(balance_norms)
         # Norm balancing makes the method invariant to a constant factor of a loss.
         self._cancels_factors = self._cancels_factors or self.balance_norms
@@ -127,8 +179,16 @@ class GramianAggregator(FeatureWeighting):
         self._add_state("cosines", torch.zeros(k, k), kind="output")
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """The aggregator's weights for a ``(K', K')`` Gramian of the present tasks."""
-        raise NotImplementedError
+        """The weights for a ``(K', K')`` Gramian of the present tasks: ``rule(gramian)``."""
+        weights: Tensor = self.rule(gramian)
+        k = gramian.shape[0]
+        if not isinstance(weights, Tensor) or tuple(weights.shape) != (k,):
+            shown = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights)
+            raise ValueError(
+                f"`rule` must return one weight per task, a tensor of shape ({k},) for a "
+                f"({k}, {k}) Gramian, got {shown}"
+            )
+        return weights
 
     def _advance(self) -> None:
         """Move any per-step state (a random stream's counter) after a training backward."""
@@ -149,12 +209,12 @@ class GramianAggregator(FeatureWeighting):
         # Whether a training backward has set `last_weights` (a Python flag: no sync).
         self._measured = False
 
-    def _current_coefficients(self) -> Tensor:
+    def _current_weights(self) -> Tensor:
         # A diagnostic measures one task at a time, which cannot reproduce the joint weights:
         # it shows the last training step's coefficients, or each gradient as it is before any.
         return self.last_weights if self._measured else torch.ones_like(self.last_weights)
 
-    def _coefficients(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
+    def _step_weights(self, per_task: list[Sequence[Tensor | None]], got: list[bool]) -> Tensor:
         k = len(self.tasks)
         device, dtype = self.grad_norms.device, self.grad_norms.dtype
         if not torch.compiler.is_compiling():
@@ -180,9 +240,9 @@ class GramianAggregator(FeatureWeighting):
             measured = norms.to(device=device, dtype=dtype)
             valid = finite.to(device) & (measured > 0)
             if self.balance_norms:
-                blended = self.momentum * self.ema + (1.0 - self.momentum) * measured
-                self.ema.copy_(torch.where(valid, blended, self.ema))
-                self.count.add_(valid.to(self.count.dtype))
+                ema, count = ema_step(self.ema, self.count, measured, valid, self.momentum)
+                self.ema.copy_(ema)
+                self.count.copy_(count)
                 # Only rows that take part: an absent task's scale may be huge (a tiny EMA
                 # against a large target) and must not meet its zero row (inf * 0 = NaN).
                 took_part = finite.clone()
@@ -218,6 +278,8 @@ class GramianAggregator(FeatureWeighting):
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
         shown = f"tasks={list(self.tasks)}"
+        if self._shows_rule:
+            shown += f", rule={getattr(self.rule, '__name__', repr(self.rule))}"
         if self.balance_norms:
             shown += f", balance_norms=True, momentum={self.momentum}"
         return shown
