@@ -84,7 +84,6 @@ def train_logged(problem_name: str, method: str, seed: int) -> dict[str, Any]:
         first = problem.losses(model(probe.x), probe)
     trainer = suite.make_trainer(problem, method, model, first)
     weighting = trainer.weighting
-    measured_inside = isinstance(weighting, bl.GradientBalancer | bl.DBMTL)
     trunk = [p for p in model.trunk.parameters() if p.requires_grad]
     budget = problem.budget
     generator = torch.Generator().manual_seed(1000 + seed)
@@ -95,6 +94,11 @@ def train_logged(problem_name: str, method: str, seed: int) -> dict[str, Any]:
             batch = train.take(index)
             trainer.optimizer.zero_grad(set_to_none=True)
             losses = problem.losses(model(batch.x), batch)
+            # Methods that measure at the features report the norms themselves, except a
+            # CalibratedBalancer once frozen (nothing is measured then).
+            measured_inside = isinstance(weighting, bl.GradientBalancer | bl.DBMTL) and not (
+                isinstance(weighting, bl.CalibratedBalancer) and weighting.frozen
+            )
             if not measured_inside:
                 norms = bl.diagnostics.task_gradient_norms(losses, [kept["h"]])
                 raw = [float(norms[t]) for t in tasks]

@@ -34,8 +34,8 @@ DEVELOPMENT = ("pointer_countdown", "digits", "ucr", "many_tasks", "user_regime"
 #: Where it was confirmed: committed before any method ran on them (see each docstring).
 HELD_OUT = ("newcomer_digits", "blood_pressure", "power_demand")
 #: The recommended default, as the suite names it, and the class a user builds.
-DEFAULT = "normalizer-sqrt"
-DEFAULT_CLASS = "LossNormalizer"
+DEFAULT = "calibrated"
+DEFAULT_CLASS = "CalibratedBalancer"
 #: The step-time budget of the default, as a ratio to a plain sum's step.
 MAX_STEP_RATIO = 1.10
 #: What the default study compares: the baselines, the previous default and its parts, the

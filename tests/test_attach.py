@@ -217,7 +217,7 @@ def test_remove_restores_the_model_and_the_context_manager_removes() -> None:
         assert not module._forward_hooks
         assert not module._forward_pre_hooks
     # Without hooks the method sees no branch call and says so.
-    with pytest.warns(UserWarning, match="`branch` was not called"):
+    with pytest.warns(UserWarning, match="nothing reached the shared features"):
         balancer(digit_losses(net(images), labels))
 
 

@@ -125,5 +125,22 @@ def test_the_imbalance_sentence_reads_the_initial_gradients(
         if run["method"] == "constant":
             run["init_grad_norms"] = {"a": 1.5, "b": 1.0}
     text = rd.imbalance_sentence({"helped": helped, "same": same})
-    assert "at least 10.0×" in text
-    assert "below that (same (1.5×)) a plain sum was as good" in text
+    assert text.startswith("Where the tasks' gradients at the shared layers start close")
+    assert "a plain sum was as good on same (1.5×)" in text
+    assert "beyond seed noise on helped (10×)" in text
+
+
+def test_the_imbalance_sentence_says_when_the_ratio_does_not_separate(
+    rd: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rd, "DEFAULT", "m")
+    monkeypatch.setattr(rd, "step_ratio", lambda method: 1.0)
+    helped = _record({"sum": [1.5, 1.6, 1.4], "m": [1.1, 1.0, 1.2]}, alone=[1.0] * 3)
+    same = _record({"sum": [1.5, 1.6, 1.4], "m": [1.4, 1.5, 1.6]}, alone=[1.0] * 3)
+    for record, ratio in ((helped, 1.5), (same, 3000.0)):
+        for run in record["runs"]:
+            if run["method"] == "constant":
+                run["init_grad_norms"] = {"a": ratio, "b": 1.0}
+    text = rd.imbalance_sentence({"helped": helped, "same": same})
+    assert "On same (3e+03×) a plain sum was as good" in text
+    assert "it did not tell these apart on its own" in text

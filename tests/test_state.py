@@ -210,7 +210,9 @@ def test_forgotten_branch_warns_naming_the_fix(method) -> None:
     weighting = method(["a", "b"])
     feats = trunk(torch.randn(8, 3))
     losses = {"a": head_a(feats).square().mean(), "b": head_b(feats).square().mean()}
-    with pytest.warns(UserWarning, match=r"`branch` was not called.*views = weighting\.branch"):
+    with pytest.warns(
+        UserWarning, match=r"weighting\.attach\(model, \"trunk\"\).*views = weighting\.branch"
+    ):
         weighting(losses).backward()
 
 

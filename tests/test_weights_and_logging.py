@@ -135,6 +135,8 @@ def test_the_methods_that_cancel_factors_are_the_scale_invariant_ones() -> None:
             "GradNorm-sgd",
             "GradientBalancer",
             "GradientBalancer-max",
+            "CalibratedBalancer",
+            "CalibratedBalancer-frozen",
             "DBMTL",
             "UPGrad-balanced",
             "IMTLG",

@@ -278,10 +278,11 @@ class FeatureWeighting(Weighting):
             self._branched = True
         if self._updating and not self._branched:
             warnings.warn(
-                f"{self._method_name}: `branch` was not called in this training step, so its "
-                "total is a plain sum of the losses and nothing is balanced. Route the shared "
-                "features through `views = weighting.branch(feats)` and feed `views[task]` to "
-                "each task's head",
+                f"{self._method_name}: nothing reached the shared features in this training "
+                "step, so no task's gradient there is balanced. Attach the method to the module "
+                "whose output the heads share, `weighting.attach(model, \"trunk\")` (your "
+                "model's forward stays as it is), or route that output through `views = "
+                "weighting.branch(feats)` and feed `views[task]` to each task's head",
                 UserWarning,
                 stacklevel=2,
             )
