@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     model = TwoHeadModel()
-    normalizer = bl.LossNormalizer({"pointer": 2, "countdown": STEPS}, correction="sqrt")
+    sizes = {"pointer": 2, "countdown": STEPS}
+    normalizer = bl.LossNormalizer(list(sizes), output_sizes=sizes, correction="sqrt")
     pointer_loss = bl.HuberLoss(delta=1.0)
     countdown_loss = bl.HuberLoss(delta=1.0, target_clip=(-20.0, 20.0))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

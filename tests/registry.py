@@ -115,12 +115,14 @@ def head_size(index: int) -> int:
 CASES: list[Case] = [
     Case(
         "LossNormalizer",
-        lambda s: bl.LossNormalizer(s.sizes, weights=s.weights, allow_missing=s.allow_missing),
+        lambda s: bl.LossNormalizer(
+            s.tasks, output_sizes=s.sizes, weights=s.weights, allow_missing=s.allow_missing
+        ),
     ),
     Case(
         "LossNormalizer-none",
         lambda s: bl.LossNormalizer(
-            s.sizes,
+            s.tasks,
             correction="none",
             momentum=0.0,
             weights=s.weights,
@@ -130,7 +132,11 @@ CASES: list[Case] = [
     Case(
         "LossNormalizer-accumulate",  # resumed mid-window by the checkpoint test
         lambda s: bl.LossNormalizer(
-            s.sizes, accumulation_steps=3, weights=s.weights, allow_missing=s.allow_missing
+            s.tasks,
+            output_sizes=s.sizes,
+            accumulation_steps=3,
+            weights=s.weights,
+            allow_missing=s.allow_missing,
         ),
     ),
     Case(

@@ -412,8 +412,31 @@ def test_state_dict_without_version_metadata_loads():
 def test_repr_shows_hyperparameters():
     norm = LossNormalizer({"a": 2}, momentum=0.5, correction="none")
     assert repr(norm) == (
-        "LossNormalizer(output_sizes={'a': 2}, momentum=0.5, correction='none', eps=1e-08)"
+        "LossNormalizer(tasks=['a'], output_sizes={'a': 2}, momentum=0.5, correction='none', "
+        "eps=1e-08)"
     )
+
+
+def test_tasks_first_with_sizes_by_keyword_is_the_mapping_form():
+    # The form every other class takes (tasks first), and the earlier mapping form, agree.
+    losses = {"a": torch.tensor(0.2), "b": torch.tensor(15.7)}
+    by_keyword = LossNormalizer(["a", "b"], output_sizes={"a": 2, "b": 98})
+    by_mapping = LossNormalizer({"a": 2, "b": 98})
+    by_sizes_alone = LossNormalizer(output_sizes={"a": 2, "b": 98})
+    totals = [m(losses) for m in (by_keyword, by_mapping, by_sizes_alone)]
+    assert totals[0] == totals[1] == totals[2]
+    assert torch.equal(by_keyword.factors, by_mapping.factors)
+
+
+def test_sizes_that_do_not_name_the_tasks_are_an_error():
+    with pytest.raises(
+        KeyError, match=r"exactly the tasks \['a', 'b'\], in that order, got \['b', 'a'\]"
+    ):
+        LossNormalizer(["a", "b"], output_sizes={"b": 2, "a": 98})
+    with pytest.raises(TypeError, match="give the output sizes once"):
+        LossNormalizer({"a": 2}, output_sizes={"a": 2})
+    with pytest.raises(TypeError, match="needs `tasks`"):
+        LossNormalizer()
 
 
 def test_compile_fullgraph_equals_eager():

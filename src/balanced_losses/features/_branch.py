@@ -280,7 +280,7 @@ class FeatureWeighting(Weighting):
             warnings.warn(
                 f"{self._method_name}: nothing reached the shared features in this training "
                 "step, so no task's gradient there is balanced. Attach the method to the module "
-                "whose output the heads share, `weighting.attach(model, \"trunk\")` (your "
+                'whose output the heads share, `weighting.attach(model, "trunk")` (your '
                 "model's forward stays as it is), or route that output through `views = "
                 "weighting.branch(feats)` and feed `views[task]` to each task's head",
                 UserWarning,

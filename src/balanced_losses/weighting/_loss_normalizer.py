@@ -29,8 +29,8 @@ class LossNormalizer(Weighting):
     ``"none"`` (1), ``"sqrt"`` (:math:`\sqrt{N_k}`) or ``"linear"`` (:math:`N_k`). Your own
     factors :math:`w_k` (``weights``) multiply task :math:`k`'s gradient on top, as in every
     method (see :class:`~balanced_losses.Weighting`): the gradient of :math:`L_k` is
-    :math:`w_k c_k / \hat m_k`. A list of task names instead of ``output_sizes`` means equal
-    sizes: no correction.
+    :math:`w_k c_k / \hat m_k`. Without ``output_sizes`` the sizes count as equal: no
+    correction.
 
     **The factors are relative.** :math:`c_k = c(N_k) / \operatorname{mean}_j c(N_j)`, so they
     average to 1. Balance depends only on the ratios :math:`c_k / c_j`; dividing by the mean
@@ -72,9 +72,12 @@ class LossNormalizer(Weighting):
     A non-finite loss never enters the statistics (see :class:`~balanced_losses.Weighting`).
 
     Args:
+        tasks: Task names, in order. A mapping from task name to output size is accepted
+            here too, as ``output_sizes`` with the tasks in its order (the form of earlier
+            releases).
         output_sizes: Task name to the number of elements per sample its loss is averaged over,
-            e.g. ``{"pointer": 2, "countdown": 105}``, or a list of task names (equal sizes).
-            The order fixes the task order.
+            e.g. ``{"pointer": 2, "countdown": 105}``, for the ``correction``; None: equal
+            sizes, no correction.
         weights: Your fixed factor per task (default 1), applied after the method's
             balancing: see :class:`~balanced_losses.Weighting`.
         momentum: EMA weight on the previous statistic, in ``[0, 1)``; 0 normalizes every step
@@ -89,7 +92,8 @@ class LossNormalizer(Weighting):
 
     Example:
         >>> import torch
-        >>> normalizer = LossNormalizer({"pointer": 2, "countdown": 98}, correction="sqrt")
+        >>> sizes = {"pointer": 2, "countdown": 98}
+        >>> normalizer = LossNormalizer(["pointer", "countdown"], output_sizes=sizes)
         >>> losses = {"pointer": torch.tensor(0.2), "countdown": torch.tensor(15.7)}
         >>> normalizer(losses)
         tensor(2.0000)
@@ -107,8 +111,9 @@ class LossNormalizer(Weighting):
 
     def __init__(
         self,
-        output_sizes: Mapping[str, int] | Sequence[str],
+        tasks: Sequence[str] | Mapping[str, int] | None = None,
         *,
+        output_sizes: Mapping[str, int] | None = None,
         weights: Mapping[str, float] | None = None,
         momentum: float = 0.9,
         correction: Correction = "sqrt",
@@ -118,13 +123,32 @@ class LossNormalizer(Weighting):
         check_inputs: bool = False,
         sync_dist: bool = True,
     ) -> None:
-        if isinstance(output_sizes, Mapping):
+        if isinstance(tasks, Mapping):
+            # The mapping of sizes given first, as releases before 0.2 took it.
+            if output_sizes is not None:
+                raise TypeError(
+                    "give the output sizes once: `tasks` is already a mapping of sizes, got "
+                    f"`output_sizes={dict(output_sizes)}` too"
+                )
+            output_sizes = tasks
+            tasks = list(output_sizes)
+        if tasks is None:
+            if output_sizes is None:
+                raise TypeError("`LossNormalizer` needs `tasks` (a list of task names)")
+            tasks = list(output_sizes)
+        names = check_task_names(tasks)
+        if output_sizes is not None:
+            if list(output_sizes) != list(names):
+                raise KeyError(
+                    f"`output_sizes` must name exactly the tasks {list(names)}, in that order, "
+                    f"got {list(output_sizes)}"
+                )
             sizes: dict[str, int] | None = dict(output_sizes)
             factors = reduction_factors(output_sizes, correction)
         else:
-            # A list of names, the form every other weighting takes: no size, no correction.
+            # No sizes: every loss counts as a mean over equally many elements, no correction.
             sizes = None
-            factors = dict.fromkeys(check_task_names(output_sizes), 1.0)
+            factors = dict.fromkeys(names, 1.0)
         super().__init__(
             factors,
             weights=weights,
@@ -211,11 +235,8 @@ class LossNormalizer(Weighting):
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
         return (
-            (
-                f"tasks={list(self.tasks)}"
-                if self.output_sizes is None
-                else f"output_sizes={self.output_sizes}"
-            )
+            f"tasks={list(self.tasks)}"
+            + ("" if self.output_sizes is None else f", output_sizes={self.output_sizes}")
             + f", momentum={self.momentum}, "
             f"correction={self.correction!r}, eps={self.eps}"
             + (
