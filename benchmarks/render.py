@@ -374,13 +374,15 @@ FAILURE_SOURCES = (
 
 
 def block_failure_modes() -> str:
-    rd = _default()
+    rd, rs = _default(), _suite()
+    runs = rs.failure_runs()
+    seeds = " ".join(str(s) for s in sorted({r["seed"] for r in runs}, reverse=True)) or "0"
     return (
-        rd.failure_text() + "\n\n`python benchmarks/failure_modes.py --problem user_regime --seeds "
-        f"{rd.failure_seed(rd.failure_runs()) if rd.failure_runs() else 0} --methods sum dbmtl "
-        "dbmtl-smoothed gradient-balancer gradient-balancer-max calibrated` reproduces the logs "
-        "(`benchmarks/results/failure_modes.json`); `python benchmarks/render_suite.py` draws "
-        "the figure."
+        rd.failure_text()
+        + f"\n\n`python benchmarks/failure_modes.py --problem user_regime --seeds {seeds} "
+        "--methods sum dbmtl dbmtl-smoothed gradient-balancer gradient-balancer-max calibrated` "
+        "reproduces the logs (`benchmarks/results/failure_modes.json`); `python "
+        "benchmarks/render_suite.py` draws the figure."
     )
 
 

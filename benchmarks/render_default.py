@@ -22,7 +22,6 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import render_suite as rs
@@ -57,18 +56,10 @@ STUDY = (
     "famo",
     "uncertainty",
 )
-STUDY_LABELS = {
-    "partial-0.5": "partial equalization, α = 0.5",
-    "lift-0.5": "lift only the starved, ρ = 0.5",
-    "frozen-100": "calibrate 100 steps, then freeze",
-    "clamped-4": "equalization clamped to [1/4, 4]",
-    "dbmtl-smoothed": "DB-MTL on running-mean losses",
-}
-FAILURES = rs.RESULTS / "failure_modes.json"
 
 
 def label(method: str) -> str:
-    return STUDY_LABELS.get(method, rs.label(method))
+    return rs.label(method)
 
 
 def load(problems: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -290,67 +281,6 @@ def imbalance_sentence(records: Mapping[str, dict[str, Any]]) -> str:
     )
 
 
-# ------------------------------------------------------------------------ the failure logs
-
-
-def failure_runs() -> list[dict[str, Any]]:
-    return json.loads(FAILURES.read_text())["runs"] if FAILURES.is_file() else []
-
-
-def _windows(values: Sequence[float], size: int) -> list[float]:
-    return [statistics.fmean(values[i : i + size]) for i in range(0, len(values), size)]
-
-
-def failure_figure(path: Path) -> None:
-    """Per-step logs of the failing seed: losses, multipliers, trunk gradient and update."""
-    runs = failure_runs()
-    if not runs:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seed = failure_seed(runs)
-    chosen = [r for r in runs if r["seed"] == seed]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
-    for r in chosen:
-        log, per = r["log"], r["steps_per_epoch"]
-        x = [i / per for i in range(0, len(log["loss"]), per)]
-        x = [(i + 0.5) for i in range(len(_windows(log["trunk_grad"], per)))]
-        name = label(r["method"]).replace("`", "")
-        tasks = r["tasks"]
-        sent = [
-            [raw * m for raw, m in zip(row_r, row_m, strict=True)]
-            for row_r, row_m in zip(log["raw"], log["mult"], strict=True)
-        ]
-        share = [row[-1] / max(sum(row), 1e-30) for row in sent]
-        axes[0][0].plot(x, _windows([row[0] for row in log["loss"]], per), label=name)
-        axes[0][1].plot(x, _windows(share, per), label=name)
-        axes[1][0].semilogy(x, _windows(log["trunk_grad"], per), label=name)
-        axes[1][1].semilogy(x, _windows(log["update"], per), label=name)
-    axes[0][0].set_ylabel(f"{tasks[0]} loss (batch mean)")
-    axes[0][1].set_ylabel(f"{tasks[-1]}'s share of what reaches the trunk")
-    axes[1][0].set_ylabel("gradient norm on the trunk's parameters")
-    axes[1][1].set_ylabel("norm of the trunk's update per step")
-    for ax in axes.flat:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{chosen[0]['problem']}, seed {seed}: per-epoch means of per-step logs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def failure_seed(runs: Sequence[dict[str, Any]]) -> int:
-    """The seed on which the previous default ends worst against its own other seeds."""
-    dbmtl = [r for r in runs if r["method"] == "dbmtl"]
-    if not dbmtl:
-        return int(runs[0]["seed"])
-    return int(max(dbmtl, key=lambda r: r["metrics"][r["tasks"][-1]])["seed"])
-
-
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(v for v in values if math.isfinite(v))
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -375,10 +305,10 @@ def early_cost(record: dict[str, Any], methods: Sequence[str], tasks: Sequence[s
 
 def failure_text() -> str:
     """What the per-step logs of the failing seed show, hypothesis by hypothesis."""
-    runs = failure_runs()
+    runs = rs.failure_runs()
     if not runs:
         return "No per-step logs yet: `python benchmarks/failure_modes.py`."
-    seed = failure_seed(runs)
+    seed = rs.failure_seed(runs)
     problem = runs[0]["problem"]
     record = rs.load(problem)
     tasks = runs[0]["tasks"]

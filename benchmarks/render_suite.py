@@ -66,6 +66,8 @@ LABELS: dict[str, str] = {
     "torchjd-cagrad": "TorchJD `CAGrad` (parameters)",
 }
 STATIC = ("static-initial-loss", "static-sqrt-size", "static-size")
+#: Per-step logs of ``benchmarks/failure_modes.py``.
+FAILURES = RESULTS / "failure_modes.json"
 #: Methods whose curves are drawn.
 CURVES = ("sum", "tuned", "dbmtl", "gradient-balancer", "upgrad", "normalizer-sqrt")
 
@@ -126,8 +128,18 @@ def ranks(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
     return {m: i + 1 for i, m in enumerate(order)}
 
 
+#: The candidate defaults of ``benchmarks/candidates.py``, shown in the default study only.
+CANDIDATE_LABELS = {
+    "partial-0.5": "partial equalization, α = 0.5",
+    "lift-0.5": "lift only the starved, ρ = 0.5",
+    "frozen-100": "calibrate 100 steps, then freeze",
+    "clamped-4": "equalization clamped to [1/4, 4]",
+    "dbmtl-smoothed": "DB-MTL on running-mean losses",
+}
+
+
 def label(method: str) -> str:
-    return LABELS.get(method, f"`{method}`")
+    return LABELS.get(method) or CANDIDATE_LABELS.get(method) or f"`{method}`"
 
 
 #: The robustness study of the recommended method's defaults (problem 1), with what each
@@ -487,6 +499,67 @@ def figures(records: Mapping[str, dict[str, Any]]) -> None:
         plt.close(fig)
 
 
+# ------------------------------------------------------------------------ the failure logs
+
+
+def failure_runs() -> list[dict[str, Any]]:
+    return json.loads(FAILURES.read_text())["runs"] if FAILURES.is_file() else []
+
+
+def _windows(values: Sequence[float], size: int) -> list[float]:
+    return [statistics.fmean(values[i : i + size]) for i in range(0, len(values), size)]
+
+
+def failure_figure(path: Path) -> None:
+    """Per-step logs of the failing seed: losses, multipliers, trunk gradient and update."""
+    runs = failure_runs()
+    if not runs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = failure_seed(runs)
+    chosen = [r for r in runs if r["seed"] == seed]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
+    for r in chosen:
+        log, per = r["log"], r["steps_per_epoch"]
+        x = [i / per for i in range(0, len(log["loss"]), per)]
+        x = [(i + 0.5) for i in range(len(_windows(log["trunk_grad"], per)))]
+        name = label(r["method"]).replace("`", "")
+        tasks = r["tasks"]
+        sent = [
+            [raw * m for raw, m in zip(row_r, row_m, strict=True)]
+            for row_r, row_m in zip(log["raw"], log["mult"], strict=True)
+        ]
+        share = [row[-1] / max(sum(row), 1e-30) for row in sent]
+        axes[0][0].plot(x, _windows([row[0] for row in log["loss"]], per), label=name)
+        axes[0][1].plot(x, _windows(share, per), label=name)
+        axes[1][0].semilogy(x, _windows(log["trunk_grad"], per), label=name)
+        axes[1][1].semilogy(x, _windows(log["update"], per), label=name)
+    axes[0][0].set_ylabel(f"{tasks[0]} loss (batch mean)")
+    axes[0][1].set_ylabel(f"{tasks[-1]}'s share of what reaches the trunk")
+    axes[1][0].set_ylabel("gradient norm on the trunk's parameters")
+    axes[1][1].set_ylabel("norm of the trunk's update per step")
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{chosen[0]['problem']}, seed {seed}: per-epoch means of per-step logs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def failure_seed(runs: Sequence[dict[str, Any]]) -> int:
+    """The seed on which the previous default ends worst against its own other seeds."""
+    dbmtl = [r for r in runs if r["method"] == "dbmtl"]
+    if not dbmtl:
+        return int(runs[0]["seed"])
+    return int(max(dbmtl, key=lambda r: r["metrics"][r["tasks"][-1]])["seed"])
+
+
 def outputs() -> dict[Path, str]:
     records = {p: r for p in PROBLEMS if (r := load(p)) is not None}
     speed_path = RESULTS / "suite_speed.json"
@@ -527,10 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     figures({p: r for p in PROBLEMS if (r := load(p)) is not None})
-    # The default's study reads this module's tables: imported here, not at the top (a cycle).
-    import render_default
-
-    render_default.failure_figure(FIGURES / "failure_modes.png")
+    failure_figure(FIGURES / "failure_modes.png")
     scaling = load_scaling()
     if scaling:
         speed_path = RESULTS / "suite_speed.json"

@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import harness
 import speed
-import suite
 import torch
 from problems import Problem, Split
 
@@ -29,7 +29,7 @@ class Stepper:
     """One method training on endless batches of a problem: ``step()`` returns its seconds."""
 
     def __init__(self, problem: Problem, method: str, train: Split, seed: int = 0) -> None:
-        self.trainer = suite.start(problem, method, train, seed)
+        self.trainer = harness.start(problem, method, train, seed)
         self.train = train
         self.batches = self._batches(problem.budget.batch_size)
 
@@ -37,7 +37,7 @@ class Stepper:
         size = min(size, len(self.train))  # full batches only: equal work every step
         generator = torch.Generator().manual_seed(0)
         while True:
-            for index in suite.batches(len(self.train), size, generator):
+            for index in harness.batches(len(self.train), size, generator):
                 if len(index) == size:
                     yield self.train.take(index)
 
@@ -53,7 +53,7 @@ def measure(
 ) -> dict[str, Any]:
     train, _ = problem.data(smoke=smoke)  # smoke: the small split, a run of seconds
     runners = {m: Stepper(problem, m, train) for m in ["sum", *[m for m in methods if m != "sum"]]}
-    with suite.warnings_as_notes():
+    with harness.warnings_as_notes():
         times = speed.interleave(runners, rounds=rounds, warmup=warmup)
         memory = {m: speed.peak_step_bytes(r) for m, r in runners.items()}
     rows = []
@@ -77,14 +77,14 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     rounds, warmup = (2, 1) if args.smoke else (15, 3)
     started = time.perf_counter()
-    out = args.out or suite.RESULTS
+    out = args.out or harness.RESULTS
     path = out / "suite_speed.json"
     record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"problems": {}}
     command = " ".join(["python", "benchmarks/suite.py", "--speed", "--problems", *args.problems])
     for name in args.problems:
-        problem = suite.load_problem(name)
-        methods = [m for m in (args.methods or suite.methods_of(problem)) if ":" not in m]
-        methods = [m for m in methods if m != suite.CONSTANT]
+        problem = harness.load_problem(name)
+        methods = [m for m in (args.methods or harness.methods_of(problem)) if ":" not in m]
+        methods = [m for m in methods if m != harness.CONSTANT]
         if "calibrated" in methods:
             # The steps after the calibration, measured apart (the warm-up freezes it).
             methods.append("calibrated-frozen")
@@ -96,12 +96,12 @@ def main(args: argparse.Namespace) -> int:
             "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_seconds": time.perf_counter() - begun,
-            "machine": suite.machine_info(),
+            "machine": harness.machine_info(),
             "threads": 1,
         }
         record["problems"][name] = entry
     if not args.smoke or args.out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"done in {suite.format_seconds(time.perf_counter() - started)}")
+    print(f"done in {harness.format_seconds(time.perf_counter() - started)}")
     return 0

@@ -136,3 +136,40 @@ def test_the_two_families_live_in_their_folders() -> None:
         assert getattr(bl, name).__module__.startswith("balanced_losses.weighting."), name
     for name in ("GradientBalancer", "DBMTL"):
         assert getattr(bl, name).__module__.startswith("balanced_losses.features."), name
+
+
+def _local_imports(path: Path, local: set[str]) -> set[str]:
+    """The scripts and packages of ``local`` that ``path`` imports, anywhere in the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found.update(name.split(".")[0] for name in names if name.split(".")[0] in local)
+    return found
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "examples"])
+def test_the_scripts_import_each_other_without_a_cycle(folder: str) -> None:
+    """benchmarks/ and examples/ import their sibling modules one way only (a DAG)."""
+    root = Path(__file__).resolve().parents[1] / folder
+    if not root.is_dir():
+        pytest.skip(f"{folder}/ is not here (tests copied out of the source tree)")
+    modules = {p.stem: p for p in root.glob("*.py")}
+    modules.update({p.parent.name: p for p in root.glob("*/__init__.py")})
+    graph = {name: _local_imports(path, set(modules)) - {name} for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, f"import cycle: {' -> '.join((*trail, name))}"
+        if name in done:
+            return
+        for child in sorted(graph[name]):
+            visit(child, (*trail, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
