@@ -481,11 +481,6 @@ def warnings_as_notes() -> Iterator[list[str]]:
 # ----------------------------------------------------------------------------------- results
 
 
-def delta_m(metrics: Mapping[str, float], alone: Mapping[str, float]) -> float:
-    """Mean over tasks of the relative change against each task alone, in %."""
-    return 100.0 * statistics.fmean((metrics[t] - alone[t]) / alone[t] for t in metrics)
-
-
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -509,6 +504,7 @@ def problem_info(problem: Problem) -> dict[str, Any]:
         "tasks": list(problem.tasks),
         "metrics": dict(problem.metrics),
         "budget": dataclasses.asdict(problem.budget),
+        "metric_floor": dict(getattr(problem, "metric_floor", {})),
     }
 
 

@@ -303,6 +303,13 @@ def early_cost(record: dict[str, Any], methods: Sequence[str], tasks: Sequence[s
     return ", ".join(parts)
 
 
+def _seed_delta(record: dict[str, Any] | None, method: str, seed: int) -> str:
+    if record is None:
+        return "?"
+    delta = rs.summarize(record).get(method, {}).get("delta", {}).get(seed)
+    return "?" if delta is None else f"{delta:+.0f} %"
+
+
 def failure_text() -> str:
     """What the per-step logs of the failing seed show, hypothesis by hypothesis."""
     runs = rs.failure_runs()
@@ -312,80 +319,101 @@ def failure_text() -> str:
     problem = runs[0]["problem"]
     record = rs.load(problem)
     tasks = runs[0]["tasks"]
-    lines = []
-    dbmtl, smooth = _run(runs, "dbmtl", seed), _run(runs, "dbmtl-smoothed", seed)
-    gb_max = _run(runs, "gradient-balancer-max", seed)
-    gb, calibrated = _run(runs, "gradient-balancer", seed), _run(runs, "calibrated", seed)
-    total = _run(runs, "sum", seed)
-    if record is not None and dbmtl is not None:
-        constant = constant_metrics(record) or {}
-        worst = {t: dbmtl["metrics"][t] for t in tasks}
-        shown = ", ".join(
-            f"{t} {worst[t]:.2f} (a constant prediction: {constant.get(t, math.nan):.2f})"
-            for t in tasks
+    names = ("dbmtl", "dbmtl-smoothed", "gradient-balancer-max", "gradient-balancer")
+    found = {m: _run(runs, m, seed) for m in (*names, "calibrated", "sum")}
+    if record is None or any(r is None for r in found.values()):
+        return "The per-step logs are incomplete: rerun `python benchmarks/failure_modes.py`."
+    got: dict[str, dict[str, Any]] = {m: r for m, r in found.items() if r is not None}
+    dbmtl, smooth, gb_max, gb = (got[m] for m in names)
+    calibrated, total = got["calibrated"], got["sum"]
+    constant = constant_metrics(record) or {}
+    alone = alone_metrics(record).get(seed, {})
+    ends = ", ".join(
+        f"{t} {dbmtl['metrics'][t]:.2f} (alone {alone.get(t, math.nan):.2f}, a constant "
+        f"{constant.get(t, math.nan):.2f})"
+        for t in tasks
+    )
+    deltas = {m: _seed_delta(record, m, seed) for m in STUDY}
+    by_seed = {m: v["delta"].get(seed, math.nan) for m, v in rs.summarize(record).items()}
+    # Worse than a plain sum on this seed: the methods that keep equalizing, and the default.
+    kept_lost = all(by_seed[m] > by_seed["sum"] for m in ("gradient-balancer", "dbmtl-smoothed"))
+    stopped_held = by_seed["calibrated"] <= by_seed["sum"]
+    lines = [
+        f"On {problem}, seed {seed}, `DBMTL` at its defaults ends with {ends}: Δm "
+        f"{deltas['dbmtl']}. The same seed under `GradientBalancer` (which keeps equalizing "
+        f"without the logarithm): {deltas['gradient-balancer']}; under DB-MTL on running-mean "
+        f"losses: {deltas['dbmtl-smoothed']}; under `CalibratedBalancer`: "
+        f"{deltas['calibrated']}; a plain sum: {deltas['sum']}. Per-step logs of these runs "
+        "(`benchmarks/results/failure_modes.json`) test the three explanations we had:"
+    ]
+
+    def spikes(run: dict[str, Any]) -> float:
+        grads = run["log"]["trunk_grad"]
+        return max(grads) / statistics.median(grads)
+
+    def spread(run: dict[str, Any]) -> float:
+        col = [row[0] for row in run["log"]["mult"]]
+        return _percentile(col, 0.99) / _percentile(col, 0.5)
+
+    largest = spikes(dbmtl) > max(spikes(smooth), spikes(gb_max))
+    lines.append(
+        "- **The log half divides each task's gradient by its batch loss.** Under `DBMTL` the "
+        f"{tasks[0]}'s multiplier reaches {spread(dbmtl):.1f}× its median on 1 % of the steps, "
+        f"against {spread(smooth):.1f}× when each loss is divided by its running mean and "
+        f"{spread(gb_max):.1f}× with the gradient half alone; the largest step's gradient on "
+        f"the trunk is {spikes(dbmtl):.0f}× the median step's, against {spikes(smooth):.0f}× "
+        f"and {spikes(gb_max):.0f}×. "
+        + (
+            "The log half makes the largest steps larger."
+            if largest
+            else "The log half makes the multipliers noisier, but not the largest steps"
+            + (", and the seed is lost without it too: not the cause here." if kept_lost else ".")
         )
-        lines.append(
-            f"On {problem}, seed {seed}, `DBMTL` at its defaults ends with {shown}. Its "
-            "per-step logs, next to those of the same seed under other methods, test the "
-            "three explanations we had:"
+    )
+
+    def epoch_mean(run: dict[str, Any], key: str, task: int, epoch: int) -> float:
+        per = run["steps_per_epoch"]
+        rows = run["log"][key][epoch * per : (epoch + 1) * per]
+        return statistics.fmean(row[task] for row in rows)
+
+    last = len(gb["log"]["raw"]) // gb["steps_per_epoch"] - 1
+    raw_drop = epoch_mean(gb, "raw", 0, 0) / epoch_mean(gb, "raw", 0, last)
+    lift = epoch_mean(gb, "mult", 0, last) / epoch_mean(gb, "mult", 0, 0)
+    fixed = epoch_mean(calibrated, "mult", 0, last) / epoch_mean(calibrated, "mult", 0, 1)
+    lines.append(
+        "- **Full equalization keeps lifting a task whose gradient shrank because it was "
+        f"learned.** Under `GradientBalancer` the {tasks[0]}'s raw gradient at the features "
+        f"falls {raw_drop:.0f}× from the first epoch to the last, and its multiplier rises "
+        f"{lift:.0f}× to make up for it: late in training, half of what reaches the trunk is "
+        f"the learned {tasks[0]}'s gradient, lifted to the {tasks[-1]}'s size. Under "
+        "`CalibratedBalancer` the multiplier stays where the first 100 steps put it "
+        f"({fixed:.2f}× from the second epoch to the last)."
+        + (
+            " The methods that keep equalizing lose this seed, with or without the logarithm; "
+            "the one that stops does not."
+            if kept_lost and stopped_held
+            else ""
         )
-    if dbmtl is not None and smooth is not None and gb_max is not None:
+    )
 
-        def spikes(run: dict[str, Any]) -> float:
-            grads = run["log"]["trunk_grad"]
-            return max(grads) / statistics.median(grads)
+    def median(run: dict[str, Any], key: str) -> float:
+        return statistics.median(run["log"][key])
 
-        def spread(run: dict[str, Any]) -> float:
-            col = [row[0] for row in run["log"]["mult"]]
-            return _percentile(col, 0.99) / _percentile(col, 0.5)
-
-        lines.append(
-            "- **The log half divides each task's gradient by its batch loss.** Under `DBMTL` "
-            f"the {tasks[0]}'s multiplier reaches {spread(dbmtl):.1f}× its median on 1 % of "
-            f"the steps, against {spread(smooth):.1f}× when the loss is divided by its running "
-            f"mean and {spread(gb_max):.1f}× with the gradient half alone; the largest step's "
-            f"gradient on the trunk is {spikes(dbmtl):.0f}× the median step's, against "
-            f"{spikes(smooth):.0f}× and {spikes(gb_max):.0f}×. Confirmed: a batch whose loss "
-            "happens to be small gets a large step."
+    grad_ratio = median(dbmtl, "trunk_grad") / median(total, "trunk_grad")
+    update_ratio = median(dbmtl, "update") / median(total, "update")
+    lines.append(
+        '- **`target="max"` inflates the step.** The median gradient on the trunk\'s '
+        f"parameters is {grad_ratio:.0f}× a plain sum's under `DBMTL` and "
+        f"{median(gb, 'trunk_grad') / median(total, 'trunk_grad'):.1f}× under "
+        "`GradientBalancer` (the mean target), but Adam divides it out: the median update of "
+        f"the trunk is {update_ratio:.1f}× and "
+        f"{median(gb, 'update') / median(total, 'update'):.1f}× a plain sum's. "
+        + (
+            "Not the cause."
+            if update_ratio < 1.5
+            else "The larger gradient goes through into larger updates."
         )
-    if gb is not None:
-
-        def epoch_mean(run: dict[str, Any], key: str, task: int, epoch: int) -> float:
-            per = run["steps_per_epoch"]
-            rows = run["log"][key][epoch * per : (epoch + 1) * per]
-            return statistics.fmean(row[task] for row in rows)
-
-        last = len(gb["log"]["raw"]) // gb["steps_per_epoch"] - 1
-        i = 0
-        raw_drop = epoch_mean(gb, "raw", i, 0) / epoch_mean(gb, "raw", i, last)
-        lift = epoch_mean(gb, "mult", i, last) / epoch_mean(gb, "mult", i, 0)
-        text = (
-            "- **Full equalization keeps lifting a task whose gradient shrank because it was "
-            f"learned.** Under `GradientBalancer` the {tasks[i]}'s raw gradient at the features "
-            f"falls {raw_drop:.0f}× from the first epoch to the last, and its multiplier rises "
-            f"{lift:.0f}× to make up for it"
-        )
-        if calibrated is not None:
-            fixed = epoch_mean(calibrated, "mult", i, last) / epoch_mean(calibrated, "mult", i, 1)
-            text += (
-                f"; under `CalibratedBalancer` it stays where the first 100 steps put it "
-                f"({fixed:.2f}× from the second epoch to the last)"
-            )
-        lines.append(text + ".")
-    if dbmtl is not None and gb is not None and total is not None:
-
-        def median(run: dict[str, Any], key: str) -> float:
-            return statistics.median(run["log"][key])
-
-        lines.append(
-            '- **`target="max"` inflates the step.** The median gradient on the trunk\'s '
-            f"parameters is {median(dbmtl, 'trunk_grad') / median(total, 'trunk_grad'):.0f}× a "
-            "plain sum's under `DBMTL` and "
-            f"{median(gb, 'trunk_grad') / median(total, 'trunk_grad'):.1f}× under "
-            "`GradientBalancer` (the mean target); Adam absorbs most of it, not all: the median "
-            f"update of the trunk is {median(dbmtl, 'update') / median(total, 'update'):.1f}× "
-            f"and {median(gb, 'update') / median(total, 'update'):.1f}× a plain sum's."
-        )
+    )
     digits = rs.load("digits")
     if digits is not None:
         lines.append(
@@ -396,83 +424,7 @@ def failure_text() -> str:
             + early_cost(
                 digits, ("sum", "gradient-balancer", "calibrated", "dbmtl"), ("left", "right")
             )
-            + ". By the end of the budget the balancers have caught up (the tables below); a run "
-            "stopped after an epoch or two pays for the balancing."
+            + ". By the end of the budget the balancers have caught up (the tables below): a "
+            "run stopped after an epoch or two pays for the balancing, the default included."
         )
     return "\n".join(lines)
-
-
-def why_not_default(method: str, records: Mapping[str, dict[str, Any]]) -> list[str]:
-    """Why ``method`` is not the default: where it does not hold, and its cost if over budget."""
-    reasons = []
-    for problem, record in records.items():
-        c = check(record, method)
-        if c is None or c.holds:
-            continue
-        what = (
-            f"{len(c.diverged)} diverged seed{'s' if len(c.diverged) > 1 else ''}"
-            if c.diverged
-            else "worse than a plain sum"
-            if c.verdict == "worse"
-            else f"worst seed {c.worst:+.0f} % against a plain sum's {c.sum_worst:+.0f} %"
-        )
-        reasons.append(f"{what} on {problem}")
-    ratio = step_ratio(method)
-    if ratio > MAX_STEP_RATIO:
-        reasons.append(f"a step costs up to {ratio:.2f}× a plain sum's")
-    return reasons
-
-
-def ranked_above_default(records: Mapping[str, dict[str, Any]]) -> str:
-    """A sentence on each method the suite's mean ranks put above the default, and why not it."""
-    rank = rs.mean_ranks({p: r for p, r in records.items() if p in rs.PROBLEMS})
-    if DEFAULT not in rank:
-        return ""
-    above = sorted((m for m in rank if rank[m] < rank[DEFAULT]), key=rank.__getitem__)
-    if not above:
-        return f"`{DEFAULT_CLASS}` has the best mean rank."
-    parts = []
-    for method in above:
-        reasons = why_not_default(method, records)
-        shown = "; ".join(reasons) if reasons else "holds everywhere it ran, at the budget's cost"
-        parts.append(f"{label(method)} ({rank[method]:.1f}: {shown})")
-    return (
-        f"Ranked above `{DEFAULT_CLASS}` ({rank[DEFAULT]:.1f}) by mean Δm on these four problems, "
-        "and why none of them is the default (it must hold on every problem at most "
-        f"{MAX_STEP_RATIO:.2f}× a plain sum's step): " + "; ".join(parts) + "."
-    )
-
-
-def below_constant_seeds(record: dict[str, Any], method: str) -> list[int]:
-    """The seeds in which some task of ``method`` ended worse than a constant prediction alone."""
-    constant = constant_metrics(record)
-    summary = rs.summarize(record)
-    if constant is None or method not in summary:
-        return []
-    return sorted(
-        seed
-        for seed, metrics in summary[method]["metrics"].items()
-        if any(metrics[t] > constant[t] for t in metrics)
-    )
-
-
-def strict_sentence(records: Mapping[str, dict[str, Any]], methods: Sequence[str]) -> str:
-    """Seeds with a task worse than a constant prediction, whatever the task alone reaches."""
-    parts = []
-    for problem, record in records.items():
-        counts = [
-            f"{label(m)} {len(below_constant_seeds(record, m))}"
-            for m in methods
-            if m in rs.summarize(record)
-        ]
-        alone = alone_metrics(record)
-        constant = constant_metrics(record) or {}
-        weak = sum(
-            any(v > constant.get(t, math.inf) for t, v in metrics.items())
-            for metrics in alone.values()
-        )
-        parts.append(f"{problem}: {', '.join(counts)} (tasks alone: {weak} seeds)")
-    return (
-        "Seeds in which some task ends worse than a constant prediction, whatever that task "
-        "reaches trained alone: " + "; ".join(parts) + "."
-    )

@@ -87,14 +87,35 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, se
 
 
-def delta_m(metrics: Mapping[str, float], alone: Mapping[str, float]) -> float:
-    return 100.0 * statistics.fmean((metrics[t] - alone[t]) / alone[t] for t in metrics)
+def delta_m(
+    metrics: Mapping[str, float],
+    alone: Mapping[str, float],
+    floors: Mapping[str, float] | None = None,
+) -> float:
+    """Mean over tasks of the relative change against each task alone, in %.
+
+    A task alone can score 0 (an error rate of 0 % on the validation set): its change is then
+    taken relative to ``floors[task]``, the smallest non-zero value its metric can take (one
+    validation sample's error), as it is for any single-task score below that floor.
+    """
+    floors = floors or {}
+    parts = []
+    for t in metrics:
+        base = max(alone[t], floors.get(t, 0.0))
+        if base <= 0:
+            raise ValueError(
+                f"task `{t}` trained alone scored {alone[t]}: Δm divides by it; give the problem "
+                "a `metric_floor` for that task (the smallest non-zero value of its metric)"
+            )
+        parts.append((metrics[t] - alone[t]) / base)
+    return 100.0 * statistics.fmean(parts)
 
 
 def summarize(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per method: per-seed metrics and Δm; ``tuned`` picks, per seed, the best static vector."""
     runs = [r for r in record["runs"] if not r["smoke"]]
     tasks = record["problem"]["tasks"]
+    floors = record["problem"].get("metric_floor", {})
     seeds = sorted({r["seed"] for r in runs})
     by = {(r["method"], r["seed"]): r for r in runs}
     alone: dict[int, dict[str, float]] = {}
@@ -114,11 +135,11 @@ def summarize(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if method == "tuned":
                 options = [by[(m, seed)]["metrics"] for m in STATIC if (m, seed) in by]
                 if len(options) == len(STATIC):
-                    per_seed[seed] = min(options, key=lambda ms: delta_m(ms, alone[seed]))
+                    per_seed[seed] = min(options, key=lambda ms: delta_m(ms, alone[seed], floors))
             elif (method, seed) in by:
                 per_seed[seed] = by[(method, seed)]["metrics"]
         if per_seed:
-            deltas = {s: delta_m(ms, alone[s]) for s, ms in per_seed.items()}
+            deltas = {s: delta_m(ms, alone[s], floors) for s, ms in per_seed.items()}
             out[method] = {"metrics": per_seed, "delta": deltas}
     return out
 

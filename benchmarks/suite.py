@@ -74,7 +74,6 @@ from harness import (  # noqa: E402
     Trainer,
     batches,
     calibration_line,
-    delta_m,
     format_seconds,
     head_names,
     init_gradient_norms,
@@ -90,6 +89,7 @@ from harness import (  # noqa: E402
     start,
     warnings_as_notes,
 )
+from render_suite import delta_m  # noqa: E402  (torch-free: the tables compute it the same way)
 
 __all__ = [
     "CONFIRMATION_METHODS",
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         dm = ""
         if set(alone) == set(result["metrics"]) and not result["method"].startswith("alone:"):
-            dm = f"  Δm {delta_m(result['metrics'], alone):+.1f} %"
+            floors = record["problem"].get("metric_floor", {})
+            dm = f"  Δm {delta_m(result['metrics'], alone, floors):+.1f} %"
         elapsed = time.perf_counter() - started
         left = elapsed / len(finished) * (len(jobs) - len(finished))
         print(

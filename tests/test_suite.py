@@ -173,3 +173,15 @@ def test_constant_runs_record_the_initial_gradient_imbalance(tmp_path: Path) -> 
     assert run["steps"] == 0
     assert set(run["init_grad_norms"]) == set(run["metrics"]) == {"left", "right", "pixels"}
     assert all(v > 0 for v in run["init_grad_norms"].values())
+
+
+def test_delta_m_takes_a_zero_single_task_score_relative_to_the_metric_floor() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from render_suite import delta_m
+
+    # Task a: (3 - 2) / 2 = +50 %; task b alone scored 0 %, its floor is 0.4: (0.8 - 0) / 0.4.
+    assert delta_m({"a": 3.0, "b": 0.8}, {"a": 2.0, "b": 0.0}, {"b": 0.4}) == pytest.approx(125.0)
+    # Above the floor, the floor changes nothing.
+    assert delta_m({"a": 3.0}, {"a": 2.0}, {"a": 0.4}) == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="task `b` trained alone scored 0.0"):
+        delta_m({"b": 0.8}, {"b": 0.0})

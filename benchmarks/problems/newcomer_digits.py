@@ -101,6 +101,10 @@ class NewcomerDigits:
         "parity": "error rate (%)",
         "reconstruction": "RMSE (pixels in [0, 1])",
     }
+    #: The smallest non-zero value of each error-rate metric (one validation sample, in %), for
+    #: Δm when a task trained alone scores 0. Added after the held-out runs began, when
+    #: blood_pressure's phase trained alone scored 0 % on a seed; it changes nothing else.
+    metric_floor: Mapping[str, float] = {"digit": 100 / 597, "parity": 100 / 597}
     #: Fixed before any method ran on this problem (held out): not tuned.
     budget = Budget(epochs=30, batch_size=64, lr=1e-3)
     #: What ``data()`` dropped: nothing.

@@ -163,6 +163,14 @@ class PowerDemand:
         "denoise": "RMSE (standardized)",
         "high_demand": "error rate (%)",
     }
+    #: The smallest non-zero value of each error-rate metric (one validation sample, in %), for
+    #: Δm when a task trained alone scores 0. Added after the held-out runs began, when
+    #: blood_pressure's phase trained alone scored 0 % on a seed; it changes nothing else.
+    metric_floor: Mapping[str, float] = {
+        "season": 100 / 296,
+        "peak_hour": 100 / 296,
+        "high_demand": 100 / 296,
+    }
     #: Fixed before any method ran on this problem (held out): not tuned.
     budget = Budget(epochs=40, batch_size=32, lr=2e-3)
     #: What ``data()`` dropped: nothing.
