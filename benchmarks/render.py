@@ -36,8 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# ruff: noqa: RUF001  (the rendered text uses the multiplication and plus-minus signs)
-
 ROOT = Path(__file__).resolve().parents[1]
 
 QUALITY = "benchmarks/results/quality_runs.json"
@@ -319,20 +317,27 @@ def block_default_answer() -> str:
     report = rd.default_report(records)
     checks = report["checks"]
     n, held = len(checks), len(report["held_out"])
-    why = (
-        f"On each of the {n} problems we measured ({n - held} where it was chosen, {held} held "
-        "out and run once after the choice), it was never worse than a plain sum beyond seed "
-        "noise, no seed diverged (a task worse than a constant prediction) and its worst seed "
-        f"was no worse than a plain sum's; it beat a plain sum beyond noise on "
-        f"{len(report['better'])} of them, and a step costs at most "
-        f"{report['ratio']:.2f}× a plain sum's."
-        if not report["failing"]
-        else f"Of the {n} problems we measured ({n - held} where it was chosen, {held} held out), "
-        f"it held on {n - len(report['failing'])}: it was not worse than a plain sum beyond "
-        "seed noise, no seed diverged and its worst seed was no worse than a plain sum's. It "
-        f"did not hold on {_problem_list(report['failing'])} (the tables: Choosing a method); it "
-        f"beat a plain sum beyond noise on {len(report['better'])} problems, at "
-        f"{report['ratio']:.2f}× a plain sum's step at most."
+    measured = (
+        f"{n} problems we measured ({n - held} where it was chosen, {held} held out and run "
+        "once after the choice)"
+    )
+    criteria = (
+        "not worse than a plain sum beyond seed noise, no seed diverged (a task worse than a "
+        "constant prediction and than the task trained alone) and a worst seed no worse than "
+        "a plain sum's"
+    )
+    if not report["failing"]:
+        why = f"On each of the {measured} it held: {criteria}."
+    else:
+        why = (
+            f"Of the {measured}, it held on {n - len(report['failing'])}: {criteria}. It did "
+            "not on "
+            + "; ".join(rd.failing_sentence(records, p) for p in report["failing"])
+            + " (Choosing a method, `docs/choosing.md`, shows why and what does better there)."
+        )
+    why += (
+        f" It beat a plain sum beyond noise on {len(report['better'])} of the {n}. "
+        + rd.cost_sentence(records)
     )
     return "\n".join(
         [
@@ -356,7 +361,9 @@ def block_default_study() -> str:
         "seed, and the seeds that diverged (a task worse than a constant prediction and than "
         "the task trained alone); ✗: not worse than a plain sum beyond seed noise, no diverged "
         "seed and a worst seed no worse than a plain sum's do not all hold. Step / sum: the "
-        "largest step-time ratio to a plain sum over the problems measured. `python "
+        "largest step-time ratio to a plain sum over the problems of the table (for "
+        "`CalibratedBalancer`, its calibrating and its frozen steps weighed over each budget), "
+        "one torch thread, `python benchmarks/suite.py --speed`. `python "
         "benchmarks/suite.py --problems pointer_countdown digits ucr many_tasks user_regime "
         f"--reuse --methods {' '.join(m for m in rd.STUDY if m != 'tuned')}` reproduces the "
         "runs.\n\n"
@@ -398,6 +405,9 @@ def block_held_out() -> str:
         + rd.study_table(records, rd.STUDY)
         + "\n"
         + rd.strict_sentence(records, ("sum", rd.DEFAULT))
+        + rd.floor_sentence(records)
+        + "\n\n"
+        + rd.feature_layout_sentence()
     )
 
 
@@ -809,7 +819,7 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "default-answer": Block(DEFAULT_SOURCES, block_default_answer),
     "default-study": Block(DEFAULT_SOURCES, block_default_study),
-    "held-out": Block(DEFAULT_SOURCES, block_held_out),
+    "held-out": Block((*DEFAULT_SOURCES, "benchmarks/results/failure_modes.json"), block_held_out),
     "failure-modes": Block(FAILURE_SOURCES, block_failure_modes),
     "suite-summary": Block((*SUITE, *DEFAULT_SOURCES[4:]), block_suite_summary),
     "suite-scaling": Block((*SCALING, "benchmarks/results/suite_speed.json"), block_suite_scaling),

@@ -202,7 +202,7 @@ def study_table(records: Mapping[str, dict[str, Any]], methods: Sequence[str]) -
             continue
         ran = [c for c in checks if c is not None]
         held = sum(c.holds for c in ran)
-        ratio = step_ratio(method)
+        ratio = step_ratio(method, shown)
         cells = [label(method), *(_cell(c) for c in checks), f"{held} of {len(ran)}"]
         cells.append("" if math.isnan(ratio) else f"{ratio:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -217,6 +217,59 @@ def imbalance(record: dict[str, Any]) -> float | None:
         if r["method"] == "constant" and "init_grad_norms" in r
     ]
     return statistics.median(ratios) if ratios else None
+
+
+FEATURE_METHODS = ("gradient-balancer", "calibrated", "dbmtl", "upgrad-balanced", "fairgrad")
+
+
+def sum_step_ms(problem: str) -> float:
+    """A plain sum's median step time on ``problem`` in ms (nan if not measured)."""
+    path = rs.RESULTS / "suite_speed.json"
+    if not path.is_file():
+        return math.nan
+    entry = json.loads(path.read_text())["problems"].get(problem, {"rows": []})
+    rows = [r["step_seconds"] for r in entry["rows"] if r["method"] == "sum"]
+    return 1e3 * rows[0] if rows else math.nan
+
+
+def cost_sentence(records: Mapping[str, dict[str, Any]]) -> str:
+    """The default's step cost: on the largest model and at most, with the plain sum's time."""
+    ratios = {p: r for p, r in step_ratios(DEFAULT).items() if p in records}
+    if not ratios:
+        return "Its step time was not measured."
+    largest = max(ratios, key=sum_step_ms)
+    worst = max(ratios, key=ratios.__getitem__)
+    text = (
+        f"Over each problem's budget a step costs {ratios[largest]:.2f}× a plain sum's on the "
+        f"largest model ({largest}, {sum_step_ms(largest):.0f} ms a step)"
+    )
+    if worst != largest:
+        text += (
+            f" and at most {ratios[worst]:.2f}× ({worst}, where a plain sum's step takes "
+            f"{sum_step_ms(worst):.1f} ms and the fixed cost of any weighting shows)"
+        )
+    return text + "."
+
+
+def failing_sentence(records: Mapping[str, dict[str, Any]], problem: str) -> str:
+    """Why the default does not hold on ``problem``, with the figures."""
+    c = check(records[problem], DEFAULT)
+    assert c is not None
+    held = " (held out)" if problem in HELD_OUT else ""
+    if c.diverged:
+        what = f"{len(c.diverged)} diverged seed{'s' * (len(c.diverged) > 1)}"
+    elif c.verdict == "worse":
+        what = "worse than a plain sum beyond seed noise"
+    else:
+        what = f"its worst seed ({c.worst:+.0f} %) worse than a plain sum's ({c.sum_worst:+.0f} %)"
+    text = (
+        f"{problem}{held}: {what}, Δm {c.mean:+.0f} ± {c.se:.0f} % against a plain sum's "
+        f"{c.sum_mean:+.0f} ± {c.sum_se:.0f} %"
+    )
+    others = [m for m in FEATURE_METHODS if m != DEFAULT and check(records[problem], m)]
+    if others and all(not check(records[problem], m).holds for m in others):  # type: ignore[union-attr]
+        text += "; no method that balances at the shared features holds there either"
+    return text
 
 
 def default_holds_everywhere(records: Mapping[str, dict[str, Any]]) -> bool:
@@ -273,11 +326,16 @@ def imbalance_sentence(records: Mapping[str, dict[str, Any]]) -> str:
             f"good on {shown(same)} and balancing beat it beyond seed noise on {shown(helped)} "
             "(in brackets, the largest task gradient over the smallest at initialization)."
         )
+    worse = [(v, p) for v, p in same if report["checks"][p].verdict == "worse"]
+    level = [(v, p) for v, p in same if report["checks"][p].verdict != "worse"]
+    text = f"A plain sum was as good (within seed noise) on {shown(level)}" if level else ""
+    if worse:
+        text += ("; it was better on " if text else "A plain sum was better on ") + shown(worse)
     return (
-        f"On {shown(same)} a plain sum was as good (within seed noise); balancing beat it on "
-        f"{shown(helped)}. In brackets, the largest task gradient over the smallest at "
-        "initialization: in the suite it did not tell these apart on its own, so it says "
-        "whether the tasks are unbalanced, not whether balancing will pay."
+        text + f"; the default beat it on {shown(helped)}. In brackets, the largest task "
+        "gradient at the shared parameters over the smallest at initialization: in the suite it "
+        "did not tell these apart on its own, so it says whether the tasks are unbalanced, not "
+        "whether balancing will pay."
     )
 
 
@@ -428,3 +486,118 @@ def failure_text() -> str:
             "run stopped after an epoch or two pays for the balancing, the default included."
         )
     return "\n".join(lines)
+
+
+def floor_sentence(records: Mapping[str, dict[str, Any]]) -> str:
+    """Where a task trained alone scored 0, so that Δm took its change relative to a floor."""
+    parts = []
+    for problem, record in records.items():
+        floors = record["problem"].get("metric_floor", {})
+        for task, floor in floors.items():
+            zero = sorted(s for s, m in alone_metrics(record).items() if m.get(task) == 0)
+            if zero:
+                seeds = ", ".join(map(str, zero))
+                parts.append(
+                    f"{problem}'s {task} trained alone scored 0 on seed{'s' * (len(zero) > 1)} "
+                    f"{seeds}: there Δm takes its change relative to one validation sample's "
+                    f"error, {floor:.2g}, so that task weighs heavily in {problem}'s Δm (a rule "
+                    "added when the first zero stopped the held-out runs; it applies to every "
+                    "method alike)"
+                )
+    return ("\n\n" + "; ".join(parts) + ".") if parts else ""
+
+
+def feature_layout_sentence() -> str:
+    """On blood_pressure: what the default measured at the features and the weights it froze."""
+    runs = rs.failure_runs("blood_pressure")
+    run = next((r for r in runs if r["method"] == "calibrated"), None)
+    if run is None:
+        return ""
+    tasks = run["tasks"]
+    calibration = run["log"]["raw"][:100]
+    mean = [statistics.fmean(row[i] for row in calibration) for i in range(len(tasks))]
+    frozen = run["log"]["mult"][-1]
+    ratio = max(mean) / min(mean)
+    small, large = tasks[mean.index(min(mean))], tasks[mean.index(max(mean))]
+    weights = ", ".join(f"{t} ×{w:.2g}" for t, w in zip(tasks, frozen, strict=True))
+    return (
+        f"On blood_pressure, seed {run['seed']}, over the default's calibration the {small}'s "
+        f"gradient at the features averaged {ratio:.0f}× less than the {large}'s, and the "
+        f"weights it froze were {weights} (`benchmarks/results/failure_modes.json`; `python "
+        "benchmarks/failure_modes.py --problem blood_pressure --seeds 0 --methods calibrated "
+        "sum`)."
+    )
+
+
+def below_constant_seeds(record: dict[str, Any], method: str) -> list[int]:
+    """The seeds in which some task of ``method`` ended worse than a constant prediction alone."""
+    constant = constant_metrics(record)
+    summary = rs.summarize(record)
+    if constant is None or method not in summary:
+        return []
+    return sorted(
+        seed
+        for seed, metrics in summary[method]["metrics"].items()
+        if any(metrics[t] > constant[t] for t in metrics)
+    )
+
+
+def strict_sentence(records: Mapping[str, dict[str, Any]], methods: Sequence[str]) -> str:
+    """Seeds with a task worse than a constant prediction, whatever the task alone reaches."""
+    parts = []
+    for problem, record in records.items():
+        counts = [
+            f"{label(m)} {len(below_constant_seeds(record, m))}"
+            for m in methods
+            if m in rs.summarize(record)
+        ]
+        constant = constant_metrics(record) or {}
+        weak = sum(
+            any(v > constant.get(t, math.inf) for t, v in metrics.items())
+            for metrics in alone_metrics(record).values()
+        )
+        parts.append(f"{problem}: {', '.join(counts)} (the tasks trained alone: {weak})")
+    return (
+        "Seeds in which some task ends worse than a constant prediction, whatever that task "
+        "reaches trained alone: " + "; ".join(parts) + "."
+    )
+
+
+def why_not_default(method: str, records: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Why ``method`` is not the default: where it does not hold, and its cost if over budget."""
+    reasons = []
+    for problem, record in records.items():
+        c = check(record, method)
+        if c is None or c.holds:
+            continue
+        if c.diverged:
+            what = f"{len(c.diverged)} diverged seed{'s' * (len(c.diverged) > 1)}"
+        elif c.verdict == "worse":
+            what = "worse than a plain sum"
+        else:
+            what = f"worst seed {c.worst:+.0f} % against a plain sum's {c.sum_worst:+.0f} %"
+        reasons.append(f"{what} on {problem}")
+    ratio = step_ratio(method)
+    if ratio > MAX_STEP_RATIO:
+        reasons.append(f"a step costs up to {ratio:.2f}× a plain sum's")
+    return reasons
+
+
+def ranked_above_default(records: Mapping[str, dict[str, Any]]) -> str:
+    """A sentence on each method the suite's mean ranks put above the default, and why not it."""
+    rank = rs.mean_ranks({p: r for p, r in records.items() if p in rs.PROBLEMS})
+    if DEFAULT not in rank:
+        return ""
+    above = sorted((m for m in rank if rank[m] < rank[DEFAULT]), key=rank.__getitem__)
+    if not above:
+        return f"`{DEFAULT_CLASS}` has the best mean rank."
+    parts = []
+    for method in above:
+        reasons = why_not_default(method, records)
+        shown = "; ".join(reasons) if reasons else "holds everywhere it ran, within the cost budget"
+        parts.append(f"{label(method)} ({rank[method]:.1f}: {shown})")
+    return (
+        f"Ranked above `{DEFAULT_CLASS}` ({rank[DEFAULT]:.1f}) by mean Δm on these four problems, "
+        "and why none of them is the default (it must hold on every problem at most "
+        f"{MAX_STEP_RATIO:.2f}× a plain sum's step): " + "; ".join(parts) + "."
+    )

@@ -523,8 +523,10 @@ def figures(records: Mapping[str, dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------ the failure logs
 
 
-def failure_runs() -> list[dict[str, Any]]:
-    return json.loads(FAILURES.read_text())["runs"] if FAILURES.is_file() else []
+def failure_runs(problem: str = "user_regime") -> list[dict[str, Any]]:
+    """The per-step logs of ``problem``'s runs (the failing seed of the previous default's)."""
+    runs = json.loads(FAILURES.read_text())["runs"] if FAILURES.is_file() else []
+    return [r for r in runs if r["problem"] == problem]
 
 
 def _windows(values: Sequence[float], size: int) -> list[float]:

@@ -75,7 +75,7 @@ def measure(
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
-    rounds, warmup = (2, 1) if args.smoke else (15, 3)
+    rounds, warmup = (2, 1) if args.smoke else (60, 5)
     started = time.perf_counter()
     out = args.out or harness.RESULTS
     path = out / "suite_speed.json"

@@ -183,5 +183,5 @@ def test_delta_m_takes_a_zero_single_task_score_relative_to_the_metric_floor() -
     assert delta_m({"a": 3.0, "b": 0.8}, {"a": 2.0, "b": 0.0}, {"b": 0.4}) == pytest.approx(125.0)
     # Above the floor, the floor changes nothing.
     assert delta_m({"a": 3.0}, {"a": 2.0}, {"a": 0.4}) == pytest.approx(50.0)
-    with pytest.raises(ValueError, match="task `b` trained alone scored 0.0"):
+    with pytest.raises(ValueError, match=r"task `b` trained alone scored 0\.0"):
         delta_m({"b": 0.8}, {"b": 0.0})
