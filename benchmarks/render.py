@@ -366,10 +366,7 @@ def block_default_study() -> str:
         "one torch thread, `python benchmarks/suite.py --speed`. `python "
         "benchmarks/suite.py --problems pointer_countdown digits ucr many_tasks user_regime "
         f"--reuse --methods {' '.join(m for m in rd.STUDY if m != 'tuned')}` reproduces the "
-        "runs.\n\n"
-        + rd.study_table(records, rd.STUDY)
-        + "\n"
-        + rd.strict_sentence(records, ("sum", rd.DEFAULT))
+        "runs.\n\n" + rd.study_block(records)
     )
 
 
@@ -402,9 +399,7 @@ def block_held_out() -> str:
         "The same columns, on the problems held out (each committed before any method ran on "
         f"it). `python benchmarks/suite.py --problems {' '.join(rd.HELD_OUT)}` reproduces "
         "them.\n\n"
-        + rd.study_table(records, rd.STUDY)
-        + "\n"
-        + rd.strict_sentence(records, ("sum", rd.DEFAULT))
+        + rd.study_block(records)
         + rd.floor_sentence(records)
         + "\n\n"
         + rd.feature_layout_sentence()
