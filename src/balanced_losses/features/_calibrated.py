@@ -25,7 +25,7 @@ class CalibratedBalancer(GradientBalancer):
         s_k = \frac{\operatorname{mean}_j \hat n_j}{\hat n_k},
 
     are frozen, and every later step returns the fixed weighted sum
-    :math:`\sum_k w_k s_k L_k`: a plain loss weighting, at the cost of a plain sum, with no
+    :math:`\sum_k w_k s_k L_k`: a plain loss weighting, with nothing measured and no
     autograd node at the features (:meth:`branch` and :meth:`attach` then route nothing).
 
     **When to use it.** As the default: it corrects the imbalance that the losses' reductions,
