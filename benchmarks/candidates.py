@@ -1,4 +1,4 @@
-"""Candidate defaults measured against the suite's default (issue: a default that holds).
+"""Candidate changes on existing methods, measured in the study of the default (docs/choosing.md).
 
 Each candidate is a small change on a method that exists, written here as a subclass so that a
 candidate that loses adds nothing to the package's API; the one that wins moves into the
