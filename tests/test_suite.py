@@ -158,6 +158,7 @@ def test_constant_baseline_predicts_the_training_targets_summary() -> None:
 
 
 def test_constant_runs_record_the_initial_gradient_imbalance(tmp_path: Path) -> None:
+    # many_tasks_k10: synthetic data, nothing to install.
     _run(
         "--smoke",
         "--jobs",
@@ -165,13 +166,14 @@ def test_constant_runs_record_the_initial_gradient_imbalance(tmp_path: Path) -> 
         "--out",
         str(tmp_path),
         "--problems",
-        "digits",
+        "many_tasks_k10",
         "--methods",
         "constant",
     )
-    (run,) = json.loads((tmp_path / "digits.json").read_text())["runs"]
+    (run,) = json.loads((tmp_path / "many_tasks_k10.json").read_text())["runs"]
     assert run["steps"] == 0
-    assert set(run["init_grad_norms"]) == set(run["metrics"]) == {"left", "right", "pixels"}
+    tasks = {f"t{i:02d}" for i in range(10)}
+    assert set(run["init_grad_norms"]) == set(run["metrics"]) == tasks
     assert all(v > 0 for v in run["init_grad_norms"].values())
 
 
