@@ -3,6 +3,9 @@
 For each problem of ``benchmarks/problems/`` (``pointer_countdown``, ``digits``, ``ucr``,
 ``many_tasks``) and each seed, trains:
 
+- a constant prediction (``constant``: no training; a run in which a task ends worse than it and
+  than the task alone counts as diverged), which also records each task's gradient norm at the
+  trunk's parameters at the seed's initialization;
 - each task alone (the single-task baselines that Δm is measured against);
 - a plain ``sum(losses)`` and the static weights a user would try first, tuned: three weight
   vectors (each loss divided by its value at initialization; the sqrt-of-output-size factors;
@@ -18,6 +21,11 @@ validation metric of each task (lower is better) after every epoch.
 
 Δm of one run = mean over tasks of (metric - metric of the task alone, same seed) / (metric
 alone), in %. ``benchmarks/render_suite.py`` turns the results into tables and figures.
+
+The study of the default runs on more problems, with the baselines and the methods it was
+chosen against (``CONFIRMATION_METHODS``) and the candidate changes (``VARIANTS``):
+``user_regime`` (a development problem) and three problems held out until the default was
+chosen (``newcomer_digits``, ``blood_pressure``, ``power_demand``).
 
 ``many_tasks`` also runs with 10 and 40 tasks (``many_tasks_k10``, ``many_tasks_k40``: the
 first tasks of the same 40), with the baselines and a few methods (``SCALING_METHODS``), to show
