@@ -153,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.out} matches")
         return 0
-    record = {"rows": rows, "torch": torch.__version__, "command": COMMAND}
+    record = {
+        "rows": rows,
+        "goal": {"top_level_ops": GOAL_OPS, "k": GOAL_K},
+        "torch": torch.__version__,
+        "command": COMMAND,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     for row in rows:
