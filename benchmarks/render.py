@@ -802,6 +802,50 @@ def block_solver_timing() -> str:
     return "\n".join(lines)
 
 
+SOLVER_OPS = "benchmarks/results/solver_ops.json"
+
+
+def block_solver_ops() -> str:
+    """Aten ops one solve dispatches on the accelerator path, per aggregator and K."""
+    record = load(SOLVER_OPS)
+    rows = record["rows"]
+    goal, goal_k = record["goal"]["top_level_ops"], record["goal"]["k"]
+    ks = sorted({row["k"] for row in rows})
+    aggregators = list(dict.fromkeys(row["aggregator"] for row in rows))
+    cell = {(row["aggregator"], row["k"]): row for row in rows}
+    lines = [
+        "| aggregator | " + " | ".join(f"K = {k}" for k in ks) + " |",
+        "|---|" + "---:|" * len(ks),
+    ]
+    for agg in aggregators:
+        cells = [f"{cell[agg, k]['top_level_ops']} ({cell[agg, k]['ops']})" for k in ks]
+        lines.append(f"| `{agg}` | " + " | ".join(cells) + " |")
+    over = [
+        agg
+        for agg in aggregators
+        if any(cell[agg, k]["top_level_ops"] > goal for k in ks if k <= goal_k)
+    ]
+    worst = {agg: max(cell[agg, k]["top_level_ops"] for k in ks if k <= goal_k) for agg in over}
+    if not over:
+        verdict = f"Every aggregator dispatches at most {goal} top-level operations"
+        verdict += f" at K ≤ {goal_k}."
+    else:
+        quoted = [f"`{a}`" for a in over]
+        listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+        who = "Every aggregator" if len(over) == len(aggregators) else listed
+        verdict = (
+            f"{who} exceeds the goal of at most {goal} top-level operations at K ≤ {goal_k}"
+            f" (the most there: " + ", ".join(f"`{a}` {worst[a]}" for a in over) + ")."
+        )
+    lines += [
+        "",
+        "Top-level aten operations of one call (all aten operations, nested ones included, in"
+        f" brackets), counted by `torch.profiler` on the CPU with host shortcuts off (torch"
+        f" {record['torch']}); `{record['command']}` writes them. {verdict}",
+    ]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ the machinery
 
 
@@ -824,6 +868,7 @@ BLOCKS: dict[str, Block] = {
     "normalizer-vs-alone": Block((QUALITY,), block_normalizer_vs_alone),
     "aggregators-cost": Block((AGGREGATORS_SPEED,), block_aggregators_cost),
     "solver-timing": Block(SOLVER_TIMING, block_solver_timing),
+    "solver-ops": Block((SOLVER_OPS,), block_solver_ops),
 }
 #: Files made whole from one JSON each.
 FILES: dict[str, tuple[str, Callable[[], str]]] = {
