@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     figures({p: r for p in PROBLEMS if (r := load(p)) is not None})
-    failure_figure(FIGURES / "failure_modes.png")
+    failure_figure(FIGURES / "suite_failure_modes.png")
     scaling = load_scaling()
     if scaling:
         speed_path = RESULTS / "suite_speed.json"

@@ -10,11 +10,12 @@ differentiates through). One spawn runs every registered configuration, in two s
   on all 8 rows. Exact for the methods whose statistics are means of the losses (the mean of the
   ranks' mean losses is the global mean loss) or sums of Gramians over ranks (the aggregators).
 - ``scaled``: the methods that average per-rank statistics that are not linear in the data
-  (gradient norms: GradientBalancer, DBMTL, GradNorm) or combine the losses non-linearly per
-  rank (GeometricMean, FAMO's log-losses) define data-parallel training as "the mean over ranks
-  of each rank's statistic", as under DDP (tests/test_distributed.py). For them every rank sees
-  the same batch with its losses scaled by ``ALPHA[rank]``, and the reference is one process fed
-  the mean scale: then the mean of the statistics is the statistic of the mean.
+  (gradient norms: GradientBalancer, CalibratedBalancer, DBMTL, GradNorm) or combine the losses
+  non-linearly per rank (GeometricMean, FAMO's log-losses) define data-parallel training as
+  "the mean over ranks of each rank's statistic", as under DDP (tests/test_distributed.py). For
+  them every rank sees the same batch with its losses scaled by ``ALPHA[rank]``, and the
+  reference is one process fed the mean scale: then the mean of the statistics is the statistic
+  of the mean.
 
 Tolerance ``rtol=1e-5, atol=1e-6`` (float32): FSDP reduce-scatters the two ranks' gradients and
 divides by 2 where the reference differentiates one sum over 8 rows, so the summation order
@@ -60,6 +61,7 @@ RTOL, ATOL = 1e-5, 1e-6
 # Methods whose data-parallel statistics are means of per-rank non-linear quantities (above).
 SCALED = {"FAMO", "GeometricMean", "GradNorm", "GradNorm-sgd"}
 SCALED |= {"GradientBalancer", "GradientBalancer-max", "DBMTL"}
+SCALED |= {"CalibratedBalancer", "CalibratedBalancer-frozen"}
 
 
 def scheme(case: Case) -> str:
