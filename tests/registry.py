@@ -1,21 +1,22 @@
 """Every public weighting, built and trained the same way, for the suites that must cover all.
 
-One entry per configuration in :data:`CASES`. A :class:`Case` says how to build the weighting
-from a :class:`Setup` (task names, ``allow_missing``, the model's shared parameters, output
-sizes) and how a training loop drives it:
+One entry per configuration in :data:`CASES`: every configuration of the package's catalog
+(:mod:`balanced_losses.catalog`: each exported method's defaults and the named configurations),
+then a few that only the tests exercise. A :class:`Case` says how to build the weighting from a
+:class:`Setup` (task names, ``allow_missing``, the model's shared parameters, output sizes) and
+how a training loop drives it:
 
 - ``level``: :data:`LOSS` weightings take the losses; :data:`FEATURES` ones (``GradientBalancer``,
-  ``DBMTL``, any future aggregator with the same ``branch(feats)`` interface) also need the shared
-  features routed through ``weighting.branch`` before the heads.
+  ``DBMTL``, the aggregators) also need the shared features routed through ``weighting.branch``
+  before the heads.
 - ``Setup.shared``: the trunk's parameters, for methods that differentiate through them
   (``GradNorm``).
-- ``after_step`` / ``epoch_end``: the extra calls some methods need (FAMO's ``update``, DWA's
-  ``step``).
+- ``positive`` and ``stateless`` follow from the class (its loss domain, an empty state).
 
 :class:`Driver` builds a small trunk + heads model and the weighting wired as its Case says, and
 runs real training steps (forward through ``branch`` when needed, ``backward``, optimizer step,
-the after-step and epoch hooks). Adding a public weighting means adding one entry to
-:data:`CASES`; ``test_every_public_weighting_is_registered`` fails until it is there.
+then the same ``after_step`` and ``epoch_end`` calls for every method). A newly exported method
+is in :data:`CASES`, and so in every suite, without an edit here.
 
 The scalar-loss helpers at the end (:func:`leaf_losses`, :func:`losses_at`, ...) serve the
 per-method unit tests, which feed hand-picked loss values straight to a loss-level weighting.
@@ -72,10 +73,7 @@ class Case:
     positive: bool = False
     #: Keeps no state at all (empty ``state_dict``): "the state moved" cannot be asserted.
     stateless: bool = False
-    #: Called after each optimizer step with the (detached) losses of the step (FAMO).
-    after_step: Callable[[bl.Weighting, Mapping[str, Tensor]], None] | None = None
-    #: Called every ``epoch_length`` steps (DWA's ``step``).
-    epoch_end: Callable[[bl.Weighting], None] | None = None
+    #: Steps per epoch: the Driver calls ``epoch_end`` every so many steps.
     epoch_length: int = 3
 
     def __post_init__(self) -> None:
@@ -112,13 +110,35 @@ def head_size(index: int) -> int:
     return 1 + 13 * index
 
 
+def _catalog_case(method: bl.catalog.Method) -> Case:
+    """The Case of one configuration of the package's catalog, with what the class declares."""
+    suffix = method.key[len(bl.catalog.key_of(method.cls)) :]
+
+    def build(s: Setup) -> bl.Weighting:
+        return method.build(
+            s.tasks,
+            output_sizes=s.sizes,
+            shared_parameters=s.shared,
+            seed=0,
+            weights=s.weights,
+            allow_missing=s.allow_missing,
+        )
+
+    probe = build(Setup(("a", "b"), shared=[torch.zeros(1, requires_grad=True)]))
+    return Case(
+        method.name + suffix,
+        build,
+        level=FEATURES if method.level == "features" else LOSS,
+        positive=probe._loss_domain == "positive",
+        stateless=set(probe.state_dict()) == {"_extra_state"},
+    )
+
+
+#: Every configuration of the catalog: each public method's defaults, and the named ones.
+CATALOG: list[Case] = [_catalog_case(method) for method in bl.catalog.methods()]
+#: The catalog's configurations, then configurations that only the tests exercise.
 CASES: list[Case] = [
-    Case(
-        "LossNormalizer",
-        lambda s: bl.LossNormalizer(
-            s.tasks, output_sizes=s.sizes, weights=s.weights, allow_missing=s.allow_missing
-        ),
-    ),
+    *CATALOG,
     Case(
         "LossNormalizer-none",
         lambda s: bl.LossNormalizer(
@@ -140,12 +160,6 @@ CASES: list[Case] = [
         ),
     ),
     Case(
-        "UncertaintyWeighting",
-        lambda s: bl.UncertaintyWeighting(
-            s.tasks, weights=s.weights, allow_missing=s.allow_missing
-        ),
-    ),
-    Case(
         "UncertaintyWeighting-positive",
         lambda s: bl.UncertaintyWeighting(
             s.tasks,
@@ -155,34 +169,6 @@ CASES: list[Case] = [
             weights=s.weights,
             allow_missing=s.allow_missing,
         ),
-    ),
-    Case(
-        "DWA",
-        lambda s: bl.DWA(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        epoch_end=lambda w: w.step(),  # type: ignore[operator]
-    ),
-    Case(
-        "RLW", lambda s: bl.RLW(s.tasks, seed=0, weights=s.weights, allow_missing=s.allow_missing)
-    ),
-    Case("IMTLL", lambda s: bl.IMTLL(s.tasks, weights=s.weights, allow_missing=s.allow_missing)),
-    Case(
-        "FAMO",
-        lambda s: bl.FAMO(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        positive=True,
-        after_step=lambda w, losses: w.update(losses),  # type: ignore[operator]
-    ),
-    Case(
-        "GeometricMean",
-        lambda s: bl.GeometricMean(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        positive=True,
-        stateless=True,
-    ),
-    Case(
-        "GradNorm",
-        lambda s: bl.GradNorm(
-            s.tasks, s.shared, lr=0.05, weights=s.weights, allow_missing=s.allow_missing
-        ),
-        positive=True,
     ),
     Case(
         "GradNorm-sgd",
@@ -197,13 +183,6 @@ CASES: list[Case] = [
         positive=True,
     ),
     Case(
-        "GradientBalancer",
-        lambda s: bl.GradientBalancer(
-            s.tasks, momentum=0.5, weights=s.weights, allow_missing=s.allow_missing
-        ),
-        level=FEATURES,
-    ),
-    Case(
         "GradientBalancer-max",
         lambda s: bl.GradientBalancer(
             s.tasks,
@@ -214,76 +193,10 @@ CASES: list[Case] = [
         level=FEATURES,
     ),
     Case(
-        "CalibratedBalancer",  # still calibrating through a short test: a GradientBalancer
-        lambda s: bl.CalibratedBalancer(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-    ),
-    Case(
         "CalibratedBalancer-frozen",  # frozen after two steps: fixed weights from then on
         lambda s: bl.CalibratedBalancer(
             s.tasks, steps=2, weights=s.weights, allow_missing=s.allow_missing
         ),
-        level=FEATURES,
-    ),
-    Case(
-        "DBMTL",
-        lambda s: bl.DBMTL(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-        positive=True,
-    ),
-    # The conflict-aware aggregators at the shared features (one backward, Gramian weights).
-    Case(
-        "UPGrad",
-        lambda s: bl.UPGrad(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-        stateless=True,
-    ),
-    Case(
-        "UPGrad-balanced",  # norm balancing, then UPGrad: EMA statistics to resume and sync
-        lambda s: bl.UPGrad(
-            s.tasks, balance_norms=True, weights=s.weights, allow_missing=s.allow_missing
-        ),
-        level=FEATURES,
-    ),
-    Case(
-        "MGDA",
-        lambda s: bl.MGDA(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-        stateless=True,
-    ),
-    Case(
-        "CAGrad",
-        lambda s: bl.CAGrad(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-        stateless=True,
-    ),
-    Case(
-        "IMTLG",
-        lambda s: bl.IMTLG(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-        stateless=True,
-    ),
-    Case(
-        "AlignedMTL",
-        lambda s: bl.AlignedMTL(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-        stateless=True,
-    ),
-    Case(
-        "NashMTL",
-        lambda s: bl.NashMTL(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-        stateless=True,
-    ),
-    Case(
-        "FairGrad",
-        lambda s: bl.FairGrad(s.tasks, weights=s.weights, allow_missing=s.allow_missing),
-        level=FEATURES,
-        stateless=True,
-    ),
-    Case(
-        "PCGrad",
-        lambda s: bl.PCGrad(s.tasks, seed=0, weights=s.weights, allow_missing=s.allow_missing),
         level=FEATURES,
     ),
     # A user's rule through the public machinery.
@@ -454,15 +367,14 @@ class Driver:
         return total.detach()
 
     def hooks(self, step: int, values: Values | None = None) -> None:
-        """The calls a loop makes after the optimizer step (FAMO's update, DWA's epoch end)."""
-        if self.case.after_step is not None:
-            # The losses after the step, measured without building a graph, as a loop would.
-            with torch.no_grad():
-                after = self.losses(step, values)
-            if after:
-                self.case.after_step(self.weighting, after)
-        if self.case.epoch_end is not None and (step + 1) % self.case.epoch_length == 0:
-            self.case.epoch_end(self.weighting)
+        """The calls a loop makes after the optimizer step, the same for every method.
+
+        ``after_step`` gets a function that recomputes the step's losses: only a method that
+        needs them (FAMO) calls it. ``epoch_end`` closes an epoch every ``epoch_length`` steps.
+        """
+        self.weighting.after_step(lambda: self.losses(step, values))
+        if (step + 1) % self.case.epoch_length == 0:
+            self.weighting.epoch_end()
 
     def fresh_state(self) -> dict[str, Any]:
         """The state_dict of a freshly built weighting of this case (to tell that state moved)."""
@@ -551,8 +463,8 @@ def effective_weights(total: Tensor, losses: dict[str, Tensor]) -> Tensor:
 def scalar_step(case: Case, module: bl.Weighting, step: int, *, dtype=torch.float64) -> tuple:
     """One step of ``module`` on the scalar losses of ``step``; returns (total, weights).
 
-    Learned parameters take a plain SGD step (stateless, so nothing else must be saved); the
-    case's epoch hook runs every ``epoch_length`` steps; ``after_step`` gets losses 5-15 % lower.
+    Learned parameters take a plain SGD step (stateless, so nothing else must be saved);
+    ``epoch_end`` runs every ``epoch_length`` steps; ``after_step`` gets losses 5-15 % lower.
     """
     losses = leaf_losses(losses_at(step), dtype=dtype)
     total = module(losses)
@@ -563,11 +475,10 @@ def scalar_step(case: Case, module: bl.Weighting, step: int, *, dtype=torch.floa
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 p.sub_(0.1 * g)
-    if case.epoch_end is not None and (step + 1) % case.epoch_length == 0:
-        case.epoch_end(module)
-    if case.after_step is not None:
-        after = [v * (0.9 - 0.05 * k) for k, v in enumerate(losses_at(step))]
-        case.after_step(module, leaf_losses(after, dtype=dtype))
+    if (step + 1) % case.epoch_length == 0:
+        module.epoch_end()
+    after = [v * (0.9 - 0.05 * k) for k, v in enumerate(losses_at(step))]
+    module.after_step(lambda: leaf_losses(after, dtype=dtype))
     return total.detach(), weights
 
 

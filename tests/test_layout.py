@@ -26,11 +26,13 @@ LAYERS = {
     "functional": 0,
     "_state": 0,
     "_watch": 0,
+    "_lifecycle": 0,
     "_base": 1,
     "losses": 1,
     "weighting": 2,
     "features": 3,
     "aggregation": 4,
+    "catalog": 4,
     "diagnostics": 4,
     "__init__": 5,
 }

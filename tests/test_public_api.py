@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import re
 import subprocess
@@ -119,3 +120,34 @@ def test_version_matches_the_distribution_metadata():
     except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
         pytest.skip("balanced-losses is not installed")
     assert balanced_losses.__version__ == installed
+
+
+def test_the_docs_nav_lists_every_method_of_the_catalog() -> None:
+    """docs/nav_hook.py adds each method's page to the nav; a method without one fails."""
+    hook_file = ROOT / "docs" / "nav_hook.py"
+    if not hook_file.is_file():
+        pytest.skip("docs/ is not part of this tree")
+    spec = importlib.util.spec_from_file_location("nav_hook", hook_file)
+    assert spec is not None
+    assert spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    nav = [
+        {
+            "API reference": [
+                {"Loss-level weightings": [{"Weighting": "api/weighting.md"}]},
+                {"Feature-level methods": []},
+            ]
+        }
+    ]
+    hook.on_config({"docs_dir": str(ROOT / "docs"), "nav": nav})
+    listed = [
+        name
+        for section in nav[0]["API reference"]
+        for entries in section.values()
+        for entry in entries
+        for name in entry
+    ]
+    expected = {m.name for m in balanced_losses.catalog.methods() if not m.options}
+    assert set(listed) == expected | {"Weighting"}
+    assert len(listed) == len(set(listed))

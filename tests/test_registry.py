@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 import balanced_losses as bl
 from tests.asserts import by_task
-from tests.registry import CASES, FEATURES, Driver, public_weightings, unregistered
+from tests.registry import (
+    CASES,
+    FEATURES,
+    Driver,
+    _catalog_case,
+    public_weightings,
+    unregistered,
+)
 
 
 def test_every_public_weighting_is_registered():
@@ -24,6 +33,35 @@ def test_a_public_weighting_without_a_case_is_reported(monkeypatch):
     monkeypatch.setattr(bl, "NewAggregator", NewAggregator, raising=False)
     monkeypatch.setattr(bl, "__all__", sorted([*bl.__all__, "NewAggregator"]))
     assert unregistered() == ["NewAggregator"]
+
+
+def test_the_catalog_is_every_exported_method():
+    """The catalog finds the methods from the class hierarchy; the package exports each."""
+    found = {m.name for m in bl.catalog.methods()}
+    assert found == set(public_weightings()) - {"GramianWeighting"}
+    assert len({m.key for m in bl.catalog.methods()}) == len(bl.catalog.methods())
+
+
+def test_a_new_method_reaches_the_catalog_and_the_suites_with_no_other_edit():
+    """A class defined in a method folder is in the catalog, and its Case trains."""
+
+    class NewMethod(bl.Weighting):
+        def combine(self, values, present):
+            weights = present.to(values.dtype) / 2
+            return (weights * values).sum(), weights
+
+    NewMethod.__module__ = "balanced_losses.weighting._new_method"
+    try:
+        method = bl.catalog.get("new-method")
+        assert method.cls is NewMethod
+        assert method.level == "loss"
+        driver = Driver(_catalog_case(method), ("a", "b"))
+        driver.step(0)
+        assert torch.equal(driver.weighting.last_weights, torch.tensor([0.5, 0.5]))
+    finally:
+        del NewMethod, method, driver
+        gc.collect()
+    assert "new-method" not in {m.key for m in bl.catalog.methods()}
 
 
 def test_case_names_are_unique():

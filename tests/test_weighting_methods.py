@@ -8,6 +8,7 @@ where that cannot apply; the suites of test_production.py run them through a rea
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 
 import pytest
@@ -45,13 +46,27 @@ _FEATURES = (
     "(test_production.py drives it through a model; test_aggregators.py, test_dbmtl.py and "
     "test_gradient.py check its values)"
 )
+_THROUGH_THE_MODEL = (
+    "differentiates each loss through the model's shared parameters, which scalar leaf losses "
+    "do not depend on (test_production.py drives it)"
+)
+
+
+def _no_scalars(case: Case) -> str | None:
+    """Why scalar leaf losses cannot drive a case, from what its class is; None if they can."""
+    cls = type(case.make(("a", "b"), shared=[torch.zeros(1, requires_grad=True)]))
+    if case.level == FEATURES:
+        return _NO_SCALARS.get(cls.__name__, _FEATURES)
+    if "shared_parameters" in inspect.signature(cls).parameters:
+        return _NO_SCALARS.get(cls.__name__, _THROUGH_THE_MODEL)
+    return None
+
+
 SCALAR = params(
     **{
-        case.name.replace("-", "_"): pytest.mark.skip(
-            reason=_NO_SCALARS.get(case.name.split("-")[0], _FEATURES)
-        )
+        case.name.replace("-", "_"): pytest.mark.skip(reason=reason)
         for case in CASES
-        if case.name.split("-")[0] in _NO_SCALARS or case.level == FEATURES
+        if (reason := _no_scalars(case)) is not None
     }
 )
 SCALAR_CASES = [p.values[0] for p in SCALAR if not p.marks]
@@ -156,10 +171,36 @@ STATE_KEYS = {
 }
 
 
+def _declared_persistent(module: torch.nn.Module) -> set[str]:
+    """The state a module and its submodules declared (``_add_state``/``_add_parameter``)
+    that a checkpoint keeps: everything but logged outputs and constants."""
+    keys = set()
+    for prefix, sub in module.named_modules():
+        declared = getattr(sub, "_declared", {})
+        dot = f"{prefix}." if prefix else ""
+        keys |= {
+            dot + n for n, (kind, *_) in declared.items() if kind not in ("output", "constant")
+        }
+        if prefix and isinstance(sub, bl.Weighting):
+            keys.add(f"{dot}_extra_state")
+    return keys
+
+
 @pytest.mark.parametrize("case", params())
 def test_state_dict_keys_are_stable(case: Case) -> None:
-    keys = STATE_KEYS.get(case.name, STATE_KEYS[type(_make(case)).__name__])
-    assert set(_make(case).state_dict()) == keys | {"_extra_state"}
+    """The recorded checkpoint keys of each class; a class not recorded yet (a new method)
+    keeps exactly its declared persistent state, so nothing undeclared reaches a checkpoint."""
+    module = _make(case)
+    keys = STATE_KEYS.get(case.name, STATE_KEYS.get(type(module).__name__))
+    if keys is None:
+        keys = _declared_persistent(module)
+    assert set(module.state_dict()) == keys | {"_extra_state"}
+
+
+@pytest.mark.parametrize("case", params())
+def test_the_declared_state_is_what_a_checkpoint_holds(case: Case) -> None:
+    module = _make(case)
+    assert set(module.state_dict()) == _declared_persistent(module) | {"_extra_state"}
 
 
 @pytest.mark.parametrize("case", params())
@@ -295,19 +336,18 @@ def test_weights_finite_positive_for_any_positive_losses(
         # test_dwa.py; here the weights must be finite, >= 0 and sum to K.
         for epoch in (before, after):
             module(leaf_losses(epoch, dtype=dtype))
-            module.step()
-    elif case.after_step is not None:
+            module.epoch_end()
+    elif not learnable(module):
+        # The loop's call after the optimizer step: FAMO learns from before -> after.
         module(leaf_losses(before, dtype=dtype))
-        case.after_step(module, leaf_losses(after, dtype=dtype))
-    elif learnable(module):
+        module.after_step(leaf_losses(after, dtype=dtype))
+    else:
         losses = leaf_losses(before, dtype=dtype)
         total = module(losses)
         grads = torch.autograd.grad(total, learnable(module))
         with torch.no_grad():
             for p, g in zip(learnable(module), grads, strict=True):
                 p.sub_(1e-3 * g.clamp(-1e3, 1e3))
-    else:
-        module(leaf_losses(before, dtype=dtype))
     losses = leaf_losses(now, dtype=dtype)
     total = module(losses)
     weights = effective_weights(total, losses)

@@ -11,7 +11,7 @@ loss and returns the total to call ``.backward()`` on. Two families:
 Every public class is imported from here, and only from here.
 """
 
-from balanced_losses import aggregation, diagnostics, functional
+from balanced_losses import aggregation, catalog, diagnostics, functional
 from balanced_losses._base import Weighting
 from balanced_losses.features._aligned_mtl import AlignedMTL
 from balanced_losses.features._attach import Attachment
@@ -64,6 +64,7 @@ __all__ = [
     "Weighting",
     "__version__",
     "aggregation",
+    "catalog",
     "diagnostics",
     "functional",
 ]

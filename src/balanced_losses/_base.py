@@ -19,6 +19,7 @@ from balanced_losses._checks import (
     check_task_names,
     check_task_weights,
 )
+from balanced_losses._lifecycle import Lifecycle
 from balanced_losses._numerics import wide_dtype
 from balanced_losses._state import StateKind, TaskState
 from balanced_losses._watch import ParameterWatch
@@ -34,7 +35,7 @@ def _deprecated(old: str, new: str) -> None:
     )
 
 
-class Weighting(TaskState):
+class Weighting(Lifecycle, TaskState):
     r"""Base class of the weightings: ``forward(losses: Mapping[str, Tensor]) -> Tensor``.
 
     A subclass turns a mapping from task name to scalar loss into one differentiable total. The
@@ -69,6 +70,8 @@ class Weighting(TaskState):
     - **One hook**: :meth:`forward` stacks and checks the losses, calls :meth:`combine` with
       them, records the weights it returns and keeps the step for :meth:`log_dict`. A
       loss-level method implements :meth:`combine` and nothing else of this contract.
+    - **One loop for every method**: :meth:`after_step` (after each optimizer step) and
+      :meth:`epoch_end` do nothing unless the method needs them (FAMO, DWA).
     - **State** is declared once, with :meth:`_add_state` (running statistics, logged outputs,
       constants) and :meth:`_add_parameter` (learned values). From the declaration follow
       :meth:`reset`, :meth:`reset_running_stats`, :meth:`reset_parameters`, the precision rule

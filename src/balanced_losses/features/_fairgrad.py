@@ -247,6 +247,10 @@ class FairGrad(GramianWeighting):
             sync_dist=sync_dist,
         )
         self.alpha = check_number("alpha", alpha, low=0.0, strict=False)
+        # alpha = 1 is Nash-MTL's condition G w = 1 / w (Navon et al. 2022, eq. 2): a task's
+        # gradient times s gives it weight w / s, the same update, so a constant factor of a
+        # loss cancels and the warning about one applies. Other alphas keep the factor.
+        self._cancels_factors = self._cancels_factors or self.alpha == 1.0
 
     def _rule(self, gramian: Tensor) -> Tensor:
         """FairGrad's weights for a ``(K, K)`` Gramian."""

@@ -142,6 +142,10 @@ class DWA(Weighting):
         self.epoch_count.add_(valid.to(self.epoch_count.dtype))
         self.batches.add_(1)
 
+    def epoch_end(self) -> None:
+        """Close the epoch, as :meth:`step` does: the loop's call at the end of each epoch."""
+        self.step()
+
     @torch.no_grad()
     def step(self) -> None:
         """Close the epoch: roll its mean loss into the history. Call once per epoch, at its end.

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_betas, check_number, per_task_values
+from balanced_losses._lifecycle import StepLosses
 from balanced_losses._numerics import adam_update
 
 __all__ = ["FAMO"]
@@ -44,8 +45,10 @@ class FAMO(Weighting):
     the logits by accident.
 
     **Call order.** ``famo(losses)`` (training mode), ``backward()``, ``optimizer.step()``,
-    then ``famo.update(losses_after_step)``. ``update()`` without a training-mode forward since
-    the last ``update()`` (before the first forward, or twice in a row) raises ``RuntimeError``.
+    then ``famo.update(losses_after_step)`` (or ``famo.after_step(...)``, the generic loop's
+    call, which may take a function that computes the losses). ``update()`` without a
+    training-mode forward since the last ``update()`` (before the first forward, or twice in a
+    row) raises ``RuntimeError``.
     Calling the module again before ``update()`` replaces the remembered "before" losses, as in
     TorchJD. In eval mode the module applies the current weights and remembers nothing.
 
@@ -190,6 +193,16 @@ class FAMO(Weighting):
                 self.prev_valid.copy_(valid)
             self._pending = True
         return total, weights
+
+    def after_step(self, losses: StepLosses) -> None:
+        """:meth:`update` with the losses after the optimizer step (computed here if a function).
+
+        Args:
+            losses: Task name to the loss recomputed on the same batch after the step, or a
+                function of no arguments that returns it (called under ``torch.no_grad()``).
+        """
+        with torch.no_grad():
+            self.update(losses() if callable(losses) else losses)
 
     @torch.no_grad()
     def update(self, losses: Mapping[str, Tensor | None]) -> None:
