@@ -138,14 +138,13 @@ class Weighted(Trainer):
         return self.weighting(losses)
 
     def after_step(self, batch: Split) -> None:
-        if isinstance(self.weighting, bl.FAMO):
-            with torch.no_grad():
-                losses = self.problem.losses(self.model(batch.x), batch)
-            self.weighting.update(losses)
+        assert self.weighting is not None
+        # The losses after the step are computed only for a method that asks (FAMO).
+        self.weighting.after_step(lambda: self.problem.losses(self.model(batch.x), batch))
 
     def epoch_end(self) -> None:
-        if isinstance(self.weighting, bl.DWA):
-            self.weighting.step()
+        assert self.weighting is not None
+        self.weighting.epoch_end()
 
 
 def head_names(model: TaskModel, tasks: Sequence[str]) -> dict[str, str] | None:
@@ -180,37 +179,19 @@ class TorchJD(Trainer):
         jac_to_grad(list(self.model.trunk.parameters()), self.aggregator)
 
 
-def _loss_level(problem: Problem, model: TaskModel) -> dict[str, Callable[[], bl.Weighting]]:
-    tasks, sizes = list(problem.tasks), dict(problem.output_sizes)
+def _package(problem: Problem, model: TaskModel) -> dict[str, Callable[[], bl.Weighting]]:
+    """Every configuration of the package's catalog, by key, built for ``problem``'s model."""
     trunk = [p for p in model.trunk.parameters() if p.requires_grad]
-    return {
-        "normalizer-sqrt": lambda: bl.LossNormalizer(sizes, correction="sqrt"),
-        "uncertainty": lambda: bl.UncertaintyWeighting(tasks),
-        "gradnorm": lambda: bl.GradNorm(tasks, trunk),
-        "dwa": lambda: bl.DWA(tasks),
-        "rlw": lambda: bl.RLW(tasks, seed=0),
-        "imtll": lambda: bl.IMTLL(tasks),
-        "famo": lambda: bl.FAMO(tasks),
-        "geometric-mean": lambda: bl.GeometricMean(tasks),
-    }
 
+    def builder(method: bl.catalog.Method) -> Callable[[], bl.Weighting]:
+        return lambda: method.build(
+            list(problem.tasks),
+            output_sizes=dict(problem.output_sizes),
+            shared_parameters=trunk,
+            seed=0,
+        )
 
-def _feature_level(problem: Problem) -> dict[str, Callable[[], bl.Weighting]]:
-    tasks = list(problem.tasks)
-    return {
-        "gradient-balancer": lambda: bl.GradientBalancer(tasks),
-        "calibrated": lambda: bl.CalibratedBalancer(tasks),
-        "dbmtl": lambda: bl.DBMTL(tasks),
-        "upgrad": lambda: bl.UPGrad(tasks),
-        "upgrad-balanced": lambda: bl.UPGrad(tasks, balance_norms=True),
-        "mgda": lambda: bl.MGDA(tasks),
-        "cagrad": lambda: bl.CAGrad(tasks),
-        "imtlg": lambda: bl.IMTLG(tasks),
-        "aligned-mtl": lambda: bl.AlignedMTL(tasks),
-        "nash-mtl": lambda: bl.NashMTL(tasks),
-        "fairgrad": lambda: bl.FairGrad(tasks),
-        "pcgrad": lambda: bl.PCGrad(tasks, seed=0),
-    }
+    return {method.key: builder(method) for method in bl.catalog.methods()}
 
 
 #: TorchJD's aggregators run as peers (class names in ``torchjd.aggregation``).
@@ -224,30 +205,9 @@ TORCHJD = {
 }
 #: The static weight vectors of the ``tuned`` baseline (see the module docstring).
 STATIC = ("static-initial-loss", "static-sqrt-size", "static-size")
-PACKAGE_LOSS = (
-    "normalizer-sqrt",
-    "uncertainty",
-    "gradnorm",
-    "dwa",
-    "rlw",
-    "imtll",
-    "famo",
-    "geometric-mean",
-)
-PACKAGE_FEATURES = (
-    "gradient-balancer",
-    "calibrated",
-    "dbmtl",
-    "upgrad",
-    "upgrad-balanced",
-    "mgda",
-    "cagrad",
-    "imtlg",
-    "aligned-mtl",
-    "nash-mtl",
-    "fairgrad",
-    "pcgrad",
-)
+#: The package's methods (the catalog: each class's defaults and the named configurations).
+PACKAGE_LOSS = tuple(m.key for m in bl.catalog.methods("loss"))
+PACKAGE_FEATURES = tuple(m.key for m in bl.catalog.methods("features"))
 
 
 #: Variants of the recommended method's defaults, for the robustness study on problem 1
@@ -262,7 +222,7 @@ VARIANTS: dict[str, Callable[[list[str]], bl.Weighting]] = {
     **CANDIDATES,
     # Speed only: CalibratedBalancer frozen after one step, what every step after the
     # calibration costs (suite_speed.py measures it next to the calibrating phase).
-    "calibrated-frozen": lambda tasks: bl.CalibratedBalancer(tasks, steps=1),
+    "calibrated-balancer-frozen": lambda tasks: bl.CalibratedBalancer(tasks, steps=1),
 }
 #: Variants of the study that change the learning rate alone: name -> (method, learning rate).
 #: The single-task baselines keep the budget's rate, so Δm shows what the change costs.
@@ -282,8 +242,8 @@ SCALING_METHODS = (
     "gradient-balancer",
     "dbmtl",
     "upgrad-balanced",
-    "normalizer-sqrt",
-    "uncertainty",
+    "loss-normalizer",
+    "uncertainty-weighting",
     "famo",
     "torchjd-upgrad",
 )
@@ -298,14 +258,14 @@ CONSTANT = "constant"
 CONFIRMATION_METHODS = (
     "sum",
     *STATIC,
-    "normalizer-sqrt",
-    "uncertainty",
+    "loss-normalizer",
+    "uncertainty-weighting",
     "famo",
     "gradient-balancer",
-    "calibrated",
+    "calibrated-balancer",
     "dbmtl",
     "upgrad-balanced",
-    "fairgrad",
+    "fair-grad",
 )
 
 
@@ -352,12 +312,9 @@ def make_trainer(
         return Alone(problem, model, lr, method.split(":", 1)[1])
     if method in STATIC:
         return Static(problem, model, lr, _static_weights(problem, method, first))
-    loss_level = _loss_level(problem, model)
-    if method in loss_level:
-        return Weighted(problem, model, lr, loss_level[method]())
-    features = _feature_level(problem)
-    if method in features:
-        return Weighted(problem, model, lr, features[method]())
+    package = _package(problem, model)
+    if method in package:
+        return Weighted(problem, model, lr, package[method]())
     if method in VARIANTS:
         return Weighted(problem, model, lr, VARIANTS[method](list(problem.tasks)))
     if method in TORCHJD:

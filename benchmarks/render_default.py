@@ -26,6 +26,8 @@ from typing import Any
 
 import render_suite as rs
 
+import balanced_losses as bl
+
 # ruff: noqa: RUF001  (the rendered text uses the plus-minus and multiplication signs)
 
 #: Where the default was chosen: the suite's four problems and the user's regime.
@@ -33,8 +35,8 @@ DEVELOPMENT = ("pointer_countdown", "digits", "ucr", "many_tasks", "user_regime"
 #: Where it was confirmed: committed before any method ran on them (see each docstring).
 HELD_OUT = ("newcomer_digits", "blood_pressure", "power_demand")
 #: The recommended default, as the suite names it, and the class a user builds.
-DEFAULT = "calibrated"
-DEFAULT_CLASS = "CalibratedBalancer"
+DEFAULT = "calibrated-balancer"
+DEFAULT_CLASS = bl.catalog.get(DEFAULT).name
 #: The step-time budget of the default, as a ratio to a plain sum's step.
 MAX_STEP_RATIO = 1.10
 #: What the default study compares: the baselines, the previous default and its parts, the
@@ -42,19 +44,19 @@ MAX_STEP_RATIO = 1.10
 STUDY = (
     "sum",
     "tuned",
-    "normalizer-sqrt",
+    "loss-normalizer",
     "dbmtl",
     "gradient-balancer",
-    "calibrated",
+    "calibrated-balancer",
     "partial-0.5",
     "lift-0.5",
     "frozen-100",
     "clamped-4",
     "dbmtl-smoothed",
     "upgrad-balanced",
-    "fairgrad",
+    "fair-grad",
     "famo",
-    "uncertainty",
+    "uncertainty-weighting",
 )
 
 
@@ -147,7 +149,7 @@ def check(record: dict[str, Any], method: str) -> Check | None:
 
 #: Methods whose cost changes during a run: the speed row of the later phase, and the number of
 #: steps the first phase lasts. Their ratio is the mean over each problem's budget.
-PHASES = {"calibrated": ("calibrated-frozen", 100)}
+PHASES = {"calibrated-balancer": ("calibrated-balancer-frozen", 100)}
 
 
 def _budget_steps(problem: str) -> int | None:
@@ -219,7 +221,13 @@ def imbalance(record: dict[str, Any]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-FEATURE_METHODS = ("gradient-balancer", "calibrated", "dbmtl", "upgrad-balanced", "fairgrad")
+FEATURE_METHODS = (
+    "gradient-balancer",
+    "calibrated-balancer",
+    "dbmtl",
+    "upgrad-balanced",
+    "fair-grad",
+)
 
 
 def sum_step_ms(problem: str) -> float:
@@ -381,12 +389,12 @@ def failure_text() -> str:
     record = rs.load(problem)
     tasks = runs[0]["tasks"]
     names = ("dbmtl", "dbmtl-smoothed", "gradient-balancer-max", "gradient-balancer")
-    found = {m: _run(runs, m, seed) for m in (*names, "calibrated", "sum")}
+    found = {m: _run(runs, m, seed) for m in (*names, "calibrated-balancer", "sum")}
     if record is None or any(r is None for r in found.values()):
         return "The per-step logs are incomplete: rerun `python benchmarks/failure_modes.py`."
     got: dict[str, dict[str, Any]] = {m: r for m, r in found.items() if r is not None}
     dbmtl, smooth, gb_max, gb = (got[m] for m in names)
-    calibrated, total = got["calibrated"], got["sum"]
+    calibrated, total = got["calibrated-balancer"], got["sum"]
     constant = constant_metrics(record) or {}
     alone = alone_metrics(record).get(seed, {})
     ends = ", ".join(
@@ -398,14 +406,14 @@ def failure_text() -> str:
     by_seed = {m: v["delta"].get(seed, math.nan) for m, v in rs.summarize(record).items()}
     # Worse than a plain sum on this seed: the methods that keep equalizing, and the default.
     kept_lost = all(by_seed[m] > by_seed["sum"] for m in ("gradient-balancer", "dbmtl-smoothed"))
-    stopped_held = by_seed["calibrated"] <= by_seed["sum"]
+    stopped_held = by_seed["calibrated-balancer"] <= by_seed["sum"]
     lines = [
         f"On {problem}, seed {seed}, `DBMTL` at its defaults ends with {ends}: Δm "
         f"{deltas['dbmtl']}. The same seed under `GradientBalancer` (which keeps equalizing "
         f"without the logarithm): {deltas['gradient-balancer']}; under DB-MTL on running-mean "
         f"losses: {deltas['dbmtl-smoothed']}; under `CalibratedBalancer`: "
-        f"{deltas['calibrated']}; a plain sum: {deltas['sum']}. Per-step logs of these runs "
-        "(`benchmarks/results/failure_modes.json`) test the three explanations we had:"
+        f"{deltas['calibrated-balancer']}; a plain sum: {deltas['sum']}. Per-step logs of these "
+        "runs (`benchmarks/results/failure_modes.json`) test the three explanations we had:"
     ]
 
     def spikes(run: dict[str, Any]) -> float:
@@ -483,7 +491,9 @@ def failure_text() -> str:
             "classifiers', the classifiers' mean error rate after the first epoch (%, mean over "
             "seeds): "
             + early_cost(
-                digits, ("sum", "gradient-balancer", "calibrated", "dbmtl"), ("left", "right")
+                digits,
+                ("sum", "gradient-balancer", "calibrated-balancer", "dbmtl"),
+                ("left", "right"),
             )
             + ". By the end of the budget the balancers have caught up (the tables below): a "
             "run stopped after an epoch or two pays for the balancing, the default included."
@@ -513,7 +523,7 @@ def floor_sentence(records: Mapping[str, dict[str, Any]]) -> str:
 def feature_layout_sentence() -> str:
     """On blood_pressure: what the default measured at the features and the weights it froze."""
     runs = rs.failure_runs("blood_pressure")
-    run = next((r for r in runs if r["method"] == "calibrated"), None)
+    run = next((r for r in runs if r["method"] == "calibrated-balancer"), None)
     if run is None:
         return ""
     tasks = run["tasks"]
@@ -527,8 +537,8 @@ def feature_layout_sentence() -> str:
         f"On blood_pressure, seed {run['seed']}, over the default's calibration the {small}'s "
         f"gradient at the features averaged {ratio:.0f}× less than the {large}'s, and the "
         f"weights it froze were {weights} (`benchmarks/results/failure_modes.json`; `python "
-        "benchmarks/failure_modes.py --problem blood_pressure --seeds 0 --methods calibrated "
-        "sum`)."
+        "benchmarks/failure_modes.py --problem blood_pressure --seeds 0 --methods "
+        "calibrated-balancer sum`)."
     )
 
 

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import balanced_losses as bl
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
@@ -34,30 +36,13 @@ SCALING = {10: "many_tasks_k10", 20: "many_tasks", 40: "many_tasks_k40"}
 
 # ruff: noqa: RUF001  (the rendered text uses the plus-minus and multiplication signs)
 
-#: How each method is shown; the order of the tables.
+#: How each method is shown; the order of the tables: the baselines, the package's methods
+#: (its catalog: loss-level, then feature-level), TorchJD's peers.
 LABELS: dict[str, str] = {
     "sum": "plain sum",
     "tuned": "static weights, tuned (best of 3 on validation)",
-    "normalizer-sqrt": '`LossNormalizer(correction="sqrt")`',
-    "uncertainty": "`UncertaintyWeighting`",
-    "gradnorm": "`GradNorm`",
-    "dwa": "`DWA`",
-    "rlw": "`RLW`",
-    "imtll": "`IMTLL`",
-    "famo": "`FAMO`",
-    "geometric-mean": "`GeometricMean`",
-    "gradient-balancer": "`GradientBalancer`",
-    "calibrated": "`CalibratedBalancer`",
-    "dbmtl": "`DBMTL`",
-    "upgrad": "`UPGrad`",
-    "upgrad-balanced": "`UPGrad(balance_norms=True)`",
-    "mgda": "`MGDA`",
-    "cagrad": "`CAGrad`",
-    "imtlg": "`IMTLG`",
-    "aligned-mtl": "`AlignedMTL`",
-    "nash-mtl": "`NashMTL`",
-    "fairgrad": "`FairGrad`",
-    "pcgrad": "`PCGrad`",
+    **{m.key: m.label for m in bl.catalog.methods("loss")},
+    **{m.key: m.label for m in bl.catalog.methods("features")},
     "torchjd-upgrad": "TorchJD `UPGrad` (parameters)",
     "torchjd-mgda": "TorchJD `MGDA` (parameters)",
     "torchjd-pcgrad": "TorchJD `PCGrad` (parameters)",
@@ -69,7 +54,7 @@ STATIC = ("static-initial-loss", "static-sqrt-size", "static-size")
 #: Per-step logs of ``benchmarks/failure_modes.py``.
 FAILURES = RESULTS / "failure_modes.json"
 #: Methods whose curves are drawn.
-CURVES = ("sum", "tuned", "dbmtl", "gradient-balancer", "upgrad", "normalizer-sqrt")
+CURVES = ("sum", "tuned", "dbmtl", "gradient-balancer", "upgrad", "loss-normalizer")
 
 
 def load(problem: str) -> dict[str, Any] | None:

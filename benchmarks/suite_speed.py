@@ -85,9 +85,9 @@ def main(args: argparse.Namespace) -> int:
         problem = harness.load_problem(name)
         methods = [m for m in (args.methods or harness.methods_of(problem)) if ":" not in m]
         methods = [m for m in methods if m != harness.CONSTANT]
-        if "calibrated" in methods:
+        if "calibrated-balancer" in methods:
             # The steps after the calibration, measured apart (the warm-up freezes it).
-            methods.append("calibrated-frozen")
+            methods.append("calibrated-balancer-frozen")
         print(f"{name}: {len(methods)} methods, {rounds} interleaved rounds", flush=True)
         begun = time.perf_counter()
         entry = measure(problem, methods, rounds, warmup, smoke=args.smoke)
