@@ -208,3 +208,39 @@ def test_the_extending_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
         exec(compile(block, f"docs/extending.md python block {number}", "exec"), namespace)
     printed = capsys.readouterr().out
     assert "tensor([0.2500, 0.0000])" in printed
+    assert "tensor(0.2500)" in printed  # the factor halved at two epoch ends
+    assert "`GradientBalancer` features" in printed
+    assert "'loss-normalizer'" in printed
+
+
+def test_the_lifecycle_calls_are_no_ops_for_a_method_that_does_not_need_them() -> None:
+    """A generic loop's after_step never computes the losses of a method that ignores them."""
+    method = bl.GradientBalancer(TASKS)
+    method.after_step(lambda: pytest.fail("the losses were computed"))
+    method.epoch_end()
+    assert torch.equal(method.ema, bl.GradientBalancer(TASKS).ema)
+
+
+def test_famo_after_step_is_its_update() -> None:
+    """``after_step`` with a function gives FAMO exactly what ``update`` with the losses does."""
+    before = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+    after = {"a": torch.tensor(1.0), "b": torch.tensor(0.45)}
+    by_update, by_lifecycle = bl.FAMO(TASKS), bl.FAMO(TASKS)
+    by_update(before)
+    by_update.update(after)
+    by_lifecycle(before)
+    by_lifecycle.after_step(lambda: after)
+    assert torch.equal(by_update.logits, by_lifecycle.logits)
+    assert not torch.equal(by_update.logits, bl.FAMO(TASKS).logits)
+
+
+def test_dwa_epoch_end_is_its_step() -> None:
+    by_step, by_lifecycle = bl.DWA(TASKS), bl.DWA(TASKS)
+    for losses in ({"a": torch.tensor(2.0), "b": torch.tensor(1.0)},) * 2:
+        by_step(losses)
+        by_step.step()
+        by_lifecycle(losses)
+        by_lifecycle.epoch_end()
+    assert torch.equal(by_step.means, by_lifecycle.means)
+    with pytest.raises(RuntimeError, match="no training-mode forward"):
+        by_lifecycle.epoch_end()
