@@ -11,6 +11,10 @@ package. The suite runs them by name (``suite.VARIANTS``) on the development pro
 - ``frozen``: calibrate, then freeze: the norms are averaged over the first ``steps`` steps and
   then kept, so the multipliers become fixed weights.
 - ``clamped``: full equalization with each multiplier clamped to ``[1 / c, c]``.
+- ``params``: calibrate, then freeze, with each task's gradient norm measured at the trunk's
+  *parameters* (one ``autograd.grad`` per task on the calibration steps) instead of at the
+  features: where heads read the features differently (a mean over time next to one step), the
+  norm at the features is not what reaches the shared weights (round 2 of the study).
 - ``dbmtl-smoothed``: DB-MTL with its log transform's division by the batch loss replaced by a
   division by the loss's running mean (the gradient of :math:`\\log L` is :math:`\\nabla L / L`;
   here :math:`\\nabla L / \\hat m`), then the gradient half as in ``DBMTL``.
@@ -19,8 +23,10 @@ package. The suite runs them by name (``suite.VARIANTS``) on the development pro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 import balanced_losses as bl
 
@@ -89,6 +95,63 @@ class SmoothedDBMTL(bl.GradientBalancer):
         return super().forward(terms)
 
 
+class ParamsFrozen(bl.Weighting):
+    r"""Loss weights :math:`s_k = \operatorname{mean}_j \hat n_j / \hat n_k` from each task's
+    gradient norm at the trunk's parameters, averaged over the first ``steps`` steps, then fixed.
+
+    A loss-level weighting: on a calibration step it differentiates each loss alone with
+    respect to the trunk's parameters (``attach`` names the trunk), K extra backward passes;
+    afterwards it is a fixed weighted sum.
+    """
+
+    def __init__(self, tasks: Sequence[str], *, steps: int) -> None:
+        super().__init__(tasks)
+        self.steps = steps
+        k = len(self.tasks)
+        self._add_state("ema", torch.zeros(k, dtype=torch.float64))
+        self._add_state("count", torch.zeros(k, dtype=torch.long))
+        self._add_state("steps_done", torch.zeros((), dtype=torch.long), task_axis=None)
+        self._params: list[Tensor] = []
+
+    def attach(self, model: nn.Module, trunk: str, heads: Any = None) -> ParamsFrozen:
+        self._params = [p for p in model.get_submodule(trunk).parameters() if p.requires_grad]
+        return self
+
+    def _scales(self) -> Tensor:
+        seen = self.count > 0
+        norms = torch.where(seen, self.ema, torch.ones_like(self.ema))
+        target = norms[seen].mean() if bool(seen.any()) else torch.ones((), dtype=norms.dtype)
+        return torch.where(seen & (norms > 0), target / norms.clamp_min(1e-30), 1.0)
+
+    def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        if self._updating and int(self.steps_done) < self.steps and self._params:
+            with torch.no_grad():
+                norms = []
+                for k in range(len(self.tasks)):
+                    if not bool(present[k]):
+                        norms.append(torch.zeros((), dtype=torch.float64))
+                        continue
+                    with torch.enable_grad():
+                        grads = torch.autograd.grad(
+                            values[k], self._params, retain_graph=True, allow_unused=True
+                        )
+                    sq = sum(
+                        (g.double().square().sum() for g in grads if g is not None),
+                        torch.zeros((), dtype=torch.float64),
+                    )
+                    norms.append(sq.sqrt())
+                measured = torch.stack(norms)
+                valid = measured > 0
+                # A plain running mean over the calibration steps.
+                n = self.count.to(torch.float64)
+                self.ema.copy_(torch.where(valid, (self.ema * n + measured) / (n + 1), self.ema))
+                self.count.add_(valid.to(torch.long))
+        if self._updating:
+            self.steps_done.add_(1)
+        scale = torch.where(present, self._scales().to(values.dtype), 0.0)
+        return (scale.detach() * values).sum(), scale.detach()
+
+
 #: Candidate name -> factory of the task names.
 CANDIDATES = {
     "partial-0.5": lambda tasks: Partial(tasks, alpha=0.5),
@@ -96,6 +159,7 @@ CANDIDATES = {
     "frozen-100": lambda tasks: Frozen(tasks, steps=100),
     "clamped-4": lambda tasks: Clamped(tasks, limit=4.0),
     "dbmtl-smoothed": SmoothedDBMTL,
+    "params-100": lambda tasks: ParamsFrozen(tasks, steps=100),
 }
 
-__all__ = ["CANDIDATES", "Clamped", "Frozen", "Lift", "Partial", "SmoothedDBMTL"]
+__all__ = ["CANDIDATES", "Clamped", "Frozen", "Lift", "ParamsFrozen", "Partial", "SmoothedDBMTL"]

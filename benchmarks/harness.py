@@ -45,7 +45,7 @@ RESULTS = HERE / "results"
 EXTRA = ("user_regime",)
 #: Held-out problems: committed before any method ran on them, run once the default was chosen
 #: on the development problems (``PROBLEMS`` and ``EXTRA``), to confirm it.
-HELD_OUT = ("newcomer_digits", "blood_pressure", "power_demand")
+HELD_OUT = ("newcomer_digits", "blood_pressure", "power_demand", "gait")
 
 
 def load_problem(name: str) -> Problem:

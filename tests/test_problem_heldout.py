@@ -50,6 +50,17 @@ SPECS: dict[str, dict[str, Any]] = {
         },
         "binary": (),
     },
+    "gait": {
+        "needs": ("aeon", "scipy"),
+        "sizes": ((1500, 443), (48, 24)),
+        "x": (128, 9),
+        "targets": {
+            "pointer": ((2,), torch.float32, None),
+            "countdown": ((128,), torch.float32, None),
+            "phase": ((), torch.long, 3),
+        },
+        "binary": (),
+    },
     "power_demand": {
         "needs": ("aeon",),
         "sizes": ((800, 296), (32, 24)),
@@ -219,3 +230,18 @@ def test_constant_outputs_give_the_hand_computed_baselines(name):
         else:
             continue
         assert metrics[task] == pytest.approx(100.0 * (1.0 - share), abs=1e-4), task
+
+
+@pytest.mark.parametrize("name", ["blood_pressure", "gait"])
+def test_the_windows_dropped_are_the_ones_declared(name):
+    """No silent loss: the windows without an event are counted and match ``dropped``."""
+    problem: Any = _problem(name)
+    train, val = problem.data()
+    counts, dropped = problem.counts, problem.dropped
+    assert counts["training windows"] == len(train)
+    assert counts["validation windows"] == len(val)
+    assert counts["training windows dropped"] == dropped["training windows without an event"]
+    assert counts["validation windows dropped"] == dropped["validation windows without an event"]
+    assert counts["beats"] == counts["peaks"] - dropped["peaks without an onset (the first)"]
+    # One validation window of the phase's error rate: the floor Δm uses when alone scores 0.
+    assert problem.metric_floor["phase"] == pytest.approx(100 / len(val))

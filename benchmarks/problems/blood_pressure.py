@@ -116,13 +116,15 @@ def _load_recording() -> np.ndarray:
     return values
 
 
-def _events(series: np.ndarray, cut: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _events(
+    series: np.ndarray, cut: int, distance: int = _DISTANCE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All peaks, and the (onset, peak) of every beat that has a previous peak."""
     from scipy.signal import find_peaks
 
     low, high = np.percentile(series[:cut], [5, 95])
     # Half the training part's 5th-95th percentile range (about 20; beats rise by 33-40).
-    peaks, _ = find_peaks(series, distance=_DISTANCE, prominence=0.5 * (high - low))
+    peaks, _ = find_peaks(series, distance=distance, prominence=0.5 * (high - low))
     onsets = np.array([a + int(np.argmin(series[a:b])) for a, b in pairwise(peaks)])
     return peaks, onsets, peaks[1:]
 
@@ -138,11 +140,11 @@ def _phases(length: int, peaks: np.ndarray, onsets: np.ndarray, beat_peaks: np.n
 
 
 class _Encoder(nn.Module):
-    """Dilated 1-D convolutions over (batch, T, 2): per-step features (batch, T, 32)."""
+    """Dilated 1-D convolutions over (batch, T, channels): per-step features (batch, T, 32)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv1d(2, 32, 3, padding="same"), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv1d(channels, 32, 3, padding="same"), nn.ReLU()]
         for dilation in (2, 4, 8, 16):
             layers += [nn.Conv1d(32, 32, 3, dilation=dilation, padding="same"), nn.ReLU()]
         self.convs = nn.Sequential(*layers)
@@ -163,9 +165,9 @@ class _LastStep(nn.Module):
 
 
 class _Model(TaskModel):
-    def __init__(self) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.trunk = _Encoder()
+        self.trunk = _Encoder(channels)
         self.pointer = nn.Sequential(_MeanOverTime(), nn.Linear(32, 2))
         self.countdown = nn.Sequential(nn.Linear(32, 1), nn.Flatten(1))  # (batch, T)
         self.phase = nn.Sequential(_LastStep(), nn.Linear(32, _PHASES))
@@ -208,17 +210,21 @@ class BloodPressure:
         "validation windows without an event": 0,
     }
 
+    #: Input channels per step.
+    channels = 2
+
     def __init__(self) -> None:
         #: Sizes and counts of the last ``data()``: steps, peaks, beats, windows kept and dropped.
         self.counts: dict[str, int] = {}
 
-    def data(self, *, smoke: bool = False) -> tuple[Split, Split]:
+    def _recording(self) -> tuple[Tensor, int, np.ndarray, np.ndarray, np.ndarray]:
+        """Inputs per step ``(steps, channels)``, the training part's length, and the events:
+        every peak, and the (onset, peak) of each beat."""
         raw = _load_recording()
         pairs = len(raw) // _DOWNSAMPLE
         series = raw[: pairs * _DOWNSAMPLE].reshape(pairs, _DOWNSAMPLE).mean(1)
         cut = round(_TRAIN_FRACTION * len(series))
         peaks, onsets, beat_peaks = _events(series, cut)
-        phase = _phases(len(series), peaks, onsets, beat_peaks)
 
         values = torch.as_tensor(series)
         values = (values - values[:cut].mean()) / values[:cut].std()
@@ -226,16 +232,21 @@ class BloodPressure:
         diffs = [torch.cat([torch.zeros(1, dtype=part.dtype), part.diff()]) for part in parts]
         diff_std = parts[0].diff().std()
         x = torch.stack([values, torch.cat(diffs) / diff_std], dim=1).float()  # (steps, 2)
+        return x, cut, peaks, onsets, beat_peaks
 
+    def data(self, *, smoke: bool = False) -> tuple[Split, Split]:
+        x, cut, peaks, onsets, beat_peaks = self._recording()
+        steps = len(x)
+        phase = _phases(steps, peaks, onsets, beat_peaks)
         splits, kept = [], []
-        bounds = ((0, cut), (cut, len(series)))
+        bounds = ((0, cut), (cut, steps))
         for (lo, hi), stride in zip(bounds, _STRIDES, strict=True):
             starts = list(range(lo, hi - T + 1, stride))
             split = self._windows(x, phase, onsets, beat_peaks, starts)
             kept.append((len(starts), len(split)))
             splits.append(split)
         self.counts = {
-            "steps": len(series),
+            "steps": steps,
             "training steps": cut,
             "peaks": len(peaks),
             "beats": len(onsets),
@@ -278,7 +289,7 @@ class BloodPressure:
         return Split(x[index], targets)
 
     def model(self) -> TaskModel:
-        return _Model()
+        return _Model(self.channels)
 
     def losses(self, outputs: Mapping[str, Tensor], batch: Split) -> dict[str, Tensor]:
         y = batch.targets
