@@ -301,7 +301,8 @@ DEVELOPMENT_SOURCES = tuple(
     f"benchmarks/results/{p}.json" for p in (*SUITE_PROBLEMS, "user_regime")
 )
 HELD_OUT_SOURCES = tuple(
-    f"benchmarks/results/{p}.json" for p in ("newcomer_digits", "blood_pressure", "power_demand")
+    f"benchmarks/results/{p}.json"
+    for p in ("newcomer_digits", "blood_pressure", "power_demand", "gait")
 )
 DEFAULT_SOURCES = (*DEVELOPMENT_SOURCES, *HELD_OUT_SOURCES, "benchmarks/results/suite_speed.json")
 
@@ -384,7 +385,8 @@ def block_failure_modes() -> str:
     return (
         rd.failure_text()
         + f"\n\n`python benchmarks/failure_modes.py --problem user_regime --seeds {seeds} "
-        "--methods sum dbmtl dbmtl-smoothed gradient-balancer gradient-balancer-max calibrated` "
+        "--methods sum dbmtl dbmtl-smoothed gradient-balancer gradient-balancer-max "
+        "calibrated-balancer` "
         "reproduces the logs (`benchmarks/results/failure_modes.json`); `python "
         "benchmarks/render_suite.py` draws the figure."
     )
@@ -404,6 +406,11 @@ def block_held_out() -> str:
         + "\n\n"
         + rd.feature_layout_sentence()
     )
+
+
+def block_round_two() -> str:
+    rd = _default()
+    return rd.round_two_text(rd.load((*rd.DEVELOPMENT, *rd.HELD_OUT)))
 
 
 def block_demo_table() -> str:
@@ -860,6 +867,7 @@ BLOCKS: dict[str, Block] = {
     "default-study": Block(DEFAULT_SOURCES, block_default_study),
     "held-out": Block((*DEFAULT_SOURCES, "benchmarks/results/failure_modes.json"), block_held_out),
     "failure-modes": Block(FAILURE_SOURCES, block_failure_modes),
+    "default-round-2": Block(DEFAULT_SOURCES, block_round_two),
     "suite-summary": Block((*SUITE, *DEFAULT_SOURCES[4:]), block_suite_summary),
     "suite-scaling": Block((*SCALING, "benchmarks/results/suite_speed.json"), block_suite_scaling),
     "demo-table": Block((DEMO,), block_demo_table),

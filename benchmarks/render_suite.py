@@ -30,7 +30,7 @@ FIGURES = ROOT / "docs" / "figures"
 PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
 #: Problems outside the mean ranks that get a table of their own: the development problem of
 #: the default study and the held-out problems (``benchmarks/render_default.py``).
-OTHER_PROBLEMS = ("user_regime", "newcomer_digits", "blood_pressure", "power_demand")
+OTHER_PROBLEMS = ("user_regime", "newcomer_digits", "blood_pressure", "power_demand", "gait")
 #: The scaling study: ``many_tasks`` with K tasks (``benchmarks/suite.py``'s ``SCALING``).
 SCALING = {10: "many_tasks_k10", 20: "many_tasks", 40: "many_tasks_k40"}
 
@@ -139,6 +139,7 @@ CANDIDATE_LABELS = {
     "partial-0.5": "partial equalization, α = 0.5",
     "lift-0.5": "lift only the starved, ρ = 0.5",
     "frozen-100": "calibrate 100 steps, then freeze",
+    "params-100": "calibrate 100 steps at the trunk's parameters, then freeze",
     "clamped-4": "equalization clamped to [1/4, 4]",
     "dbmtl-smoothed": "DB-MTL on running-mean losses",
 }
