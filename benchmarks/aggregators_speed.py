@@ -14,10 +14,10 @@ ones read the features mean-pooled over time (2 or 4 outputs); mean squared erro
 scaled by 0.1, 1 and 10 in turn, so the losses differ by up to 10^4. A step is forward, the
 combination, backward and an Adam step.
 
-Time and memory as in ``benchmarks/speed.py`` (whose helpers this script uses): every method
-has its own copy of the model (same initialization) and optimizer; after a warmup, each round
-runs one step of every method of a (trunk, K) configuration in an order that rotates from round
-to round, in one process; the time ratio is the median over rounds of (method's step time /
+Time and memory with the helpers of ``benchmarks/timing.py``: every method has its own copy of
+the model (same initialization) and optimizer; after a warmup, each round runs one step of
+every method of a (trunk, K) configuration in an order that rotates from round to round, in one
+process; the time ratio is the median over rounds of (method's step time /
 the same round's ``sum`` step time), with its interquartile range. Memory: one more step of
 each method under ``torch.profiler``, the peak of live CPU tensor bytes above the step's
 starting level. "TorchJD / ours": the median over rounds of TorchJD's step time divided by the
@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import _pointer_countdown_lib as lib
 import render
-import speed
+import timing
 import torch
 from torch import Tensor, nn
 
@@ -69,7 +69,7 @@ try:
 except ImportError:  # TorchJD is optional: its rows are skipped
     tja = None
 
-TRUNKS = speed.TRUNKS  # name -> GRU hidden size per direction
+TRUNKS = {"demo": 32, "wide": 128}  # name -> GRU hidden size per direction
 TASK_COUNTS = (3, 10)
 #: Aggregators by the name both libraries give them, in table order. Ours are looked up in
 #: ``balanced_losses`` by name, so those that are not there yet are skipped.
@@ -174,7 +174,7 @@ Backward = Callable[[MultiHeadNet, Tensor, list[Tensor]], None]
 
 
 class Runner:
-    """One method's model and optimizer, stepping through fixed batches (``speed.Stepper``)."""
+    """One method's model and optimizer, stepping through fixed batches (``timing.Stepper``)."""
 
     def __init__(
         self,
@@ -321,8 +321,8 @@ def measure(
     for method in plan:
         backward, weighting = method.make()
         runners[method.name] = Runner(hidden, heads, batches, backward, weighting)
-    times = speed.interleave(runners, rounds=args.rounds, warmup=args.warmup)
-    rows = speed.cost_rows(runners, times)
+    times = timing.interleave(runners, rounds=args.rounds, warmup=args.warmup)
+    rows = timing.cost_rows(runners, times)
     for method, row in zip(plan, rows, strict=True):
         row["family"] = method.family
         if method.aggregator is None:
@@ -332,7 +332,7 @@ def measure(
         if method.name == method.aggregator and theirs in times:
             # Per round, as the ratios to the sum: both steps ran in the same round.
             per_round = zip(times[theirs], times[method.name], strict=True)
-            ratio, iqr = speed.median_iqr([t / o for t, o in per_round])
+            ratio, iqr = timing.median_iqr([t / o for t, o in per_round])
             row["torchjd_over_ours"] = ratio
             row["torchjd_over_ours_iqr"] = iqr
     return rows, notes
