@@ -58,8 +58,9 @@ all epochs), e.g. ``[sum] epoch 3/15  val MAE pointer 2.31 countdown 1.20  12 s 
 normalizer and its sqrt variant, uncertainty weighting, and DBMTL, which the benchmark favours
 and which includes a ``GradientBalancer``) fit in a few minutes on a 2-core CPU at 15 epochs;
 the reference run's JSON records its wall time and machine. ``--methods all`` trains every
-method in the registry. ``benchmarks/quality.py`` trains 20 epochs and averages over seeds.
-One seed proves nothing about a method (plain sums vary a lot between seeds).
+method in the registry. The benchmark suite's ``user_regime`` problem trains the same model on
+the same generator for 20 epochs over five seeds (``python benchmarks/suite.py --problems
+user_regime``). One seed proves nothing about a method (plain sums vary a lot between seeds).
 """
 
 from __future__ import annotations

@@ -78,32 +78,6 @@ def test_demo_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quality_smoke(tmp_path: Path) -> None:
-    out = _run("benchmarks/quality.py", "--smoke", "--jobs", "1", "--out", tmp_path)
-    table = (tmp_path / "quality_smoke.md").read_text()
-    record = json.loads((tmp_path / "quality_smoke_runs.json").read_text())
-    assert record["calls"][-1]["new_runs"] == len(record["runs"])
-    assert "machine" in record["runs"][0]
-    for method in ("pointer-alone", "countdown-alone", "sum", "normalizer", "uncertainty"):
-        assert f"| {method} |" in table
-    assert "delta_m" in out
-    assert (tmp_path / "quality_smoke.png").stat().st_size > 1000
-
-
-@pytest.mark.slow
-def test_speed_smoke(tmp_path: Path) -> None:
-    _run("benchmarks/speed.py", "--smoke", "--out", tmp_path)
-    table = (tmp_path / "speed_smoke.md").read_text()
-    record = json.loads((tmp_path / "speed_smoke.json").read_text())
-    assert [t["name"] for t in record["trunks"]] == ["demo", "wide"]
-    assert record["trunks"][0]["rows"][0]["method"] == "sum"
-    assert "load_average_1_5_15_min" in record["machine"]
-    assert "| sum | " in table
-    assert "wide" in table
-    assert "| uncertainty |" in table
-
-
-@pytest.mark.slow
 def test_aggregators_speed_smoke(tmp_path: Path) -> None:
     _run("benchmarks/aggregators_speed.py", "--smoke", "--out", tmp_path)
     table = (tmp_path / "aggregators_speed_smoke.md").read_text()
