@@ -43,36 +43,12 @@ AGGREGATORS_SPEED = "benchmarks/results/aggregators_speed.json"
 INIT = "benchmarks/results/init_gradients.json"
 DEMO = "examples/results/pointer_countdown.json"
 
-#: Method names of ``examples/_pointer_countdown_lib.py``, in table order, with their labels.
-LABELS = {
-    "sum": "plain sum",
-    "normalizer": '`LossNormalizer(correction="none")`, weights 0.7/0.1',
-    "normalizer-sqrt": '`LossNormalizer(correction="sqrt")`, same weights',
-    "uncertainty": "`UncertaintyWeighting`",
-    "gradient-balancer": "`GradientBalancer`",
-    "calibrated": "`CalibratedBalancer`",
-    "gradnorm": "`GradNorm`",
-    "dwa": "`DWA`",
-    "rlw": "`RLW`",
-    "imtll": "`IMTLL`",
-    "famo": "`FAMO`",
-    "geometric-mean": "`GeometricMean`",
-    "dbmtl": '`DBMTL` (log transform + `GradientBalancer(target="max")`)',
-    "upgrad": "`UPGrad`",
-    "upgrad-balanced": "`UPGrad(balance_norms=True)`",
-    "mgda": "`MGDA`",
-    "cagrad": "`CAGrad`",
-    "imtlg": "`IMTLG`",
-    "aligned-mtl": "`AlignedMTL`",
-    "nash-mtl": "`NashMTL`",
-    "fairgrad": "`FairGrad`",
-    "pcgrad": "`PCGrad`",
+#: Labels of the demo's own configurations (``examples/_pointer_countdown_lib.py``); the other
+#: methods are named as the suite's tables name them (the catalog's labels, ``plain sum``).
+DEMO_LABELS = {
+    "demo-normalizer-none": '`LossNormalizer(correction="none")`, weights 0.7/0.1',
+    "demo-normalizer-sqrt": '`LossNormalizer(correction="sqrt")`, same weights',
 }
-SHORT = {m: (label.split("`")[1] if "`" in label else label) for m, label in LABELS.items()}
-SHORT["normalizer"] = 'LossNormalizer(correction="none")'
-SHORT["normalizer-sqrt"] = 'LossNormalizer(correction="sqrt")'
-SHORT["calibrated"] = "CalibratedBalancer"
-
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -110,15 +86,9 @@ def machine_text(machine: dict[str, Any]) -> str:
     )
 
 
-def name(method: str) -> str:
-    """A method's short name for prose: code-formatted when it is a class."""
-    return "a plain sum" if method == "sum" else f"`{SHORT[method]}`"
-
-
-def names(methods: Sequence[str]) -> str:
-    """``a``, ``a and b``, ``a, b and c``."""
-    parts = [name(m) for m in methods]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+def label(method: str) -> str:
+    """How the demo's tables name a method key."""
+    return DEMO_LABELS.get(method) or _suite().label(method)
 
 
 def command_text(record: dict[str, Any]) -> str:
@@ -321,12 +291,11 @@ def block_demo_table() -> str:
         "| countdown/pointer grad ratio at init | at end |",
         "|---|---:|---:|---:|---:|",
     ]
-    for run in record["methods"]:
-        label = LABELS.get(run["method"], run["method"])
-        lines.append(
-            f"| {label} | {run['val_mae']['pointer']:.2f} | {run['val_mae']['countdown']:.2f} "
-            f"| {run['ratio_init']:.3g} | {run['ratio_end']:.3g} |"
-        )
+    lines += [
+        f"| {label(run['method'])} | {run['val_mae']['pointer']:.2f} "
+        f"| {run['val_mae']['countdown']:.2f} | {run['ratio_init']:.3g} | {run['ratio_end']:.3g} |"
+        for run in record["methods"]
+    ]
     lines += [
         "",
         f"`{command_text(record)}`: {record['epochs']} epochs, seed {record['seed']}, "
@@ -352,7 +321,7 @@ def block_demo_curves() -> str:
             (int(e) for e, v in zip(history["epoch"], curve, strict=True) if v < curve[0] / 2), None
         )
         lines.append(
-            f"| {LABELS.get(run['method'], run['method'])} | {curve[0]:.1f} | {curve[1]:.1f} "
+            f"| {label(run['method'])} | {curve[0]:.1f} | {curve[1]:.1f} "
             f"| {curve[-1]:.2f} | {below if below is not None else 'never'} "
             f"| {min(ratios):.3g} | {max(ratios):.3g} |"
         )
