@@ -262,7 +262,8 @@ def block_failure_modes() -> str:
     return (
         rd.failure_text()
         + f"\n\n`python benchmarks/failure_modes.py --problem user_regime --seeds {seeds} "
-        "--methods sum dbmtl dbmtl-smoothed gradient-balancer gradient-balancer-max calibrated` "
+        "--methods sum dbmtl dbmtl-smoothed gradient-balancer gradient-balancer-max "
+        "calibrated-balancer` "
         "reproduces the logs (`benchmarks/results/failure_modes.json`); `python "
         "benchmarks/render_suite.py` draws the figure."
     )
