@@ -11,12 +11,12 @@ and this script rewrites every block from the JSON that the measuring script wro
 - ``benchmarks/results/<problem>.json`` and ``suite_speed.json``: ``benchmarks/suite.py`` (the
   benchmark suite's training quality, step time and memory);
 - ``benchmarks/results/aggregators_speed.json``: ``benchmarks/aggregators_speed.py`` (step time
-  and memory of the aggregators, ours and TorchJD's);
+  and memory of the feature-level methods, ours and TorchJD's);
 - ``benchmarks/results/init_gradients.json``: ``benchmarks/init_gradients.py`` (gradients at
   initialization);
 - ``examples/results/pointer_countdown.json``: ``examples/pointer_countdown.py`` (the demo).
 
-Usage (from the repository root; needs only the standard library)::
+Usage (from the repository root; the suite's blocks and the labels read ``balanced_losses``)::
 
     python benchmarks/render.py            # rewrite the blocks and benchmarks/results/*.md
     python benchmarks/render.py --check    # exit 1, listing what differs, if anything would change
@@ -49,6 +49,7 @@ DEMO_LABELS = {
     "demo-normalizer-none": '`LossNormalizer(correction="none")`, weights 0.7/0.1',
     "demo-normalizer-sqrt": '`LossNormalizer(correction="sqrt")`, same weights',
 }
+
 
 # ------------------------------------------------------------------------------------ helpers
 
