@@ -245,8 +245,8 @@ def results_to_json(
     }
 
 
-#: Legend labels of the baseline and of the demo's own configurations; a method of the catalog
-#: is named by its label (the class, and the options that differ from its defaults).
+#: Legend labels of the plain sum and of the demo's own configurations; the other keys are named
+#: as :func:`_pointer_countdown_lib.describe` names them (a catalog method by its label).
 LEGEND = {
     "sum": "plain sum",
     "demo-normalizer-none": 'LossNormalizer("none"), 0.7/0.1',
@@ -256,11 +256,7 @@ LEGEND = {
 
 def legend(key: str) -> str:
     """How the figure names a method key."""
-    if key in LEGEND:
-        return LEGEND[key]
-    if key.startswith("alone:"):
-        return f"{key.split(':', 1)[1]} alone"
-    return lib.describe(key)
+    return LEGEND.get(key) or lib.describe(key)
 
 
 CAPTION = (
