@@ -1,11 +1,13 @@
-"""Per-step cost of the conflict-aware aggregators, ours at the features and TorchJD's.
+"""Per-step cost of the feature-level methods, ours at the features and TorchJD's peers.
 
-Our aggregators (``balanced_losses.IMTLG``, ``AlignedMTL``, ... and any of ``UPGrad``,
-``MGDA``, ``CAGrad`` the installed package has) act on the tasks' gradients at the shared
-features inside the one backward pass: ``views = agg.branch(feats)``, ``agg(losses).backward()``.
-TorchJD's act on the shared *parameters*: ``mtl_backward`` computes the ``K`` rows of the
-Jacobian of the losses with respect to every trunk parameter, and ``jac_to_grad`` combines them.
-Both are timed against a plain ``sum(losses)`` and ``GradientBalancer`` on the same model.
+Ours are the feature-level methods of :mod:`balanced_losses.catalog` (``GradientBalancer``,
+``CalibratedBalancer``, ``DBMTL``, the aggregators ``UPGrad``, ``IMTLG``, ... and their named
+configurations), built at their defaults: they act on the tasks' gradients at the shared
+features inside the one backward pass, ``views = agg.branch(feats)``,
+``agg(losses).backward()``. TorchJD's peers, its aggregators of the same class names, act on
+the shared *parameters*: ``mtl_backward`` computes the ``K`` rows of the Jacobian of the losses
+with respect to every trunk parameter, and ``jac_to_grad`` combines them. All are timed against
+a plain ``sum(losses)`` on the same model.
 
 The model: the demo's trunk (bidirectional GRU over 105 time steps, 4 input channels; hidden 32
 per direction) or a wider one (hidden 128), with ``K`` = 3 or 10 linear heads of different
@@ -14,10 +16,10 @@ ones read the features mean-pooled over time (2 or 4 outputs); mean squared erro
 scaled by 0.1, 1 and 10 in turn, so the losses differ by up to 10^4. A step is forward, the
 combination, backward and an Adam step.
 
-Time and memory as in ``benchmarks/speed.py`` (whose helpers this script uses): every method
-has its own copy of the model (same initialization) and optimizer; after a warmup, each round
-runs one step of every method of a (trunk, K) configuration in an order that rotates from round
-to round, in one process; the time ratio is the median over rounds of (method's step time /
+Time and memory with the helpers of ``benchmarks/timing.py``: every method has its own copy of
+the model (same initialization) and optimizer; after a warmup, each round runs one step of
+every method of a (trunk, K) configuration in an order that rotates from round to round, in one
+process; the time ratio is the median over rounds of (method's step time /
 the same round's ``sum`` step time), with its interquartile range. Memory: one more step of
 each method under ``torch.profiler``, the peak of live CPU tensor bytes above the step's
 starting level. "TorchJD / ours": the median over rounds of TorchJD's step time divided by the
@@ -31,7 +33,7 @@ Usage (from the repository root)::
     OMP_NUM_THREADS=1 python benchmarks/aggregators_speed.py   # 25 rounds: about 6 minutes
     python benchmarks/aggregators_speed.py --smoke             # seconds, for CI
 
-On the shared 2-core development machine a round of the four configurations takes about 13 s
+On the shared 2-core development machine a round of the four configurations took about 13 s
 with 20 methods (the wide trunk with K = 10 and TorchJD's Jacobians take most of it): the default
 25 rounds took 344 s in all, under the 10 minutes a full run should take.
 
@@ -43,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import inspect
 import itertools
 import json
 import sys
@@ -57,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import _pointer_countdown_lib as lib
 import render
-import speed
+import timing
 import torch
 from torch import Tensor, nn
 
@@ -69,22 +73,14 @@ try:
 except ImportError:  # TorchJD is optional: its rows are skipped
     tja = None
 
-TRUNKS = speed.TRUNKS  # name -> GRU hidden size per direction
+TRUNKS = {"demo": 32, "wide": 128}  # name -> GRU hidden size per direction
 TASK_COUNTS = (3, 10)
-#: Aggregators by the name both libraries give them, in table order. Ours are looked up in
-#: ``balanced_losses`` by name, so those that are not there yet are skipped.
-AGGREGATORS = ("UPGrad", "MGDA", "CAGrad", "IMTLG", "AlignedMTL", "NashMTL", "FairGrad", "PCGrad")
-#: Ours also run with norm balancing first (``balance_norms=True``).
-BALANCED = ("UPGrad", "IMTLG")
-#: The per-step time targets for our aggregators, as a ratio to a plain sum, by K.
+#: The per-step time targets for our methods, as a ratio to a plain sum, by K.
 TARGETS = {3: 1.10, 10: 1.25}
-CAGRAD_C = 0.4  # CAGrad's radius scale: our default; TorchJD's CAGrad has none
-FAIRGRAD_ALPHA = 1.0  # FairGrad's alpha: our default; TorchJD's FairGrad has none
-#: The options both libraries' aggregators get, so that each pair solves the same problem.
-OPTIONS: dict[str, dict[str, float]] = {
-    "CAGrad": {"c": CAGRAD_C},
-    "FairGrad": {"alpha": FAIRGRAD_ALPHA},
-}
+#: CAGrad's radius scale and FairGrad's alpha: our defaults, which TorchJD's peers get too (its
+#: CAGrad and FairGrad have no default), so that each pair solves the same problem.
+CAGRAD_C = inspect.signature(bl.CAGrad).parameters["c"].default
+FAIRGRAD_ALPHA = inspect.signature(bl.FairGrad).parameters["alpha"].default
 LOSS_SCALES = (0.1, 1.0, 10.0)
 
 
@@ -174,7 +170,7 @@ Backward = Callable[[MultiHeadNet, Tensor, list[Tensor]], None]
 
 
 class Runner:
-    """One method's model and optimizer, stepping through fixed batches (``speed.Stepper``)."""
+    """One method's model and optimizer, stepping through fixed batches (``timing.Stepper``)."""
 
     def __init__(
         self,
@@ -203,7 +199,16 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(self.model, feats, losses)
         self.optimizer.step()
+        if self.weighting is not None:
+            # The loop's call after each step: the losses are computed only if the method asks.
+            self.weighting.after_step(lambda: self.recompute(x, targets))
         return time.perf_counter() - start
+
+    def recompute(self, x: Tensor, targets: list[Tensor]) -> dict[str, Tensor]:
+        """Each task's loss on the batch under the current parameters."""
+        feats = self.model.encode(x)
+        losses = self.model.losses([feats] * len(targets), targets)
+        return {h.name: loss for h, loss in zip(self.model.specs, losses, strict=True)}
 
 
 def plain_sum(model: MultiHeadNet, feats: Tensor, losses: list[Tensor]) -> None:
@@ -211,7 +216,7 @@ def plain_sum(model: MultiHeadNet, feats: Tensor, losses: list[Tensor]) -> None:
 
 
 def ours_backward(weighting: bl.Weighting) -> Backward:
-    """The total is the plain sum; the weighting combines the gradients in the backward."""
+    """The weighting's total; its backward combines the tasks' gradients at the features."""
     names = list(weighting.tasks)
 
     def backward(model: MultiHeadNet, feats: Tensor, losses: list[Tensor]) -> None:
@@ -239,72 +244,62 @@ def _solver_missing(factory: Callable[[], Any]) -> str | None:
     return None
 
 
-def torchjd_aggregators(k: int) -> tuple[dict[str, Callable[[], Any]], list[str]]:
-    """TorchJD's aggregator factories by name, and notes on those that cannot run here."""
+def torchjd_peers(names: list[str], k: int) -> tuple[dict[str, Callable[[], Any]], list[str]]:
+    """TorchJD's aggregators of our class ``names`` by name, and notes on those that cannot run.
+
+    A name TorchJD does not have (``GradientBalancer``, ``DBMTL``, ...) has no peer.
+    """
     if tja is None:
         return {}, ["TorchJD is not installed: no TorchJD rows"]
-    factories: dict[str, Callable[[], Any]] = {
-        "UPGrad": tja.UPGrad,
-        "MGDA": tja.MGDA,
-        "CAGrad": lambda: tja.CAGrad(**OPTIONS["CAGrad"]),
-        "IMTLG": tja.IMTLG,
-        "AlignedMTL": tja.AlignedMTL,
-        "NashMTL": lambda: tja.NashMTL(n_tasks=k),
-        "FairGrad": lambda: tja.FairGrad(**OPTIONS["FairGrad"]),
-        "PCGrad": tja.PCGrad,
+    options: dict[str, dict[str, Any]] = {
+        "CAGrad": {"c": CAGRAD_C},
+        "FairGrad": {"alpha": FAIRGRAD_ALPHA},
+        "NashMTL": {"n_tasks": k},
     }
+    factories: dict[str, Callable[[], Any]] = {}
+    for name in names:
+        cls = getattr(tja, name, None)
+        if cls is not None:
+            factories[name] = functools.partial(cls, **options.get(name, {}))
     missing = {name: _solver_missing(factory) for name, factory in factories.items()}
     notes = [f"torchjd.{name} skipped: {why}" for name, why in missing.items() if why]
     return {name: f for name, f in factories.items() if missing[name] is None}, notes
 
 
-def our_aggregators() -> tuple[dict[str, type[bl.Weighting]], list[str]]:
-    """Our aggregator classes by name, and a note naming those ``balanced_losses`` lacks."""
-    found = {n: getattr(bl, n) for n in AGGREGATORS if getattr(bl, n, None) is not None}
-    missing = [n for n in AGGREGATORS if n not in found]
-    if not missing:
-        return found, []
-    return found, [f"not in balanced_losses {bl.__version__} yet: {', '.join(missing)}"]
-
-
 @dataclass(frozen=True)
-class Method:
+class Row:
     """A row of the table: how to build its backward (and its weighting, for ours)."""
 
     name: str
     family: str  # "baseline", "ours" or "torchjd"
     make: Callable[[], tuple[Backward, bl.Weighting | None]]
-    aggregator: str | None = None
+    aggregator: str | None = None  # the class name: ours and TorchJD's of one name pair up
 
 
-def method_plan(k: int) -> tuple[list[Method], list[str]]:
-    """The methods of one configuration with ``k`` tasks, and notes on those skipped."""
+def method_plan(k: int) -> tuple[list[Row], list[str]]:
+    """The rows of one configuration with ``k`` tasks, and notes on those skipped.
+
+    A plain sum, every feature-level method of the catalog (named by its label: the class, and
+    the options that differ from its defaults), then TorchJD's peers of their classes.
+    """
     tasks = [h.name for h in make_heads(k)]
-    found, notes = our_aggregators()
-    jd, jd_notes = torchjd_aggregators(k)
+    ours = bl.catalog.methods("features")
 
-    def ours(cls: type[bl.Weighting], **options: Any) -> Callable[[], Any]:
+    def build(method: bl.catalog.Method) -> Callable[[], tuple[Backward, bl.Weighting]]:
         def make() -> tuple[Backward, bl.Weighting]:
-            weighting = cls(tasks, **options)
+            weighting = method.build(tasks, seed=0)
             return ours_backward(weighting), weighting
 
         return make
 
-    def theirs(factory: Callable[[], Any]) -> Callable[[], Any]:
+    def theirs(factory: Callable[[], Any]) -> Callable[[], tuple[Backward, None]]:
         return lambda: (torchjd_backward(factory()), None)
 
-    plan = [
-        Method("sum", "baseline", lambda: (plain_sum, None)),
-        Method("GradientBalancer", "baseline", ours(bl.GradientBalancer)),
-    ]
-    for name, cls in found.items():
-        options = OPTIONS.get(name, {})
-        plan.append(Method(name, "ours", ours(cls, **options), name))
-        if name in BALANCED:
-            balanced = ours(cls, balance_norms=True, **options)
-            plan.append(Method(f"{name}(balance_norms=True)", "ours", balanced, name))
-    plan += [Method(f"torchjd.{n}", "torchjd", theirs(f), n) for n, f in jd.items()]
-    return plan, notes + jd_notes
+    jd, notes = torchjd_peers(list(dict.fromkeys(m.name for m in ours)), k)
+    plan = [Row("sum", "baseline", lambda: (plain_sum, None))]
+    plan += [Row(m.label.strip("`"), "ours", build(m), m.name) for m in ours]
+    plan += [Row(f"torchjd.{n}", "torchjd", theirs(f), n) for n, f in jd.items()]
+    return plan, notes
 
 
 def measure(
@@ -321,8 +316,8 @@ def measure(
     for method in plan:
         backward, weighting = method.make()
         runners[method.name] = Runner(hidden, heads, batches, backward, weighting)
-    times = speed.interleave(runners, rounds=args.rounds, warmup=args.warmup)
-    rows = speed.cost_rows(runners, times)
+    times = timing.interleave(runners, rounds=args.rounds, warmup=args.warmup)
+    rows = timing.cost_rows(runners, times)
     for method, row in zip(plan, rows, strict=True):
         row["family"] = method.family
         if method.aggregator is None:
@@ -332,7 +327,7 @@ def measure(
         if method.name == method.aggregator and theirs in times:
             # Per round, as the ratios to the sum: both steps ran in the same round.
             per_round = zip(times[theirs], times[method.name], strict=True)
-            ratio, iqr = speed.median_iqr([t / o for t, o in per_round])
+            ratio, iqr = timing.median_iqr([t / o for t, o in per_round])
             row["torchjd_over_ours"] = ratio
             row["torchjd_over_ours_iqr"] = iqr
     return rows, notes

@@ -8,15 +8,15 @@ hand: each sits in a generated block, between
 
 and this script rewrites every block from the JSON that the measuring script wrote:
 
-- ``benchmarks/results/quality_runs.json``: ``benchmarks/quality.py`` (training quality);
-- ``benchmarks/results/speed.json``: ``benchmarks/speed.py`` (step time and memory);
+- ``benchmarks/results/<problem>.json`` and ``suite_speed.json``: ``benchmarks/suite.py`` (the
+  benchmark suite's training quality, step time and memory);
 - ``benchmarks/results/aggregators_speed.json``: ``benchmarks/aggregators_speed.py`` (step time
-  and memory of the aggregators, ours and TorchJD's);
+  and memory of the feature-level methods, ours and TorchJD's);
 - ``benchmarks/results/init_gradients.json``: ``benchmarks/init_gradients.py`` (gradients at
   initialization);
 - ``examples/results/pointer_countdown.json``: ``examples/pointer_countdown.py`` (the demo).
 
-Usage (from the repository root; needs only the standard library)::
+Usage (from the repository root; the suite's blocks and the labels read ``balanced_losses``)::
 
     python benchmarks/render.py            # rewrite the blocks and benchmarks/results/*.md
     python benchmarks/render.py --check    # exit 1, listing what differs, if anything would change
@@ -27,6 +27,7 @@ Usage (from the repository root; needs only the standard library)::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import statistics
@@ -38,69 +39,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-QUALITY = "benchmarks/results/quality_runs.json"
-SPEED = "benchmarks/results/speed.json"
 AGGREGATORS_SPEED = "benchmarks/results/aggregators_speed.json"
 INIT = "benchmarks/results/init_gradients.json"
 DEMO = "examples/results/pointer_countdown.json"
 
-TASKS = ("pointer", "countdown")
-BASELINES = {"pointer": "pointer-alone", "countdown": "countdown-alone"}
-#: Method names of ``examples/_pointer_countdown_lib.py``, in table order, with their labels.
-LABELS = {
-    "sum": "plain sum",
-    "normalizer": '`LossNormalizer(correction="none")`, weights 0.7/0.1',
-    "normalizer-sqrt": '`LossNormalizer(correction="sqrt")`, same weights',
-    "uncertainty": "`UncertaintyWeighting`",
-    "gradient-balancer": "`GradientBalancer`",
-    "calibrated": "`CalibratedBalancer`",
-    "gradnorm": "`GradNorm`",
-    "dwa": "`DWA`",
-    "rlw": "`RLW`",
-    "imtll": "`IMTLL`",
-    "famo": "`FAMO`",
-    "geometric-mean": "`GeometricMean`",
-    "dbmtl": '`DBMTL` (log transform + `GradientBalancer(target="max")`)',
-    "upgrad": "`UPGrad`",
-    "upgrad-balanced": "`UPGrad(balance_norms=True)`",
-    "mgda": "`MGDA`",
-    "cagrad": "`CAGrad`",
-    "imtlg": "`IMTLG`",
-    "aligned-mtl": "`AlignedMTL`",
-    "nash-mtl": "`NashMTL`",
-    "fairgrad": "`FairGrad`",
-    "pcgrad": "`PCGrad`",
-}
-SHORT = {m: (label.split("`")[1] if "`" in label else label) for m, label in LABELS.items()}
-SHORT["normalizer"] = 'LossNormalizer(correction="none")'
-SHORT["normalizer-sqrt"] = 'LossNormalizer(correction="sqrt")'
-SHORT["calibrated"] = "CalibratedBalancer"
-#: What each method of the registry is, for the benchmark's own table.
-DESCRIPTIONS = {
-    "pointer-alone": "pointer loss alone",
-    "countdown-alone": "countdown loss alone",
-    "sum": "plain sum(losses)",
-    "normalizer": "running-mean normalizer, correction none, weights 0.7/0.1, momentum 0.95",
-    "normalizer-sqrt": "the same with correction sqrt (times sqrt(output size))",
-    "uncertainty": "uncertainty weighting (Kendall), s = 0 at start, trained by the model's Adam",
-    "gradient-balancer": "per-task gradients rescaled at the shared features in one backward",
-    "calibrated": "GradientBalancer for the first 100 steps, then the weights it reached, fixed",
-    "gradnorm": "GradNorm (Chen et al. 2018), alpha 1.5, on the encoder's last layer",
-    "dwa": "Dynamic Weight Average (Liu et al. 2019), T = 2",
-    "rlw": "random loss weighting (Lin et al. 2022)",
-    "imtll": "IMTL-L (Liu et al. 2021), scales trained by the model's Adam",
-    "famo": "FAMO (Liu et al. 2023), lr 0.025, wd 1e-3",
-    "geometric-mean": "geometric mean of losses",
-    "dbmtl": "Dual-Balancing MTL (Lin et al. 2023)",
-    "upgrad": "UPGrad (Quinton & Rey 2024) at the shared features",
-    "upgrad-balanced": "UPGrad on gradients first scaled to the mean EMA norm (balance_norms)",
-    "mgda": "MGDA-UB, min-norm point (Sener & Koltun 2018) at the shared features",
-    "cagrad": "CAGrad (Liu et al. 2021), c = 0.4, at the shared features",
-    "imtlg": "IMTL-G (Liu et al. 2021) at the shared features",
-    "aligned-mtl": "Aligned-MTL (Senushkin et al. 2023) at the shared features",
-    "nash-mtl": "Nash-MTL (Navon et al. 2022), max_norm 1, at the shared features",
-    "fairgrad": "FairGrad (Ban & Ji 2024), alpha 1, at the shared features",
-    "pcgrad": "PCGrad (Yu et al. 2020), seeded by the run, at the shared features",
+#: Labels of the demo's own configurations (``examples/_pointer_countdown_lib.py``); the other
+#: methods are named as the suite's tables name them (the catalog's labels, ``plain sum``).
+DEMO_LABELS = {
+    "demo-normalizer-none": '`LossNormalizer(correction="none")`, weights 0.7/0.1',
+    "demo-normalizer-sqrt": '`LossNormalizer(correction="sqrt")`, same weights',
 }
 
 
@@ -117,14 +64,6 @@ def relative(path: Path) -> str:
         return path.resolve().relative_to(ROOT).as_posix()
     except ValueError:
         return path.as_posix()
-
-
-def mean_std(values: Sequence[float], digits: int = 2) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def minutes(seconds: float) -> str:
@@ -148,15 +87,9 @@ def machine_text(machine: dict[str, Any]) -> str:
     )
 
 
-def name(method: str) -> str:
-    """A method's short name for prose: code-formatted when it is a class."""
-    return "a plain sum" if method == "sum" else f"`{SHORT[method]}`"
-
-
-def names(methods: Sequence[str]) -> str:
-    """``a``, ``a and b``, ``a, b and c``."""
-    parts = [name(m) for m in methods]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+def label(method: str) -> str:
+    """How the demo's tables name a method key."""
+    return DEMO_LABELS.get(method) or _suite().label(method)
 
 
 def command_text(record: dict[str, Any]) -> str:
@@ -169,60 +102,6 @@ def command_text(record: dict[str, Any]) -> str:
     omp = record.get("machine", {}).get("omp_num_threads")
     prefix = f"OMP_NUM_THREADS={omp} " if omp and not record.get("sets_own_threads") else ""
     return prefix + record["command"]
-
-
-# -------------------------------------------------------------------------------- the results
-
-
-def quality_runs() -> list[dict[str, Any]]:
-    return [r for r in load(QUALITY)["runs"] if not r["smoke"]]
-
-
-def quality_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: MAEs and delta_m (%) per seed, paired with the same seed's single-task runs.
-
-    delta_m of one seed = mean over tasks of (MAE_k - MAE_k alone) / MAE_k alone.
-    """
-    by_key = {(r["method"], r["seed"]): r for r in runs}
-    seeds = sorted({r["seed"] for r in runs})
-    order = [*BASELINES.values(), *LABELS]
-    order += sorted({r["method"] for r in runs} - set(order))
-    summary: dict[str, dict[str, Any]] = {}
-    for method in order:
-        mae: dict[str, list[float]] = {t: [] for t in TASKS}
-        delta: list[float] = []
-        for seed in seeds:
-            run = by_key.get((method, seed))
-            if run is None:
-                continue
-            rels = []
-            for task in TASKS:
-                if method in BASELINES.values() and method != BASELINES[task]:
-                    continue  # the other head of a single-task run is untrained
-                mae[task].append(run["val_mae"][task])
-                base = by_key.get((BASELINES[task], seed))
-                if base is not None and method not in BASELINES.values():
-                    single = base["val_mae"][task]
-                    rels.append((run["val_mae"][task] - single) / single)
-            if len(rels) == len(TASKS):
-                delta.append(100.0 * statistics.fmean(rels))
-        if any(mae.values()):
-            summary[method] = {"mae": mae, "delta": delta}
-    return summary
-
-
-def speed_rows(trunk: str = "demo") -> dict[str, dict[str, Any]]:
-    for entry in load(SPEED)["trunks"]:
-        if entry["name"] == trunk:
-            return {row["method"]: row for row in entry["rows"]}
-    raise KeyError(f"trunk `{trunk}` not in {SPEED}")
-
-
-def quality_settings(runs: list[dict[str, Any]]) -> tuple[int, list[int]]:
-    epochs = sorted({r["epochs"] for r in runs})
-    if len(epochs) != 1:
-        raise ValueError(f"{QUALITY} mixes runs of {epochs} epochs")
-    return epochs[0], sorted({r["seed"] for r in runs})
 
 
 # ----------------------------------------------------------------------------------- the blocks
@@ -420,12 +299,11 @@ def block_demo_table() -> str:
         "| countdown/pointer grad ratio at init | at end |",
         "|---|---:|---:|---:|---:|",
     ]
-    for run in record["methods"]:
-        label = LABELS.get(run["method"], run["method"])
-        lines.append(
-            f"| {label} | {run['val_mae']['pointer']:.2f} | {run['val_mae']['countdown']:.2f} "
-            f"| {run['ratio_init']:.3g} | {run['ratio_end']:.3g} |"
-        )
+    lines += [
+        f"| {label(run['method'])} | {run['val_mae']['pointer']:.2f} "
+        f"| {run['val_mae']['countdown']:.2f} | {run['ratio_init']:.3g} | {run['ratio_end']:.3g} |"
+        for run in record["methods"]
+    ]
     lines += [
         "",
         f"`{command_text(record)}`: {record['epochs']} epochs, seed {record['seed']}, "
@@ -451,7 +329,7 @@ def block_demo_curves() -> str:
             (int(e) for e, v in zip(history["epoch"], curve, strict=True) if v < curve[0] / 2), None
         )
         lines.append(
-            f"| {LABELS.get(run['method'], run['method'])} | {curve[0]:.1f} | {curve[1]:.1f} "
+            f"| {label(run['method'])} | {curve[0]:.1f} | {curve[1]:.1f} "
             f"| {curve[-1]:.2f} | {below if below is not None else 'never'} "
             f"| {min(ratios):.3g} | {max(ratios):.3g} |"
         )
@@ -533,117 +411,60 @@ def block_init_gradients() -> str:
     return "\n".join(lines)
 
 
+#: The suite's problem on the demo's own generator, model and losses.
+USER_REGIME = "benchmarks/results/user_regime.json"
+
+
 def block_normalizer_vs_alone() -> str:
-    runs = quality_runs()
-    epochs, seeds = quality_settings(runs)
-    by_key = {(r["method"], r["seed"]): r for r in runs}
-    ratios = [
-        by_key[("normalizer", s)]["val_mae"]["countdown"]
-        / by_key[("countdown-alone", s)]["val_mae"]["countdown"]
-        for s in seeds
-        if ("normalizer", s) in by_key and ("countdown-alone", s) in by_key
-    ]
+    """What the package's running-mean normalizer did to the countdown head, over the seeds.
+
+    From the suite's ``user_regime`` runs: the countdown head's validation MAE against the same
+    seed's countdown head trained alone, Δm against a plain sum's, and the diverged seeds.
+    """
+    rd, rs = _default(), _suite()
+    method = "loss-normalizer"
+    record = load(USER_REGIME)
+    alone = rd.alone_metrics(record)
+    metrics = rs.summarize(record)[method]["metrics"]
+    ratios = {s: m["countdown"] / alone[s]["countdown"] for s, m in sorted(metrics.items())}
+    worse = [s for s, r in ratios.items() if r > 1]
+    verdict, figures = rs.comparison(record, method)
+    diverged = rd.diverged_seeds(record, method)
+    cls = _catalog().get(method).cls
+    correction = inspect.signature(cls).parameters["correction"].default
+    budget = record["problem"]["budget"]
+    text = (
+        f"On the benchmark suite's `user_regime` problem, the demo's generator, model and losses "
+        f"({budget['epochs']} epochs, seeds {seeds_text(sorted(ratios))}), `{cls.__name__}` at "
+        f'its defaults (`correction="{correction}"`, each loss divided by its running mean) '
+        f"ended the countdown head at {min(ratios.values()):.2f} to "
+        f"{max(ratios.values()):.1f} times the validation MAE of the countdown head trained "
+        f"alone with the same seed: worse than alone in {len(worse)} of {len(ratios)} seeds"
+        + (f" ({seeds_text(worse)})" if worse else "")
+        + ". Δm against each task trained alone, the normalizer's against a plain sum's: "
+        + figures
+        + (
+            f"; {verdict} than a plain sum beyond seed noise."
+            if verdict != "within noise"
+            else "; the difference is within seed noise."
+        )
+    )
+    if diverged:
+        text += (
+            f" In seed{'s' * (len(diverged) > 1)} {seeds_text(diverged)} a task ended worse "
+            "than a constant prediction and than that task trained alone."
+        )
     return (
-        f'Trained that way for {epochs} epochs (`LossNormalizer(correction="none")` with the '
-        f"demo's weights, {len(ratios)} seeds), the countdown head ends at "
-        f"{min(ratios):.1f} to {max(ratios):.1f} times the validation MAE of the countdown "
-        f"head trained alone (`{QUALITY}`)."
+        text + f" From `{USER_REGIME}`; `python benchmarks/suite.py --problems user_regime` "
+        "reproduces the runs."
     )
 
 
-# ------------------------------------------------------------------------- whole-file outputs
+def _catalog() -> Any:
+    """``balanced_losses.catalog``, imported when a block needs it."""
+    import balanced_losses.catalog
 
-
-def quality_markdown(record: dict[str, Any], *, source: str = QUALITY) -> str:
-    runs = [r for r in record["runs"] if r["smoke"] == record.get("smoke", False)]
-    summary = quality_summary(runs)
-    epochs, seeds = quality_settings(runs)
-    lines = [
-        _open("quality-md", source),
-        "# Training quality on the pointer/countdown problem",
-        "",
-        f"Rendered by `python benchmarks/render.py` from `{Path(source).name}`, which "
-        "`benchmarks/quality.py` writes. Validation MAE in bars after "
-        f"{epochs} epochs, mean ± std over seeds {seeds}. delta_m = mean over tasks of "
-        "(MAE - single-task MAE) / single-task MAE, paired per seed with the single-task runs "
-        "of the same seed; lower is better, <= 0 means the tasks are on average at least as "
-        "good as when trained alone.",
-        "",
-        "| method | pointer MAE | countdown MAE | delta_m (%) | description |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for method, row in summary.items():
-        delta = mean_std(row["delta"], 0) if row["delta"] else "-"
-        lines.append(
-            f"| {method} | {mean_std(row['mae']['pointer'])} | "
-            f"{mean_std(row['mae']['countdown'])} | {delta} | {DESCRIPTIONS.get(method, '')} |"
-        )
-    seconds = [r["seconds"] for r in runs]
-    lines += [
-        "",
-        f"{len(runs)} runs, one torch thread each, {minutes(statistics.fmean(seconds))} per run "
-        f"on average ({minutes(sum(seconds))} of CPU time in all). The calls that made them:",
-        "",
-    ]
-    for call in record["calls"]:
-        if "converted_from" in call:
-            lines.append(
-                f"- `{call['command']}`: {call['new_runs']} runs in {call['wall_minutes']} min, "
-                f"load average {call['load_average_5_min_at_end']} (5 min) at the end on "
-                f"{call['cpu_count']} cores; {call['converted_from']}. {call['note']}"
-            )
-        else:
-            lines.append(
-                f"- `{command_text(call)}` ({call['date']}): {call['new_runs']} runs in "
-                f"{minutes(call['wall_seconds'])}, {machine_text(call['machine'])}."
-            )
-    lines += ["", "Per-seed values and curves are in the JSON.", _close("quality-md"), ""]
-    return "\n".join(lines)
-
-
-def speed_markdown(record: dict[str, Any], *, source: str = SPEED) -> str:
-    threads = record["threads"]
-    lines = [
-        _open("speed-md", source),
-        "# Per-step cost relative to a plain sum",
-        "",
-        f"Rendered by `python benchmarks/render.py` from `{Path(source).name}`, which "
-        f"`{command_text(record)}` wrote on {record['date']} ({record['rounds']} interleaved "
-        f"rounds after {record['warmup']} warmup rounds, batch {record['batch_size']}, "
-        f"{threads} torch thread{'s' if threads != 1 else ''}, CPU). "
-        "Time ratio: median over rounds of the method's step time divided by the same round's "
-        "`sum` step time [interquartile range]. Peak: highest live CPU tensor bytes during one "
-        "step above its starting level (torch.profiler); allocated: all bytes allocated in the "
-        "step.",
-        "",
-    ]
-    for trunk in record["trunks"]:
-        lines += [
-            f"## {trunk['name']} (GRU hidden {trunk['gru_hidden']})",
-            "",
-            "| method | step (ms) | time / sum | peak (MB) | peak / sum | allocated / sum |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for row in trunk["rows"]:
-            q1, q3 = row["iqr"]
-            lines.append(
-                f"| {row['method']} | {row['ms']:.1f} | {row['ratio']:.3f} [{q1:.3f}, {q3:.3f}] "
-                f"| {row['peak'] / 2**20:.1f} | {row['peak_ratio']:.2f} "
-                f"| {row['alloc_ratio']:.2f} |"
-            )
-        lines.append("")
-    start = " / ".join(f"{x:.1f}" for x in record["load_average_1_5_15_min_at_start"])
-    end = " / ".join(f"{x:.1f}" for x in record["machine"]["load_average_1_5_15_min"])
-    machine = record["machine"]
-    lines += [
-        f"Wall time {record['wall_seconds']:.0f} s on a {machine['cpu_count']}-core "
-        f"{machine['cpu']}, torch {machine['torch']}. Load average (1/5/15 min) at the start "
-        f"{start}, at the end {end}: other processes shared the machine, which adds noise to "
-        "the ratios (wider ranges) but, interleaved, not a bias.",
-        _close("speed-md"),
-        "",
-    ]
-    return "\n".join(lines)
+    return balanced_losses.catalog
 
 
 def _ratio_cell(value: float, iqr: Sequence[float], digits: int = 3) -> str:
@@ -873,15 +694,13 @@ BLOCKS: dict[str, Block] = {
     "demo-table": Block((DEMO,), block_demo_table),
     "demo-curves": Block((DEMO,), block_demo_curves),
     "init-gradients": Block((INIT,), block_init_gradients),
-    "normalizer-vs-alone": Block((QUALITY,), block_normalizer_vs_alone),
+    "normalizer-vs-alone": Block((USER_REGIME,), block_normalizer_vs_alone),
     "aggregators-cost": Block((AGGREGATORS_SPEED,), block_aggregators_cost),
     "solver-timing": Block(SOLVER_TIMING, block_solver_timing),
     "solver-ops": Block((SOLVER_OPS,), block_solver_ops),
 }
 #: Files made whole from one JSON each.
 FILES: dict[str, tuple[str, Callable[[], str]]] = {
-    "benchmarks/results/quality.md": (QUALITY, lambda: quality_markdown(load(QUALITY))),
-    "benchmarks/results/speed.md": (SPEED, lambda: speed_markdown(load(SPEED))),
     "benchmarks/results/aggregators_speed.md": (
         AGGREGATORS_SPEED,
         lambda: aggregators_speed_markdown(load(AGGREGATORS_SPEED)),

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import harness
-import speed
+import timing
 import torch
 from problems import Problem, Split
 
@@ -54,12 +54,12 @@ def measure(
     train, _ = problem.data(smoke=smoke)  # smoke: the small split, a run of seconds
     runners = {m: Stepper(problem, m, train) for m in ["sum", *[m for m in methods if m != "sum"]]}
     with harness.warnings_as_notes():
-        times = speed.interleave(runners, rounds=rounds, warmup=warmup)
-        memory = {m: speed.peak_step_bytes(r) for m, r in runners.items()}
+        times = timing.interleave(runners, rounds=rounds, warmup=warmup)
+        memory = {m: timing.peak_step_bytes(r) for m, r in runners.items()}
     rows = []
     for m in runners:
         ratios = [t / b for t, b in zip(times[m], times["sum"], strict=True)]
-        ratio, iqr = speed.median_iqr(ratios)
+        ratio, iqr = timing.median_iqr(ratios)
         rows.append(
             {
                 "method": m,

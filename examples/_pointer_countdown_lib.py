@@ -7,18 +7,11 @@ residuals, Huber in its quadratic regime) and a *countdown* head that predicts, 
 step, the number of bars until the event starts (105 outputs per sample, clipped to [-20, 20],
 large residuals, Huber in its linear regime).
 
-Everything a training method needs is behind :class:`Strategy`, built by a factory in
-:data:`REGISTRY`. A method is added with one decorated factory::
-
-    @register("dwa", requires=("DWA",), description="Dynamic Weight Average, T=2")
-    def _dwa(ctx: MethodContext) -> Strategy:
-        return Strategy(ctx.tasks, bl.DWA(ctx.tasks, temperature=2.0), epoch_hook="step")
-
-A weighting that acts at the shared features (``GradientBalancer``, the aggregators) is one
-line: ``register_feature_level("upgrad", "UPGrad", description=...)``.
-
-``requires`` names classes of :mod:`balanced_losses`; a method whose class is missing is skipped
-with a printed note (see :func:`resolve_methods`).
+Every method is a key: ``sum``, ``alone:<task>`` (that task alone), a method of
+:mod:`balanced_losses.catalog` (``gradient-balancer``, ``famo``, ...) or one of the demo's own
+configurations (:data:`CONFIGURATIONS`); :func:`make_strategy` builds its :class:`Strategy`, and
+:func:`train` trains the demo model under it. A method added to the package reaches the demo
+through the catalog.
 """
 
 from __future__ import annotations
@@ -39,20 +32,21 @@ from torch import Tensor, nn
 import balanced_losses as bl
 
 __all__ = [
+    "BASELINES",
+    "CONFIGURATIONS",
+    "FIXED_WEIGHTS",
     "OUTPUT_SIZES",
-    "REGISTRY",
     "TASKS",
-    "WRITEUP_WEIGHTS",
     "Batch",
-    "Method",
-    "MethodContext",
     "PointerCountdownNet",
     "RunResult",
     "Strategy",
+    "describe",
     "machine_info",
     "make_data",
-    "register",
-    "register_feature_level",
+    "make_strategy",
+    "method_keys",
+    "methods",
     "resolve_methods",
     "train",
 ]
@@ -63,7 +57,7 @@ CLIP = 20.0
 TASKS: tuple[str, ...] = ("pointer", "countdown")
 OUTPUT_SIZES: dict[str, int] = {"pointer": 2, "countdown": T}
 #: Fixed per-task weights of the value-only normalizer the demo starts from.
-WRITEUP_WEIGHTS: dict[str, float] = {"pointer": 0.7, "countdown": 0.1}
+FIXED_WEIGHTS: dict[str, float] = {"pointer": 0.7, "countdown": 0.1}
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -192,49 +186,98 @@ def evaluate(model: PointerCountdownNet, data: Batch, *, chunk: int = 512) -> di
 # ------------------------------------------------------------------------------------ methods
 
 
+#: The baselines beside the package's methods: a plain sum and each task trained alone.
+BASELINES: tuple[str, ...] = ("sum", *(f"alone:{t}" for t in TASKS))
+
+#: The demo's own configurations beside the catalog's: the normalizer a training script starts
+#: from (each loss divided by its running mean, fixed weights 0.7/0.1, momentum 0.95) and the
+#: same with the square-root correction of the reduction.
+CONFIGURATIONS: tuple[bl.catalog.Method, ...] = (
+    bl.catalog.Method(
+        "demo-normalizer-none",
+        bl.LossNormalizer,
+        {"correction": "none", "weights": FIXED_WEIGHTS, "momentum": 0.95},
+    ),
+    bl.catalog.Method(
+        "demo-normalizer-sqrt",
+        bl.LossNormalizer,
+        {"correction": "sqrt", "weights": FIXED_WEIGHTS, "momentum": 0.95},
+    ),
+)
+
+
+def methods() -> dict[str, bl.catalog.Method]:
+    """The methods the demo builds, by key: its own configurations, then the package's catalog."""
+    return {m.key: m for m in (*CONFIGURATIONS, *bl.catalog.methods())}
+
+
+def method_keys(*, baselines: bool = False) -> list[str]:
+    """Every key the demo trains, in table order: the plain sum, then :func:`methods`.
+
+    With ``baselines``, each task alone comes first.
+    """
+    alone = [b for b in BASELINES if b != "sum"] if baselines else []
+    return [*alone, "sum", *methods()]
+
+
+def describe(key: str) -> str:
+    """What a method key trains, in words (a baseline) or as the constructor call."""
+    if key == "sum":
+        return "plain sum(losses)"
+    if key.startswith("alone:"):
+        return f"{key.split(':', 1)[1]} loss alone"
+    return methods()[key].label.strip("`")
+
+
+def resolve_methods(names: Iterable[str] | None, *, baselines: bool = False) -> list[str]:
+    """The requested method keys, checked; ``None`` is every key of :func:`method_keys`.
+
+    Raises:
+        SystemExit: For a key that is neither a baseline nor a method; the message lists them.
+    """
+    known = method_keys(baselines=True)
+    chosen = method_keys(baselines=baselines) if names is None else list(names)
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown method {unknown}; expected one of {known}")
+    return chosen
+
+
 class Strategy:
     """How one training method turns per-task losses into the step's total.
 
     Args:
         tasks: Task names.
-        weighting: A :mod:`balanced_losses` module called as ``weighting(losses)``; ``None`` is a
-            plain ``sum(losses)``.
+        weighting: A :mod:`balanced_losses` weighting called as ``weighting(losses)``; ``None``
+            is a plain ``sum(losses)``.
         only: Train on this task alone (single-task baseline); the other heads are untrained.
-        optimize_weighting: Add ``weighting.parameters()`` to the model's optimizer (learned
-            weights such as uncertainty weighting's log-variances). Leave it off for modules
-            that train their parameters with an internal optimizer (GradNorm, FAMO).
-        epoch_hook: Name of a method of ``weighting`` called without arguments at each epoch's
-            end (DWA's ``step``).
-        step_hook: Name of a method of ``weighting`` called after each optimizer step with the
-            losses on the same batch recomputed under ``no_grad`` (FAMO's ``update``).
 
-    A weighting with a callable ``branch`` attribute (GradientBalancer, DBMTL, the
-    aggregators) branches the shared features: ``views = weighting.branch(feats)``; every head
-    reads its own view.
+    A feature-level weighting (one with ``branch``: ``GradientBalancer``, ``CalibratedBalancer``,
+    ``DBMTL``, the aggregators) branches the shared features, ``views =
+    weighting.branch(feats)``, and every head reads its own view. Learned weights (the
+    weighting's parameters that require gradients: ``UncertaintyWeighting``'s log-variances,
+    ``IMTLL``'s scales) train with the model's optimizer. After each optimizer step the
+    weighting's ``after_step`` gets the losses recomputed on the same batch (computed only if it
+    asks, as ``FAMO`` does), and at each epoch's end its ``epoch_end`` runs (``DWA``'s).
     """
 
     def __init__(
         self,
         tasks: Sequence[str],
-        weighting: nn.Module | None = None,
+        weighting: bl.Weighting | None = None,
         *,
         only: str | None = None,
-        optimize_weighting: bool = False,
-        epoch_hook: str | None = None,
-        step_hook: str | None = None,
     ) -> None:
         self.tasks = tuple(tasks)
         self.weighting = weighting
         self.only = only
-        self.optimize_weighting = optimize_weighting
-        self.epoch_hook = epoch_hook
-        self.step_hook = step_hook
         self.branches = weighting is not None and callable(getattr(weighting, "branch", None))
 
     def extra_parameters(self) -> list[nn.Parameter]:
-        if self.weighting is None or not self.optimize_weighting:
+        """The weighting's learned parameters, for the model's optimizer."""
+        if self.weighting is None:
             return []
-        return list(self.weighting.parameters())
+        return [p for p in self.weighting.parameters() if p.requires_grad]
 
     def branch(self, feats: Tensor) -> dict[str, Tensor]:
         if self.branches:
@@ -249,31 +292,24 @@ class Strategy:
             return torch.stack([losses[t] for t in self.tasks]).sum()
         return self.weighting(dict(losses))
 
-    def after_step(self, recompute: Callable[[], dict[str, Tensor]]) -> None:
-        if self.step_hook is not None:
-            getattr(self.weighting, self.step_hook)(recompute())
-
     def end_epoch(self) -> None:
-        if self.epoch_hook is not None:
-            getattr(self.weighting, self.epoch_hook)()
+        """The weighting's ``epoch_end``: a no-op for every method but those that need it."""
+        if self.weighting is not None:
+            self.weighting.epoch_end()
 
     def step(
         self, model: PointerCountdownNet, optimizer: torch.optim.Optimizer, batch: Batch
     ) -> dict[str, Tensor]:
-        """One training step: forward, combine, backward, optimizer step, hooks."""
+        """One training step: forward, combine, backward, optimizer step, ``after_step``."""
         feats = model.encode(batch.x)
         losses = task_losses(model.heads(self.branch(feats)), batch)
         total = self.combine(losses)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        if self.step_hook is not None:
-
-            def recompute() -> dict[str, Tensor]:
-                with torch.no_grad():
-                    return task_losses(model(batch.x), batch)
-
-            self.after_step(recompute)
+        if self.weighting is not None:
+            # The losses after the step, computed only for a method that asks (FAMO).
+            self.weighting.after_step(lambda: task_losses(model(batch.x), batch))
         # Logging only: the returned values must not keep the step's graph alive.
         return {k: v.detach() for k, v in losses.items()}
 
@@ -287,9 +323,8 @@ class Strategy:
 
         The weighting is deep-copied (sharing the model's parameters) and run once in training
         mode; branching methods also run the backward pass so that their hooks act. The weights
-        are read from the copy's ``weights`` (the :class:`balanced_losses.Weighting` contract).
-        ``losses`` (computed on ``batch`` without branching) saves a forward pass for methods
-        that do not branch.
+        are read from the copy's ``last_weights``. ``losses`` (computed on ``batch`` without
+        branching) saves a forward pass for methods that do not branch.
         """
         if self.only is not None:
             return {t: float(t == self.only) for t in self.tasks}
@@ -300,242 +335,47 @@ class Strategy:
         probe.train()
         if self.branches or losses is None:
             feats = model.encode(batch.x)
-            views = dict(probe.branch(feats)) if self.branches else dict.fromkeys(self.tasks, feats)
+            views = (
+                dict(probe.branch(feats))  # type: ignore[operator]
+                if self.branches
+                else dict.fromkeys(self.tasks, feats)
+            )
             losses = task_losses(model.heads(views), batch)
         total = probe(dict(losses))
         if self.branches:
             torch.autograd.grad(total, model.shared_parameters(), allow_unused=True)
         weights = last_weights_of(probe)
         inner = getattr(probe, "balancer", None)  # DBMTL: its gradient half scales on top
-        if self.branches and inner is not None:
+        if self.branches and isinstance(inner, bl.Weighting):
             scales = last_weights_of(inner)
             weights = {t: w * scales[t] for t, w in weights.items()}
         return weights
 
-    def describe_weights(self) -> dict[str, float]:
-        if self.weighting is None:
-            return {}
-        if not isinstance(self.weighting, bl.Weighting) and not hasattr(self.weighting, "weights"):
-            return {}
-        return last_weights_of(self.weighting)
+
+def last_weights_of(weighting: bl.Weighting) -> dict[str, float]:
+    """Last step's weight per task (reported numbers only: any graph they carry is cut)."""
+    return dict(zip(weighting.tasks, weighting.last_weights.detach().tolist(), strict=True))
 
 
-def last_weights_of(weighting: Any) -> dict[str, float]:
-    """Last step's weight per task: a Weighting's ``last_weights``, or a stand-in's ``weights``.
+def make_strategy(key: str, model: PointerCountdownNet, seed: int) -> Strategy:
+    """The strategy of a method key, built for ``model``.
 
-    A stand-in for a method (any module with ``tasks``, ``forward`` and a ``weights`` dict of
-    tensors) reports through ``weights``. Reported numbers only: cut any graph they carry.
+    The catalog's methods (and the demo's configurations) are built by
+    :meth:`balanced_losses.catalog.Method.build` with the demo's output sizes, the encoder's
+    last layer as the shared parameters (``GradNorm``'s choice of W) and the run's seed (the
+    methods with a random stream: ``RLW``, ``PCGrad``).
     """
-    if isinstance(weighting, bl.Weighting):
-        return dict(zip(weighting.tasks, weighting.last_weights.detach().tolist(), strict=True))
-    return {t: float(w.detach()) for t, w in weighting.weights.items()}
-
-
-@dataclass(frozen=True)
-class MethodContext:
-    """What a method factory may use to build its strategy."""
-
-    tasks: tuple[str, ...]
-    output_sizes: dict[str, int]
-    model: PointerCountdownNet
-    seed: int
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    factory: Callable[[MethodContext], Strategy]
-    description: str
-    requires: tuple[str, ...] = ()
-    baseline: bool = False
-
-    def missing(self) -> list[str]:
-        """Names in ``requires`` that :mod:`balanced_losses` does not (yet) provide."""
-        return [n for n in self.requires if getattr(bl, n, None) is None]
-
-
-REGISTRY: dict[str, Method] = {}
-
-
-def register(
-    name: str, *, description: str, requires: Iterable[str] = (), baseline: bool = False
-) -> Callable[[Callable[[MethodContext], Strategy]], Callable[[MethodContext], Strategy]]:
-    def decorate(
-        factory: Callable[[MethodContext], Strategy],
-    ) -> Callable[[MethodContext], Strategy]:
-        REGISTRY[name] = Method(name, factory, description, tuple(requires), baseline)
-        return factory
-
-    return decorate
-
-
-def resolve_methods(names: Iterable[str] | None, *, baselines: bool = False) -> list[str]:
-    """The requested method names (all non-baseline ones for ``None``) whose classes exist.
-
-    Unknown names raise; a method whose class is missing from :mod:`balanced_losses` is
-    skipped with a printed note.
-    """
-    if names is None:
-        names = [n for n, m in REGISTRY.items() if baselines or not m.baseline]
-    chosen, skipped = [], []
-    for name in names:
-        if name not in REGISTRY:
-            raise SystemExit(f"unknown method `{name}`; expected one of {list(REGISTRY)}")
-        missing = REGISTRY[name].missing()
-        if missing:
-            skipped.append(f"{name} ({', '.join(missing)})")
-        else:
-            chosen.append(name)
-    if skipped:
-        print(f"note: skipping methods that balanced_losses does not provide yet: {skipped}")
-    return chosen
-
-
-# The registry. Order is the order of tables and plots.
-
-
-@register("pointer-alone", description="pointer loss alone", baseline=True)
-def _pointer_alone(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, only="pointer")
-
-
-@register("countdown-alone", description="countdown loss alone", baseline=True)
-def _countdown_alone(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, only="countdown")
-
-
-@register("sum", description="plain sum(losses)")
-def _sum(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks)
-
-
-@register(
-    "normalizer",
-    requires=("LossNormalizer",),
-    description="running-mean normalizer, correction none, weights 0.7/0.1, momentum 0.95",
-)
-def _normalizer(ctx: MethodContext) -> Strategy:
-    weighting = bl.LossNormalizer(
-        ctx.output_sizes, correction="none", weights=WRITEUP_WEIGHTS, momentum=0.95
+    if key == "sum":
+        return Strategy(TASKS)
+    if key.startswith("alone:"):
+        return Strategy(TASKS, only=key.split(":", 1)[1])
+    weighting = methods()[key].build(
+        list(TASKS),
+        output_sizes=OUTPUT_SIZES,
+        shared_parameters=model.last_shared_parameters(),
+        seed=seed,
     )
-    return Strategy(ctx.tasks, weighting)
-
-
-@register(
-    "normalizer-sqrt",
-    requires=("LossNormalizer",),
-    description="the same with correction sqrt (times sqrt(output size))",
-)
-def _normalizer_sqrt(ctx: MethodContext) -> Strategy:
-    weighting = bl.LossNormalizer(
-        ctx.output_sizes, correction="sqrt", weights=WRITEUP_WEIGHTS, momentum=0.95
-    )
-    return Strategy(ctx.tasks, weighting)
-
-
-@register(
-    "uncertainty",
-    requires=("UncertaintyWeighting",),
-    description="uncertainty weighting (Kendall), s = 0 at start, trained by the model's Adam",
-)
-def _uncertainty(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.UncertaintyWeighting(ctx.tasks), optimize_weighting=True)
-
-
-def register_feature_level(
-    name: str, cls: str, *, description: str, seeded: bool = False, **options: Any
-) -> None:
-    """Register a method whose weighting acts at the shared features: ``bl.<cls>(tasks, ...)``.
-
-    The strategy routes the encoder's output through ``weighting.branch`` (see
-    :class:`Strategy`) and the combination happens in the backward pass. ``options`` are passed
-    to the constructor as given (nothing tuned per method); ``seeded`` adds ``seed=<run seed>``
-    for weightings with a random stream (PCGrad's order of projections).
-    """
-
-    def factory(ctx: MethodContext) -> Strategy:
-        kwargs = {**options, **({"seed": ctx.seed} if seeded else {})}
-        return Strategy(ctx.tasks, getattr(bl, cls)(ctx.tasks, **kwargs))
-
-    register(name, requires=(cls,), description=description)(factory)
-
-
-register_feature_level(
-    "gradient-balancer",
-    "GradientBalancer",
-    description="per-task gradients rescaled at the shared features in one backward pass",
-)
-register_feature_level(
-    "calibrated",
-    "CalibratedBalancer",
-    description="GradientBalancer for the first 100 steps, then the weights it reached, fixed",
-)
-
-
-@register(
-    "gradnorm",
-    requires=("GradNorm",),
-    description="GradNorm (Chen et al. 2018), alpha 1.5, on the encoder's last layer",
-)
-def _gradnorm(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.GradNorm(ctx.tasks, ctx.model.last_shared_parameters()))
-
-
-@register("dwa", requires=("DWA",), description="Dynamic Weight Average (Liu et al. 2019), T = 2")
-def _dwa(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.DWA(ctx.tasks, temperature=2.0), epoch_hook="step")
-
-
-@register("rlw", requires=("RLW",), description="random loss weighting (Lin et al. 2022)")
-def _rlw(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.RLW(ctx.tasks, seed=ctx.seed))
-
-
-@register(
-    "imtll",
-    requires=("IMTLL",),
-    description="IMTL-L (Liu et al. 2021), scales trained by the model's Adam",
-)
-def _imtll(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.IMTLL(ctx.tasks), optimize_weighting=True)
-
-
-@register("famo", requires=("FAMO",), description="FAMO (Liu et al. 2023), lr 0.025, wd 1e-3")
-def _famo(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.FAMO(ctx.tasks), step_hook="update")
-
-
-@register("geometric-mean", requires=("GeometricMean",), description="geometric mean of losses")
-def _geometric_mean(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.GeometricMean(ctx.tasks))
-
-
-@register("dbmtl", requires=("DBMTL",), description="Dual-Balancing MTL (Lin et al. 2023)")
-def _dbmtl(ctx: MethodContext) -> Strategy:
-    return Strategy(ctx.tasks, bl.DBMTL(ctx.tasks))
-
-
-# Conflict-aware aggregators at the shared features, defaults as shipped.
-register_feature_level("upgrad", "UPGrad", description="UPGrad (Quinton & Rey 2024)")
-register_feature_level(
-    "upgrad-balanced",
-    "UPGrad",
-    balance_norms=True,
-    description="UPGrad on gradients first scaled to the mean EMA norm (balance_norms=True)",
-)
-register_feature_level("mgda", "MGDA", description="MGDA-UB, min-norm point (Sener & Koltun 2018)")
-register_feature_level("cagrad", "CAGrad", description="CAGrad (Liu et al. 2021), c = 0.4")
-register_feature_level("imtlg", "IMTLG", description="IMTL-G (Liu et al. 2021)")
-register_feature_level(
-    "aligned-mtl", "AlignedMTL", description="Aligned-MTL (Senushkin et al. 2023)"
-)
-register_feature_level(
-    "nash-mtl", "NashMTL", description="Nash-MTL (Navon et al. 2022), max_norm = 1"
-)
-register_feature_level("fairgrad", "FairGrad", description="FairGrad (Ban & Ji 2024), alpha = 1")
-register_feature_level(
-    "pcgrad", "PCGrad", seeded=True, description="PCGrad (Yu et al. 2020), seeded by the run"
-)
+    return Strategy(TASKS, weighting)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -588,7 +428,7 @@ def train(
     verbose: bool = False,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> RunResult:
-    """Train the demo model under one registered method and return its validation figures.
+    """Train the demo model under one method key and return its validation figures.
 
     The model's initialization and the order of the batches depend on ``seed`` only, so every
     method of a seed starts from the same weights and sees the same batches. ``max_steps``
@@ -607,8 +447,7 @@ def train(
     )
     torch.manual_seed(seed)
     model = PointerCountdownNet(hidden=hidden)
-    ctx = MethodContext(TASKS, dict(OUTPUT_SIZES), model, seed)
-    strategy = REGISTRY[method].factory(ctx)
+    strategy = make_strategy(method, model, seed)
     optimizer = torch.optim.Adam([*model.parameters(), *strategy.extra_parameters()], lr=lr)
     probe = train_data.index(slice(0, probe_size))
     init = weighted_gradient_ratio(model, strategy, probe)

@@ -1,37 +1,43 @@
-"""A plain training loop with torch.autocast (float16) and torch.amp.GradScaler, balanced by DBMTL.
+"""A plain training loop with torch.autocast (float16) and torch.amp.GradScaler, balanced by the
+package's default, CalibratedBalancer.
 
-DBMTL is a feature-level method, attached to the model's trunk; the model's forward is
-unchanged. Both heads take the trunk's output as it is, so they are named
+CalibratedBalancer is a feature-level method, attached to the model's trunk; the model's forward
+is unchanged. Both heads take the trunk's output as it is, so they are named
 (`heads={"kind": "kind", "position": "position"}`): each head then receives its task's view of
 the trunk's output, and the balancing happens inside the scaled backward pass. The order within
 a step:
 
-    dbmtl.attach(model, "trunk", heads={...})   # once, before training
+    balancer.attach(model, "trunk", heads={...})    # once, before training
     with torch.autocast(device, dtype=torch.float16):
-        outputs = model(x)                      # the heads read per-task views
-    losses = {...}                              # in float32, from the outputs cast up
-    total = dbmtl(losses)                       # the real (unscaled) losses
-    scaler.scale(total).backward()              # the balancer measures scaled feature gradients
-    scaler.step(optimizer)                      # unscales; skips the step on inf/NaN gradients
+        outputs = model(x)                          # the heads read per-task views
+    losses = {...}                                  # in float32, from the outputs cast up
+    total = balancer(losses)                        # the real (unscaled) losses
+    scaler.scale(total).backward()                  # the balancer measures scaled gradients
+    scaler.step(optimizer)                          # unscales; skips the step on inf/NaN
     scaler.update()
-    logs = dbmtl.log_dict(every=N)              # {} but on every N-th step: no sync there
+    logs = balancer.log_dict(every=N)               # {} but on every N-th step: no sync there
 
 Name the heads under a GradScaler. Without them (`attach(model, "trunk")`), each task's gradient
-is measured when `dbmtl(losses)` is called, before `scaler.scale` multiplies the total; in this
-release the trunk then receives the balanced gradient without the scaler's factor, which
+is measured when `balancer(losses)` is called, before `scaler.scale` multiplies the total; in
+this release the trunk then receives the balanced gradient without the scaler's factor, which
 `scaler.step` divides out of every gradient.
 
-The weighting sees the losses before scaling, so its loss statistics are the real ones. In the
-backward pass the feature gradients carry the scaler's factor; DBMTL's gradient half rescales
-each task by a ratio of two norms that both carry it, so the factor cancels. The weighting has
-no parameters of its own here (DBMTL has none), so the optimizer takes the model's only.
+The weighting sees the losses before scaling, so its loss values are the real ones. While it
+calibrates (its first `--calibration-steps` steps), the feature gradients it measures carry the
+scaler's factor; it rescales each task by a ratio of two norms that both carry it (the tasks'
+mean norm over this task's), so the factor cancels. Then it fixes the multipliers it reached:
+every later step is a weighted sum of the losses, with nothing measured at the trunk. It has no
+parameters of its own, so the optimizer takes the model's only.
+
+`--weighting dbmtl` runs the same loop with DBMTL (log-transformed losses, and their gradients
+balanced at the trunk at every step): its gradient half rescales by the same kind of ratio.
 
 In torch 2.13, CPU autocast supports float16 and `GradScaler("cpu")` works, so the same loop
 runs on CPU and on CUDA:
 
     python examples/amp_loop.py                  # CPU, float16 autocast + GradScaler
     python examples/amp_loop.py --device cuda    # the same on a GPU
-    python examples/amp_loop.py --smoke          # a few steps, as CI runs it
+    python examples/amp_loop.py --smoke          # a few steps, calibrating over 4, as CI runs it
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import balanced_losses as bl
 SMOKE = os.environ.get("BL_SMOKE", "") not in ("", "0")
 CLASSES = 5
 TASKS = ("kind", "position")
+WEIGHTINGS = ("calibrated", "dbmtl")
 
 
 class TwoHeads(nn.Module):
@@ -72,23 +79,37 @@ def make_batch(gen: torch.Generator, size: int) -> tuple[Tensor, Tensor, Tensor]
     return x, kind, position
 
 
+def make_weighting(name: str, calibration_steps: int = 100) -> bl.CalibratedBalancer | bl.DBMTL:
+    """``CalibratedBalancer`` (``"calibrated"``) or ``DBMTL`` (``"dbmtl"``) for the two tasks."""
+    if name == "calibrated":
+        return bl.CalibratedBalancer(TASKS, steps=calibration_steps)
+    if name == "dbmtl":
+        return bl.DBMTL(TASKS)
+    raise ValueError(f"`name` must be one of {WEIGHTINGS}, got {name!r}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="calibrated")
+    parser.add_argument(
+        "--calibration-steps", type=int, default=100, help="CalibratedBalancer's `steps`"
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps (as CI runs it)")
     args = parser.parse_args(argv)
     if args.smoke or SMOKE:
-        args.steps, args.log_every = 6, 2
+        # Calibrating over 4 of the 6 steps: the log lines show both phases.
+        args.steps, args.log_every, args.calibration_steps = 6, 2, 4
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = TwoHeads().to(device)
-    dbmtl = bl.DBMTL(TASKS).to(device)  # buffers only: nothing for the optimizer
+    balancer = make_weighting(args.weighting, args.calibration_steps).to(device)  # buffers only
     # Hooks on the trunk: in training, each head's input becomes its task's view of the features.
-    dbmtl.attach(model, "trunk", heads={"kind": "kind", "position": "position"})
+    balancer.attach(model, "trunk", heads={"kind": "kind", "position": "position"})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler(device.type)
     gen = torch.Generator().manual_seed(0)
@@ -104,14 +125,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "kind": F.cross_entropy(out["kind"].float(), kind),
             "position": F.mse_loss(out["position"].float(), position),
         }
-        total = dbmtl(losses)
+        total = balancer(losses)
         scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
         # Steps 1, 1 + N, 1 + 2N, ...: the raw losses, their plain sum (`loss/sum`, the number to
-        # compare with a plain-sum run; DBMTL's total is a sum of logarithms), the weights and
-        # each task's share of the gradient sent into the trunk. One device sync, on those steps.
-        logs = dbmtl.log_dict(every=args.log_every)
+        # compare with a plain-sum run), the weights and, while the balancer measures, each
+        # task's share of the gradient sent into the trunk. One device sync, on those steps.
+        logs = balancer.log_dict(every=args.log_every)
         if logs:
             logged = logs | {"scale": scaler.get_scale()}
             print(f"step {step:4d} " + " ".join(f"{k}={v:.4g}" for k, v in logged.items()))

@@ -7,7 +7,8 @@ model and the weighting and returns the weighting's total from its forward, and 
   with the model, its gradients reduced over the ranks, its parameters stepped by the optimizer,
   and it must be called inside the root's forward (where FSDP has gathered its parameters);
 - GradNorm is built after `fully_shard(trunk)`, on the trunk's parameters as FSDP registered them;
-- a feature-level method (DBMTL here) routes the trunk's output through `branch` in the forward;
+- a feature-level method (CalibratedBalancer, the package's default) routes the trunk's output
+  through `branch` in the forward; once it has fixed its weights, `branch` routes nothing;
 - the weighting's buffers are synchronized by the weighting itself (`sync_dist=True`), so all
   ranks hold the same statistics and weights.
 
@@ -17,8 +18,9 @@ Run on 2 processes, either with torchrun (gloo on CPU, NCCL on GPUs):
 
 or as a plain script that spawns 2 CPU processes itself:
 
+    python examples/fsdp2.py                  # CalibratedBalancer
     python examples/fsdp2.py --weighting uncertainty
-    python examples/fsdp2.py --smoke          # a few steps of every weighting, as CI runs it
+    python examples/fsdp2.py --smoke          # 4 steps of every weighting (calibrating over 2)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import balanced_losses as bl
 
 TASKS = ("kind", "position")
 CLASSES = 5
-WEIGHTINGS = ("gradnorm", "uncertainty", "dbmtl")
+WEIGHTINGS = ("calibrated", "gradnorm", "uncertainty")
 
 
 class MultiTask(nn.Module):
@@ -74,7 +76,7 @@ class TrainStep(nn.Module):
         return self.weighting(losses), losses
 
 
-def build(weighting: str) -> tuple[TrainStep, bl.Weighting]:
+def build(weighting: str, calibration_steps: int) -> tuple[TrainStep, bl.Weighting]:
     torch.manual_seed(0)  # the same initial model on every rank
     model = MultiTask()
     fully_shard(model.trunk)
@@ -86,8 +88,10 @@ def build(weighting: str) -> tuple[TrainStep, bl.Weighting]:
     elif weighting == "uncertainty":
         method = bl.UncertaintyWeighting(TASKS)
     else:
-        method = bl.DBMTL(TASKS)
-    root = TrainStep(model, method, feature_level=weighting == "dbmtl")
+        # Its gradient norms are averaged over the ranks (sync_dist): every rank freezes the same
+        # weights.
+        method = bl.CalibratedBalancer(TASKS, steps=calibration_steps)
+    root = TrainStep(model, method, feature_level=weighting == "calibrated")
     fully_shard(root)  # shards what is left: the weighting's own parameters, if any
     return root, method
 
@@ -104,9 +108,11 @@ def full(value: Any) -> Any:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def train(weighting: str, steps: int, device: torch.device) -> dict[str, float]:
+def train(
+    weighting: str, steps: int, calibration_steps: int, device: torch.device
+) -> dict[str, float]:
     rank = dist.get_rank()
-    root, method = build(weighting)
+    root, method = build(weighting, calibration_steps)
     # root.parameters(): the model's and the weighting's learned parameters, all sharded.
     optimizer = torch.optim.AdamW(root.parameters(), lr=1e-3)
     for step in range(steps):
@@ -129,7 +135,9 @@ def train(weighting: str, steps: int, device: torch.device) -> dict[str, float]:
     if not same:
         raise RuntimeError(f"{weighting}: the ranks hold different weighting states")
     if rank == 0:
-        print(f"{weighting}: weights after {steps} steps {weights}; identical on all ranks")
+        frozen = isinstance(method, bl.CalibratedBalancer) and method.frozen
+        phase = f" (fixed after {calibration_steps} steps)" if frozen else ""
+        print(f"{weighting}: weights after {steps} steps {weights}{phase}; identical on all ranks")
     return weights
 
 
@@ -143,7 +151,7 @@ def run(args: argparse.Namespace) -> None:
     if use_cuda:
         torch.cuda.set_device(device)
     for weighting in WEIGHTINGS if args.smoke else (args.weighting,):
-        train(weighting, args.steps, device)
+        train(weighting, args.steps, args.calibration_steps, device)
 
 
 def _spawned(rank: int, init_file: str, world: int, args: argparse.Namespace) -> None:
@@ -164,14 +172,17 @@ def _spawned(rank: int, init_file: str, world: int, args: argparse.Namespace) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weighting", choices=WEIGHTINGS, default="gradnorm")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="calibrated")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--calibration-steps", type=int, default=100, help="CalibratedBalancer's `steps`"
+    )
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn without torchrun")
     parser.add_argument("--smoke", action="store_true", help="4 steps of every weighting on CPU")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.steps, args.device = 4, "cpu"
+        args.steps, args.calibration_steps, args.device = 4, 2, "cpu"
     if "RANK" in os.environ:  # started by torchrun: one process per rank already
         cuda = torch.cuda.is_available() and args.device != "cpu"
         dist.init_process_group("nccl" if cuda else "gloo")

@@ -14,27 +14,35 @@ the weighting is also not part of the model one ships. So:
   Hugging Face restores the rest;
 - `compute_loss` puts it in the model's mode (`Trainer.evaluate` switches the model to eval,
   and an eval-mode weighting applies its weights without updating its statistics);
-- DBMTL has no learned parameters; with UncertaintyWeighting or IMTLL, override
-  `create_optimizer` to add `weighting.parameters()` to the optimizer.
+- CalibratedBalancer, the package's default, has no learned parameters; with
+  UncertaintyWeighting or IMTLL, override `create_optimizer` to add `weighting.parameters()` to
+  the optimizer.
 
 The model is an ordinary Hugging Face model: its forward knows nothing about balanced_losses.
-DBMTL is a feature-level method, attached from the outside with `weighting.attach(model, "bert")`
-("bert" is the encoder submodule whose output the heads share). No heads are named: the topic head
-reads `last_hidden_state[:, 0]`, not the encoder's output itself, so at the weighting's call each
-task's gradient at the encoder's output is measured through its own head (one extra backward pass
-through the heads, none through the encoder), and `loss.backward()` sends the balanced sum into
-the encoder. The factor the Trainer applies to the total after `compute_loss` (the
-gradient-accumulation divisor, the fp16 scaler's scale) reaches the encoder as it reaches the
-heads.
+CalibratedBalancer is a feature-level method, attached from the outside with
+`weighting.attach(model, "bert")` ("bert" is the encoder submodule whose output the heads share).
+For its first `--calibration-steps` training steps it balances the tasks' gradients at the
+encoder's output, then fixes the multipliers it reached as loss weights. No heads are named: the
+topic head reads `last_hidden_state[:, 0]`, not the encoder's output itself, so at the
+weighting's call each task's gradient at the encoder's output is measured through its own head
+(one extra backward pass through the heads, none through the encoder), and `loss.backward()`
+sends the balanced sum into the encoder. The factor the Trainer applies to the total after
+`compute_loss` (the gradient-accumulation divisor, the fp16 scaler's scale) reaches the encoder
+as it reaches the heads.
 
-What to log: the Trainer's own `loss` is DBMTL's total, a sum of logarithms. `log` adds
+Its checkpoint holds the training steps counted (`steps_done`), the gradient norms (`ema`,
+`count`) and the frozen multipliers (`frozen_scale`): a run resumed during the calibration
+continues it, one resumed after keeps its weights.
+
+What to log: the Trainer's own `loss` is the weighting's total: the plain sum of the losses while
+it calibrates, then their sum weighted by the frozen multipliers. `log` adds
 `weighting.log_dict()` to the Trainer's training logs (every `logging_steps`): the raw losses,
-their plain sum `loss/sum` (comparable with a plain-sum run), the weights, and each task's share
-of the gradient sent into the encoder.
+their plain sum `loss/sum` (comparable with a plain-sum run), the weights and, while it
+calibrates, each task's share of the gradient sent into the encoder.
 
     pip install -e ".[hf]"
     python examples/hf_trainer.py --output-dir /tmp/hf-run
-    python examples/hf_trainer.py --smoke    # 4 steps, resumed from step 2, checked (CI)
+    python examples/hf_trainer.py --smoke    # 4 steps (3 calibrating), resumed from step 2 (CI)
 """
 
 from __future__ import annotations
@@ -169,7 +177,9 @@ class SaveWeighting(TrainerCallback):
             torch.save(self.weighting.state_dict(), folder / WEIGHTING_FILE)
 
 
-def make_trainer(output_dir: str, max_steps: int, save_steps: int) -> MultiTaskTrainer:
+def make_trainer(
+    output_dir: str, max_steps: int, save_steps: int, calibration_steps: int = 100
+) -> MultiTaskTrainer:
     torch.manual_seed(0)
     args = TrainingArguments(
         output_dir=output_dir,
@@ -188,7 +198,7 @@ def make_trainer(output_dir: str, max_steps: int, save_steps: int) -> MultiTaskT
         data_seed=0,
     )
     model = TwoHeadBert(tiny_config())
-    weighting = bl.DBMTL(TASKS)
+    weighting = bl.CalibratedBalancer(TASKS, steps=calibration_steps)
     # Hooks on the encoder; the model's forward is unchanged. No heads named: the topic head
     # takes a slice of the encoder's output, so each task's gradient there is measured.
     weighting.attach(model, "bert")
@@ -211,25 +221,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=None, help="default: a temporary folder")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--smoke", action="store_true", help="4 steps, resume from step 2")
+    parser.add_argument(
+        "--calibration-steps", type=int, default=100, help="CalibratedBalancer's `steps`"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="4 steps, 3 calibrating, resumed from step 2"
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke or SMOKE
     with tempfile.TemporaryDirectory() as tmp:
         out = args.output_dir or tmp
         if not smoke:
-            trainer = make_trainer(out, args.steps, save_steps=50)
+            trainer = make_trainer(out, args.steps, 50, args.calibration_steps)
             trainer.train()
             metrics: dict[str, float] = trainer.evaluate()
             weighting = trainer.weighting
             print(dict(zip(weighting.tasks, weighting.last_weights.tolist(), strict=True)), metrics)
             return metrics
 
-        # Smoke: 4 steps in one go, then the same run resumed from its step-2 checkpoint.
-        full = make_trainer(os.path.join(out, "full"), max_steps=4, save_steps=2)
+        # Smoke: 4 steps in one go, then the same run resumed from its step-2 checkpoint. The
+        # weights freeze after step 3: the resumed run finishes the calibration it was in.
+        full = make_trainer(os.path.join(out, "full"), 4, 2, calibration_steps=3)
         full.train()
         at_2 = torch.load(Path(out, "full", "checkpoint-2", WEIGHTING_FILE), weights_only=True)
         # A new trainer (a fresh weighting) resumes from checkpoint-2 and runs steps 3 and 4.
-        resumed = make_trainer(os.path.join(out, "full"), max_steps=4, save_steps=2)
+        resumed = make_trainer(os.path.join(out, "full"), 4, 2, calibration_steps=3)
         restored: dict[str, Any] = {}
 
         class Check(TrainerCallback):
@@ -251,9 +267,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"resumed run ends in the uninterrupted run's weighting state: {match}")
         metrics = resumed.evaluate()
         print(f"eval loss {metrics['eval_loss']:.4f}")
-        logged = [entry for entry in resumed.state.log_history if "loss/sum" in entry]
-        last = {k: round(v, 4) for k, v in logged[-1].items() if "/" in k}
-        print(f"weighting logs at step {logged[-1]['step']}: {last}")
+        weighting = resumed.weighting
+        frozen = dict(zip(weighting.tasks, weighting.frozen_weights.tolist(), strict=True))
+        print(
+            f"after {int(weighting.steps_done)} steps, calibrated over {weighting.steps}: "
+            f"frozen {weighting.frozen}, multipliers {frozen}"
+        )
+        # The log history holds the step-2 logs of the run resumed from, then its own.
+        for entry in resumed.state.log_history:
+            if "loss/sum" in entry:
+                logs = {k: round(v, 4) for k, v in entry.items() if "/" in k}
+                print(f"weighting logs at step {entry['step']}: {logs}")
         return metrics
 
 

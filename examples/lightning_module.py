@@ -4,8 +4,9 @@ The weighting is a submodule of the LightningModule, so
 
 - its learned parameters (UncertaintyWeighting's log-variances) are in `self.parameters()` and
   reach the optimizer without extra code;
-- its state (parameters, or LossNormalizer's running means and counts) is saved in Lightning
-  checkpoints and restored by `load_from_checkpoint`, which the script checks at the end;
+- its state (CalibratedBalancer's gradient norms, step count and frozen multipliers, learned
+  parameters, or LossNormalizer's running means and counts) is saved in Lightning checkpoints
+  and restored by `load_from_checkpoint`, which the script checks at the end;
 - Lightning's `train()`/`eval()` switching freezes its statistics during validation.
 
 What is logged comes from `self.weighting.log_dict()`, called in `on_train_batch_end` (after
@@ -14,21 +15,27 @@ backward and the optimizer step) on the steps Lightning writes to its logger (ev
 raw loss, their plain sum `loss/sum` (the number to compare with a validation loss; the
 weighting's total `loss/total` is what it differentiates), the weights and, for a feature-level
 method, each task's share of the gradient sent into the encoder (`grad_share/<task>`).
+Lightning writes a metric's last value again on the steps after it was logged: once
+CalibratedBalancer has frozen its weights (and logs no shares any more), the `grad_share`
+columns repeat the last shares it measured.
 
-`--weighting dbmtl` uses a feature-level method, attached to the encoder in `__init__`
-(`self.weighting.attach(self, "encoder")`): `losses` stays as it is. No heads are named, since the
-pointer head takes the time-pooled features: each task's gradient at the encoder's output is
-measured through its own head when the weighting is called.
+The default, `--weighting calibrated`, is the package's recommended method, CalibratedBalancer:
+a feature-level method, attached to the encoder in `__init__` (`self.weighting.attach(self,
+"encoder")`), so `losses` stays as it is. No heads are named, since the pointer head takes the
+time-pooled features: each task's gradient at the encoder's output is measured through its own
+head when the weighting is called. For its first `--calibration-steps` steps it balances those
+gradients (and logs each task's share), then fixes the multipliers it reached as loss weights.
 
 Run::
 
     pip install -e ".[lightning]"
-    python examples/lightning_module.py --epochs 5                    # UncertaintyWeighting
+    python examples/lightning_module.py --epochs 5                          # CalibratedBalancer
+    python examples/lightning_module.py --epochs 5 --weighting uncertainty  # learned weights
     python examples/lightning_module.py --epochs 5 --weighting normalizer
-    python examples/lightning_module.py --epochs 5 --weighting dbmtl  # gradient shares logged
 
-`BL_SMOKE=1` (or `--steps N`) runs a few steps on CPU, as CI does; `--fast-dev-run` runs
-Lightning's one-batch check (which disables logging and checkpoints).
+`BL_SMOKE=1` (or `--steps N`) runs a few steps on CPU, as CI does (calibrating over the first 2
+of its 4 steps); `--fast-dev-run` runs Lightning's one-batch check (which disables logging and
+checkpoints).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import balanced_losses as bl
 SMOKE = os.environ.get("BL_SMOKE", "") not in ("", "0")
 STEPS = 105  # time steps per sample: the countdown head has one output per step
 CHANNELS = 4
+WEIGHTINGS = ("calibrated", "uncertainty", "normalizer")
 
 
 def make_dataset(samples: int, seed: int) -> TensorDataset:
@@ -69,7 +77,13 @@ def make_dataset(samples: int, seed: int) -> TensorDataset:
 class TwoTaskModule(L.LightningModule):
     """Shared per-step encoder, pointer head (2 outputs), countdown head (1 output per step)."""
 
-    def __init__(self, weighting: str = "uncertainty", hidden: int = 32, lr: float = 1e-3):
+    def __init__(
+        self,
+        weighting: str = "calibrated",
+        hidden: int = 32,
+        lr: float = 1e-3,
+        calibration_steps: int = 100,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.encoder = nn.Sequential(
@@ -80,22 +94,20 @@ class TwoTaskModule(L.LightningModule):
         self.pointer_loss = bl.HuberLoss(delta=1.0)
         self.countdown_loss = bl.HuberLoss(delta=1.0, target_clip=(-20.0, 20.0))
         # A submodule: its state goes into every Lightning checkpoint with the model's.
-        if weighting == "uncertainty":
-            self.weighting: bl.Weighting = bl.UncertaintyWeighting(["pointer", "countdown"])
+        if weighting == "calibrated":
+            balancer = bl.CalibratedBalancer(["pointer", "countdown"], steps=calibration_steps)
+            # Hooks on self.encoder; `losses` below is unchanged. Measured (no heads named): the
+            # pointer head reads the pooled features, not the encoder's output itself.
+            balancer.attach(self, "encoder")
+            self.weighting: bl.Weighting = balancer
+        elif weighting == "uncertainty":
+            self.weighting = bl.UncertaintyWeighting(["pointer", "countdown"])
         elif weighting == "normalizer":
             self.weighting = bl.LossNormalizer(
                 {"pointer": 2, "countdown": STEPS}, correction="sqrt"
             )
-        elif weighting == "dbmtl":
-            dbmtl = bl.DBMTL(["pointer", "countdown"])
-            # Hooks on self.encoder; `losses` below is unchanged. Measured (no heads named): the
-            # pointer head reads the pooled features, not the encoder's output itself.
-            dbmtl.attach(self, "encoder")
-            self.weighting = dbmtl
         else:
-            raise ValueError(
-                f"`weighting` must be 'uncertainty', 'normalizer' or 'dbmtl', got {weighting!r}"
-            )
+            raise ValueError(f"`weighting` must be one of {WEIGHTINGS}, got {weighting!r}")
 
     def losses(self, batch: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
         x, y_pointer, y_countdown = batch
@@ -128,8 +140,12 @@ class TwoTaskModule(L.LightningModule):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="calibrated")
     parser.add_argument(
-        "--weighting", choices=["uncertainty", "normalizer", "dbmtl"], default="uncertainty"
+        "--calibration-steps",
+        type=int,
+        default=2 if SMOKE else 100,
+        help="CalibratedBalancer's `steps`",
     )
     parser.add_argument("--epochs", type=int, default=1 if SMOKE else 5)
     parser.add_argument(
@@ -149,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     train = DataLoader(make_dataset(args.samples, args.seed), batch_size=32, shuffle=True)
     val = DataLoader(make_dataset(args.samples // 4, args.seed + 1), batch_size=64)
-    model = TwoTaskModule(weighting=args.weighting)
+    model = TwoTaskModule(weighting=args.weighting, calibration_steps=args.calibration_steps)
     quick = SMOKE or 0 < args.steps <= 50
     trainer = L.Trainer(
         accelerator="cpu",

@@ -10,12 +10,15 @@ A two-head model whose losses average over 2 and 105 outputs, on synthetic data:
   clipped to [-20, 20]; Huber, delta 1;
 - Adam, lr 1e-3, batch 32, 2048 training and 512 validation samples.
 
-The same model (same initialization, same batches) is trained under each method: a plain sum,
-a running-mean normalizer that divides each loss by its value (``correction="none"``, fixed
-weights 0.7/0.1, momentum 0.95), the same with ``correction="sqrt"``, uncertainty weighting,
-and gradient balancing at the shared features once :mod:`balanced_losses` provides
-``GradientBalancer``. ``--methods all`` trains every method of the registry in
-``_pointer_countdown_lib.py`` that the installed package provides.
+The same model (same initialization, same batches) is trained under each method: a plain sum
+(``sum``), a running-mean normalizer that divides each loss by its value
+(``demo-normalizer-none``: ``correction="none"``, fixed weights 0.7/0.1, momentum 0.95), the same
+with ``correction="sqrt"`` (``demo-normalizer-sqrt``), uncertainty weighting
+(``uncertainty-weighting``) and the package's default, ``CalibratedBalancer``
+(``calibrated-balancer``). ``--methods`` takes any of these keys, ``alone:pointer`` and
+``alone:countdown`` (one task alone) and every key of :mod:`balanced_losses.catalog`
+(``gradient-balancer``, ``famo``, ``upgrad``, ...); ``--methods all`` trains all but the
+single-task ones.
 
 The script prints the validation MAE in bars of each head after the last epoch and the
 countdown/pointer ratio of the gradient norms that each task's *weighted* term sends into the
@@ -54,12 +57,12 @@ MAEs, the elapsed time and an estimate of the time left for the whole run (all m
 all epochs), e.g. ``[sum] epoch 3/15  val MAE pointer 2.31 countdown 1.20  12 s elapsed, ETA
 2 min 40 s``. ``--quiet`` turns these lines off.
 
-**Runtime, and why 15 epochs.** The five default methods (a plain sum, the value-only
-normalizer and its sqrt variant, uncertainty weighting, and DBMTL, which the benchmark favours
-and which includes a ``GradientBalancer``) fit in a few minutes on a 2-core CPU at 15 epochs;
-the reference run's JSON records its wall time and machine. ``--methods all`` trains every
-method in the registry. ``benchmarks/quality.py`` trains 20 epochs and averages over seeds.
-One seed proves nothing about a method (plain sums vary a lot between seeds).
+**Runtime, and why 15 epochs.** The five default methods fit in a few minutes on a 2-core CPU
+at 15 epochs; the reference run's JSON records its wall time and machine. ``--methods all``
+trains every method of the catalog as well. The benchmark suite's ``user_regime`` problem
+trains the same model on the same generator for 20 epochs over five seeds (``python
+benchmarks/suite.py --problems user_regime``). One seed proves nothing about a method (plain
+sums vary a lot between seeds).
 """
 
 from __future__ import annotations
@@ -86,10 +89,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "output"
 
 DEFAULT_METHODS = [
     "sum",
-    "normalizer",
-    "normalizer-sqrt",
-    "uncertainty",
-    "calibrated",
+    "demo-normalizer-none",
+    "demo-normalizer-sqrt",
+    "uncertainty-weighting",
+    "calibrated-balancer",
 ]
 
 
@@ -102,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=DEFAULT_METHODS,
         metavar="NAME",
-        help=f"methods to train, or `all` (default: {DEFAULT_METHODS}; the registry has "
-        f"{list(lib.REGISTRY)})",
+        help=f"method keys to train, or `all` (default: {DEFAULT_METHODS}; the keys: "
+        f"{lib.method_keys(baselines=True)})",
     )
     parser.add_argument(
         "--out",
@@ -235,23 +238,26 @@ def results_to_json(
         "methods": [
             {
                 **lib.result_to_dict(r),
-                "description": lib.REGISTRY[r.method].description,
+                "description": lib.describe(r.method),
             }
             for r in results
         ],
     }
 
 
-#: Legend labels: the class and settings behind each method name of the registry.
+#: Legend labels of the plain sum and of the demo's own configurations; the other keys are named
+#: as :func:`_pointer_countdown_lib.describe` names them (a catalog method by its label).
 LEGEND = {
     "sum": "plain sum",
-    "normalizer": 'LossNormalizer("none"), 0.7/0.1',
-    "normalizer-sqrt": 'LossNormalizer("sqrt"), 0.7/0.1',
-    "uncertainty": "UncertaintyWeighting",
-    "gradient-balancer": "GradientBalancer",
-    "calibrated": "CalibratedBalancer",
-    "dbmtl": "DBMTL",
+    "demo-normalizer-none": 'LossNormalizer("none"), 0.7/0.1',
+    "demo-normalizer-sqrt": 'LossNormalizer("sqrt"), 0.7/0.1',
 }
+
+
+def legend(key: str) -> str:
+    """How the figure names a method key."""
+    return LEGEND.get(key) or lib.describe(key)
+
 
 CAPTION = (
     "Lower is better in the first two panels; in the third, 1 (dashed) means both tasks send "
@@ -286,7 +292,7 @@ def plot(results: list[lib.RunResult], path: Path, *, title: str) -> None:
                 r.history["epoch"],
                 r.history[key],
                 marker=".",
-                label=LEGEND.get(r.method, r.method),
+                label=legend(r.method),
             )
         values = [v for r in results for v in r.history[key] if math.isfinite(v)]
         if values and min(values) > 0:
@@ -336,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(len(methods), epochs)
     results = []
     for name in methods:
-        print(f"training `{name}`: {lib.REGISTRY[name].description}", flush=True)
+        print(f"training `{name}`: {lib.describe(name)}", flush=True)
 
         def report(epoch: int, figures: dict[str, float], name: str = name) -> None:
             line = progress.epoch_done(name, epoch, figures)

@@ -10,9 +10,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import torch
 
+import balanced_losses as bl
 from tests.registry import same
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +43,25 @@ def _run(script: str, *args: str | Path) -> str:
     return done.stdout
 
 
+def _lib() -> ModuleType:
+    """The demo's shared code, ``examples/_pointer_countdown_lib.py``."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import _pointer_countdown_lib as lib
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return lib
+
+
+DEMO_DEFAULTS = [
+    "sum",
+    "demo-normalizer-none",
+    "demo-normalizer-sqrt",
+    "uncertainty-weighting",
+    "calibrated-balancer",
+]
+
+
 @pytest.mark.slow
 def test_demo_smoke(tmp_path: Path) -> None:
     figure = tmp_path / "figures" / "demo.png"
@@ -51,10 +73,13 @@ def test_demo_smoke(tmp_path: Path) -> None:
     )
     # One progress line per method and epoch, with the time left for the whole run.
     progress = [line for line in out.splitlines() if "] epoch 1/1 " in line]
-    assert len(progress) == out.count("training `") >= 4, out
+    assert len(progress) == out.count("training `") == len(DEMO_DEFAULTS), out
     assert all(re.search(r" elapsed, ETA \d+ (s|min)", line) for line in progress), progress
     assert progress[0].lstrip().startswith("[sum] epoch 1/1  val MAE pointer ")
-    for method in ("sum", "normalizer", "normalizer-sqrt", "uncertainty"):
+    # Each method says what it builds: the catalog's label, or the demo's configuration.
+    assert "training `calibrated-balancer`: CalibratedBalancer" in out
+    assert "training `demo-normalizer-none`: LossNormalizer(correction='none'" in out
+    for method in DEMO_DEFAULTS:
         assert f"| {method} |" in out
     # --figure puts the PNG where asked; --out still takes the JSON.
     assert figure.stat().st_size > 1000
@@ -62,12 +87,7 @@ def test_demo_smoke(tmp_path: Path) -> None:
     assert not (tmp_path / "pointer_countdown.png").exists()
     record = json.loads((tmp_path / "pointer_countdown.json").read_text())
     assert record["smoke"] is True
-    assert [r["method"] for r in record["methods"]][:4] == [
-        "sum",
-        "normalizer",
-        "normalizer-sqrt",
-        "uncertainty",
-    ]
+    assert [r["method"] for r in record["methods"]] == DEMO_DEFAULTS
     for run in record["methods"]:
         assert set(run["val_mae"]) == {"pointer", "countdown"}
         assert math.isfinite(run["ratio_init"])
@@ -77,30 +97,12 @@ def test_demo_smoke(tmp_path: Path) -> None:
     assert (record["threads"], record["machine"]["torch_threads"]) == (1, 1)
 
 
-@pytest.mark.slow
-def test_quality_smoke(tmp_path: Path) -> None:
-    out = _run("benchmarks/quality.py", "--smoke", "--jobs", "1", "--out", tmp_path)
-    table = (tmp_path / "quality_smoke.md").read_text()
-    record = json.loads((tmp_path / "quality_smoke_runs.json").read_text())
-    assert record["calls"][-1]["new_runs"] == len(record["runs"])
-    assert "machine" in record["runs"][0]
-    for method in ("pointer-alone", "countdown-alone", "sum", "normalizer", "uncertainty"):
-        assert f"| {method} |" in table
-    assert "delta_m" in out
-    assert (tmp_path / "quality_smoke.png").stat().st_size > 1000
-
-
-@pytest.mark.slow
-def test_speed_smoke(tmp_path: Path) -> None:
-    _run("benchmarks/speed.py", "--smoke", "--out", tmp_path)
-    table = (tmp_path / "speed_smoke.md").read_text()
-    record = json.loads((tmp_path / "speed_smoke.json").read_text())
-    assert [t["name"] for t in record["trunks"]] == ["demo", "wide"]
-    assert record["trunks"][0]["rows"][0]["method"] == "sum"
-    assert "load_average_1_5_15_min" in record["machine"]
-    assert "| sum | " in table
-    assert "wide" in table
-    assert "| uncertainty |" in table
+def test_demo_reference_run_uses_keys_the_demo_accepts() -> None:
+    """The committed run behind the README's table names methods the demo still builds."""
+    record = json.loads((ROOT / "examples" / "results" / "pointer_countdown.json").read_text())
+    methods = [r["method"] for r in record["methods"]]
+    assert methods == DEMO_DEFAULTS
+    assert _lib().resolve_methods(methods) == methods
 
 
 @pytest.mark.slow
@@ -113,48 +115,44 @@ def test_aggregators_speed_smoke(tmp_path: Path) -> None:
     (config,) = record["configs"]
     assert (config["trunk"], config["tasks"]) == ("demo", 3)
     rows = {row["method"]: row for row in config["rows"]}
-    assert list(rows)[:2] == ["sum", "GradientBalancer"]
-    assert {"IMTLG", "IMTLG(balance_norms=True)", "PCGrad"} <= set(rows)
+    # A plain sum, then every feature-level method of the catalog, named by its label.
+    ours = [m.label.strip("`") for m in bl.catalog.methods("features")]
+    assert list(rows)[: 1 + len(ours)] == ["sum", *ours]
+    assert {rows[name]["family"] for name in ours} == {"ours"}
+    assert rows["UPGrad(balance_norms=True)"]["aggregator"] == "UPGrad"
     for row in rows.values():
         assert math.isfinite(row["ratio"])
         assert row["peak"] > 0
     assert "| IMTLG | " in table
+    assert "| CalibratedBalancer | " in table
     if importlib.util.find_spec("torchjd") is not None:
         assert rows["torchjd.IMTLG"]["family"] == "torchjd"
         assert rows["IMTLG"]["torchjd_over_ours"] > 0
+        assert "torchjd_over_ours" not in rows["UPGrad(balance_norms=True)"]
+        assert "torchjd.GradientBalancer" not in rows  # TorchJD has no peer of it
         assert "TorchJD's step time / ours" in table
 
 
-def test_registry_skips_missing_classes(capsys: pytest.CaptureFixture[str]) -> None:
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import _pointer_countdown_lib as lib
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    lib.REGISTRY["needs-missing"] = lib.Method(
-        "needs-missing", lambda ctx: lib.Strategy(ctx.tasks), "test", ("NoSuchWeighting",)
-    )
-    try:
-        chosen = lib.resolve_methods(["sum", "needs-missing"])
-    finally:
-        del lib.REGISTRY["needs-missing"]
-    assert chosen == ["sum"]
-    assert "needs-missing (NoSuchWeighting)" in capsys.readouterr().out
+def test_demo_accepts_every_catalog_key_and_its_baselines() -> None:
+    lib = _lib()
+    keys = [m.key for m in bl.catalog.methods()]
+    assert lib.method_keys() == ["sum", *(m.key for m in lib.CONFIGURATIONS), *keys]
+    assert lib.method_keys(baselines=True)[:2] == ["alone:pointer", "alone:countdown"]
+    assert lib.resolve_methods(None) == lib.method_keys()
+    assert lib.resolve_methods(["alone:countdown", "famo"]) == ["alone:countdown", "famo"]
+    with pytest.raises(SystemExit, match="unknown method \\['normalizer'\\]"):
+        lib.resolve_methods(["sum", "normalizer"])
+    assert lib.describe("sum") == "plain sum(losses)"
+    assert lib.describe("alone:pointer") == "pointer loss alone"
+    assert lib.describe("upgrad-balanced") == "UPGrad(balance_norms=True)"
 
 
 def test_weighted_ratio_uses_effective_weights_without_touching_state() -> None:
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import _pointer_countdown_lib as lib
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    import torch
-
+    lib = _lib()
     batch = lib.make_data(8, seed=0)
     model = lib.PointerCountdownNet(hidden=4)
-    ctx = lib.MethodContext(lib.TASKS, dict(lib.OUTPUT_SIZES), model, 0)
-    plain = lib.weighted_gradient_ratio(model, lib.REGISTRY["sum"].factory(ctx), batch)
-    strategy = lib.REGISTRY["normalizer"].factory(ctx)
+    plain = lib.weighted_gradient_ratio(model, lib.make_strategy("sum", model, 0), batch)
+    strategy = lib.make_strategy("demo-normalizer-none", model, 0)
     normalized = lib.weighted_gradient_ratio(model, strategy, batch)
     losses = lib.task_losses(model(batch.x), batch)
     # First step of the value-only normalizer: w_k = weight_k / L_k (correction "none").
@@ -174,119 +172,73 @@ def test_weighted_ratio_uses_effective_weights_without_touching_state() -> None:
     assert torch.equal(strategy.weighting.count, torch.zeros(2, dtype=torch.long))
 
 
-def test_strategy_hooks_branching_and_extra_parameters() -> None:
-    """The registry's plumbing for methods that are not merged yet, with stand-in weightings."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import _pointer_countdown_lib as lib
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    import torch
-    from torch import nn
+@pytest.mark.parametrize("key", ["famo", "dwa", "loss-normalizer", "gradient-balancer"])
+def test_the_loop_calls_every_method_s_lifecycle(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """after_step after every optimizer step, epoch_end at every epoch's end, for any method;
+    the losses after the step are computed only for a method that reads them (FAMO)."""
+    lib = _lib()
+    cls = bl.catalog.get(key).cls
+    calls: dict[str, int] = {"after_step": 0, "epoch_end": 0, "recomputed": 0}
+    after_step, epoch_end = cls.after_step, cls.epoch_end
+    recompute = lib.task_losses
 
-    calls: dict[str, list] = {"branch": [], "update": [], "step": []}
+    def counting_after_step(self: bl.Weighting, losses: object) -> None:
+        assert callable(losses)
+        calls["after_step"] += 1
+        after_step(self, losses)
 
-    class StandIn(nn.Module):
-        """Learned weight per task, a branch that doubles the pointer's gradient, two hooks."""
+    def counting_epoch_end(self: bl.Weighting) -> None:
+        calls["epoch_end"] += 1
+        epoch_end(self)
 
-        def __init__(self, tasks: tuple[str, ...]) -> None:
-            super().__init__()
-            self.tasks = tasks
-            self.scale = nn.Parameter(torch.ones(len(tasks)))
+    def counting_losses(*args: object) -> object:
+        calls["recomputed"] += torch.is_grad_enabled() is False
+        return recompute(*args)
 
-        def branch(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-            calls["branch"].append(feats.shape)
-            doubled = feats.detach() + 2.0 * (feats - feats.detach())  # value feats, grad x2
-            return {"pointer": doubled, "countdown": feats}
-
-        def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-            return sum(self.scale[i] * losses[t] for i, t in enumerate(self.tasks))
-
-        @property
-        def weights(self) -> dict[str, torch.Tensor]:
-            # d total / d L_k at the shared features: the branch doubles the pointer's.
-            return {"pointer": 2.0 * self.scale[0], "countdown": self.scale[1]}
-
-        def update(self, losses: dict[str, torch.Tensor]) -> None:
-            assert all(not v.requires_grad for v in losses.values())
-            calls["update"].append(sorted(losses))
-
-        def step(self) -> None:
-            calls["step"].append(True)
-
-    def factory(ctx: lib.MethodContext) -> lib.Strategy:
-        return lib.Strategy(
-            ctx.tasks,
-            StandIn(ctx.tasks),
-            optimize_weighting=True,
-            epoch_hook="step",
-            step_hook="update",
-        )
-
-    lib.REGISTRY["stand-in"] = lib.Method("stand-in", factory, "test")
-    try:
-        result = lib.train(
-            "stand-in", epochs=2, n_train=128, n_val=16, max_steps=3, probe_size=8, hidden=4
-        )
-    finally:
-        del lib.REGISTRY["stand-in"]
-    assert len(calls["update"]) == 6  # after every optimizer step
-    assert len(calls["step"]) == 2  # at every epoch's end
-    assert len(calls["branch"]) >= 6  # every training step branches
+    monkeypatch.setattr(cls, "after_step", counting_after_step)
+    monkeypatch.setattr(cls, "epoch_end", counting_epoch_end)
+    monkeypatch.setattr(lib, "task_losses", counting_losses)
+    result = lib.train(key, epochs=2, n_train=128, n_val=16, max_steps=3, probe_size=8, hidden=4)
+    assert calls["after_step"] == 6  # after every optimizer step
+    assert calls["epoch_end"] == 2  # at every epoch's end
+    assert calls["recomputed"] == (6 if key == "famo" else 0)
     assert all(math.isfinite(r) for r in result.history["ratio"])
+
+
+def test_learned_weights_train_with_the_model_and_features_branch() -> None:
+    lib = _lib()
     batch = lib.make_data(8, seed=3)
     model = lib.PointerCountdownNet(hidden=4)
-    ctx = lib.MethodContext(lib.TASKS, dict(lib.OUTPUT_SIZES), model, 0)
-    strategy = factory(ctx)
+    strategy = lib.make_strategy("uncertainty-weighting", model, 0)
+    assert not strategy.branches
+    assert strategy.weighting is not None
+    (log_vars,) = strategy.extra_parameters()
+    assert log_vars is strategy.weighting.log_vars
     optimizer = torch.optim.Adam([*model.parameters(), *strategy.extra_parameters()], lr=0.1)
     strategy.step(model, optimizer, batch)
-    assert strategy.weighting is not None
-    # Its parameters were in the optimizer: Adam moved them away from 1.
-    assert not torch.equal(strategy.weighting.scale.detach(), torch.ones(2))
-    probe = lib.weighted_gradient_ratio(model, strategy, batch)
-    scale = strategy.weighting.scale.detach()
-    assert probe["w_pointer"] == pytest.approx(2.0 * scale[0].item(), rel=1e-6)
-    assert probe["ratio"] == pytest.approx(
-        scale[1].item() * probe["countdown"] / (2.0 * scale[0].item() * probe["pointer"]),
-        rel=1e-6,
-    )
+    # Its parameters were in the optimizer: Adam moved them away from 0.
+    assert not torch.equal(log_vars.detach(), torch.zeros(2, dtype=log_vars.dtype))
+    # GradNorm trains its weights with its own optimizer, on the encoder's last layer.
+    gradnorm = lib.make_strategy("grad-norm", model, 0)
+    assert gradnorm.extra_parameters() == []
+    assert lib.make_strategy("gradient-balancer", model, 0).branches
 
 
 def test_feature_level_methods_branch_with_shipped_defaults() -> None:
-    """GradientBalancer and the aggregators share one factory: the weighting branches the
-    encoder's output, its constructor gets the defaults (PCGrad: the run's seed), and the probe
-    of the effective weights reads the coefficients without touching the strategy's state."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import _pointer_countdown_lib as lib
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    import torch
-
-    import balanced_losses as bl
-
-    expected = {
-        "gradient-balancer": bl.GradientBalancer,
-        "upgrad": bl.UPGrad,
-        "upgrad-balanced": bl.UPGrad,
-        "mgda": bl.MGDA,
-        "cagrad": bl.CAGrad,
-        "imtlg": bl.IMTLG,
-        "aligned-mtl": bl.AlignedMTL,
-        "nash-mtl": bl.NashMTL,
-        "fairgrad": bl.FairGrad,
-        "pcgrad": bl.PCGrad,
-    }
+    """Every feature-level method of the catalog is built by key: the weighting branches the
+    encoder's output, its constructor gets the defaults (and the configuration's options; PCGrad
+    the run's seed), and the probe of the effective weights leaves its state untouched."""
+    lib = _lib()
     batch = lib.make_data(8, seed=0)
-    for name, cls in expected.items():
+    for method in bl.catalog.methods("features"):
+        name = method.key
         model = lib.PointerCountdownNet(hidden=4)
-        ctx = lib.MethodContext(lib.TASKS, dict(lib.OUTPUT_SIZES), model, 5)
-        strategy = lib.REGISTRY[name].factory(ctx)
-        assert type(strategy.weighting) is cls, name
+        strategy = lib.make_strategy(name, model, 5)
+        assert type(strategy.weighting) is method.cls, name
         assert strategy.branches, name
         weighting = strategy.weighting
-        if name != "gradient-balancer":
-            assert weighting.balance_norms is (name == "upgrad-balanced"), name
+        for option, value in method.options.items():
+            assert getattr(weighting, option) == value, name
         before = {k: v.clone() for k, v in weighting.named_buffers()}
         probe = lib.weighted_gradient_ratio(model, strategy, batch)
         assert math.isfinite(probe["ratio"]), name
@@ -297,7 +249,5 @@ def test_feature_level_methods_branch_with_shipped_defaults() -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         losses = strategy.step(model, optimizer, batch)
         assert all(math.isfinite(float(v)) for v in losses.values()), name
-    pcgrad = lib.REGISTRY["pcgrad"].factory(
-        lib.MethodContext(lib.TASKS, dict(lib.OUTPUT_SIZES), lib.PointerCountdownNet(hidden=4), 5)
-    )
-    assert int(pcgrad.weighting.seed) == 5  # the run's seed, from the context
+    model = lib.PointerCountdownNet(hidden=4)
+    assert int(lib.make_strategy("pcgrad", model, 5).weighting.seed) == 5  # the run's seed

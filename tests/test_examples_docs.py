@@ -4,6 +4,7 @@ public class carries a runnable ``>>>`` example (the doctests themselves run thr
 
 from __future__ import annotations
 
+import ast
 import csv
 import os
 import runpy
@@ -124,50 +125,69 @@ def test_monitor_example_logs_what_the_real_gradient_monitor_measures(monkeypatc
     assert "step     5" in capsys.readouterr().out
 
 
+TWO_TASKS = ("pointer", "countdown")
+
+
 def _check_lightning_run(
-    tmp_path: Path, weighting: str, state: str, *, feature_level: bool = False
-) -> None:
+    tmp_path: Path, weighting: str | None, state: str, *, feature_level: bool = False
+) -> list[dict[str, str]]:
+    """Run the Lightning example (``None``: its default weighting); return its logged rows."""
     pytest.importorskip("lightning")
     logdir = tmp_path / "logs"
+    chosen = ["--weighting", weighting] if weighting is not None else []
     out = run_script(
-        EXAMPLES / "lightning_module.py",
-        "--weighting",
-        weighting,
-        "--logdir",
-        str(logdir),
-        cwd=tmp_path,
+        EXAMPLES / "lightning_module.py", *chosen, "--logdir", str(logdir), cwd=tmp_path
     ).stdout
     assert f"restored weighting state: {state}" in out
-    (metrics,) = logdir.glob(f"two_task_{weighting}/version_*/metrics.csv")
+    (metrics,) = logdir.glob(f"two_task_{weighting or 'calibrated'}/version_*/metrics.csv")
     with metrics.open() as f:
-        rows = list(csv.DictReader(f))
-    weights = [
-        (float(r["weight/pointer"]), float(r["weight/countdown"]))
-        for r in rows
-        if r["weight/pointer"]
-    ]
+        rows = [r for r in csv.DictReader(f) if r["weight/pointer"]]
+    weights = [(float(r["weight/pointer"]), float(r["weight/countdown"])) for r in rows]
     assert len(weights) == 4  # one row per step in smoke mode
     assert all(w > 0 for pair in weights for w in pair)
-    assert any(r["val_loss/countdown"] for r in rows)  # validation ran and logged
+    with metrics.open() as f:
+        assert any(r["val_loss/countdown"] for r in csv.DictReader(f))  # validation ran, logged
     # log_dict's plain sum of the raw losses, on the same rows as the weights.
     for r in rows:
-        if r["weight/pointer"]:
-            assert float(r["loss/sum"]) == pytest.approx(
-                float(r["loss/pointer"]) + float(r["loss/countdown"]), rel=1e-5
-            )
+        assert float(r["loss/sum"]) == pytest.approx(
+            float(r["loss/pointer"]) + float(r["loss/countdown"]), rel=1e-5
+        )
     # Gradient shares: logged by the feature-level methods only (attach measured them).
-    shares = [
-        (float(r["grad_share/pointer"]), float(r["grad_share/countdown"]))
-        for r in rows
-        if r.get("grad_share/pointer")
-    ]
-    if feature_level:
-        assert len(shares) == 4
-        assert all(a + b == pytest.approx(1.0) and 0 < a < 1 for a, b in shares)
-    else:
-        assert not shares
+    if not feature_level:
+        assert not any(r.get("grad_share/pointer") for r in rows)
+    return rows
 
 
+@needs_examples
+def test_lightning_example_calibrates_then_fixes_the_weights_by_default(tmp_path):
+    """The default, CalibratedBalancer attached to the encoder: in smoke mode it balances the
+    gradients at the encoder for 2 steps (a plain sum, the shares logged), then trains on the
+    fixed weighted sum of the weights it reached; its state survives the checkpoint."""
+    rows = _check_lightning_run(
+        tmp_path,
+        None,
+        "['_extra_state', 'count', 'ema', 'frozen_scale', 'steps_done']",
+        feature_level=True,
+    )
+    calibrating, fixed = rows[:2], rows[2:]
+    for r in calibrating:
+        shares = float(r["grad_share/pointer"]), float(r["grad_share/countdown"])
+        assert sum(shares) == pytest.approx(1.0)
+        assert all(0 < share < 1 for share in shares)
+        # The balancing acts in backward: the total is the plain sum.
+        assert float(r["loss/total"]) == pytest.approx(float(r["loss/sum"]), rel=1e-6)
+    weights = {(r["weight/pointer"], r["weight/countdown"]) for r in fixed}
+    assert len(weights) == 1  # fixed: the same weights on every later step
+    for r in fixed:
+        expected = sum(float(r[f"weight/{t}"]) * float(r[f"loss/{t}"]) for t in TWO_TASKS)
+        assert float(r["loss/total"]) == pytest.approx(expected, rel=1e-5)
+        assert float(r["loss/total"]) != pytest.approx(float(r["loss/sum"]), rel=1e-3)
+    # The countdown's loss (and gradient) is the larger: its multiplier went below the pointer's.
+    (pointer, countdown) = next(iter(weights))
+    assert float(countdown) < 1 < float(pointer)
+
+
+@pytest.mark.slow
 @needs_examples
 def test_lightning_example_with_uncertainty_weighting(tmp_path):
     _check_lightning_run(tmp_path, "uncertainty", "['_extra_state', 'log_vars']")
@@ -180,17 +200,6 @@ def test_lightning_example_with_loss_normalizer(tmp_path):
         tmp_path,
         "normalizer",
         "['_extra_state', 'count', 'ema', 'micro_step', 'pending_count', 'pending_sum']",
-    )
-
-
-@pytest.mark.slow
-@needs_examples
-def test_lightning_example_with_dbmtl_attached_logs_gradient_shares(tmp_path):
-    _check_lightning_run(
-        tmp_path,
-        "dbmtl",
-        "['_extra_state', 'balancer._extra_state', 'balancer.count', 'balancer.ema']",
-        feature_level=True,
     )
 
 
@@ -212,25 +221,55 @@ def test_docs_figures_regenerate(tmp_path):
     assert made  # the docs show at least one figure
 
 
-@needs_examples
-def test_amp_loop_example_trains_with_float16_and_grad_scaler(tmp_path):
-    out = run_script(EXAMPLES / "amp_loop.py", "--smoke", cwd=tmp_path).stdout
+def _amp_lines(*args: str, tmp_path: Path) -> list[dict[str, float]]:
+    """The amp example's log lines in smoke mode (steps 1, 3 and 5), as dicts of floats."""
+    out = run_script(EXAMPLES / "amp_loop.py", "--smoke", *args, cwd=tmp_path).stdout
     lines = [line for line in out.splitlines() if line.startswith("step")]
     assert len(lines) == 3  # log_dict(every=2): steps 1, 3 and 5
-    last = dict(item.split("=") for item in lines[-1].split()[2:])
-    assert float(last["scale"]) > 1  # GradScaler("cpu") is enabled and scaling
-    for task in ("kind", "position"):
-        assert float(last[f"weight/{task}"]) > 0
-    # attach routed the heads' inputs: DBMTL saw both tasks' gradients at the trunk.
-    shares = [float(last[f"grad_share/{task}"]) for task in ("kind", "position")]
-    assert all(0 < share < 1 for share in shares)
-    assert sum(shares) == pytest.approx(1.0, abs=1e-3)  # printed with 4 significant digits
-    assert float(last["loss/sum"]) > float(last["loss/position"])
-    # DBMTL divides by the loss: the large-valued regression gets the smaller weight.
-    assert float(last["weight/position"]) < float(last["weight/kind"])
+    return [{k: float(v) for k, v in (i.split("=") for i in line.split()[2:])} for line in lines]
 
 
 @needs_examples
+def test_amp_loop_example_trains_with_float16_and_grad_scaler(tmp_path):
+    """The default, CalibratedBalancer: calibrating over steps 1-4 in smoke mode (the balancing
+    in the scaled backward), then a fixed weighted sum on steps 5 and 6."""
+    first, calibrating, fixed = _amp_lines(tmp_path=tmp_path)
+    assert fixed["scale"] > 1  # GradScaler("cpu") is enabled and scaling
+    # While calibrating the total is the plain sum; attach routed the heads' inputs, so the
+    # balancer saw both tasks' gradients at the trunk.
+    assert calibrating["loss/total"] == pytest.approx(calibrating["loss/sum"], rel=1e-3)
+    shares = [calibrating[f"grad_share/{task}"] for task in ("kind", "position")]
+    assert all(0 < share < 1 for share in shares)
+    assert sum(shares) == pytest.approx(1.0, abs=1e-3)  # printed with 4 significant digits
+    # The large-valued regression sends the larger gradient into the trunk: its multiplier is
+    # lowered, the classification's lifted, whatever the scaler's factor.
+    assert calibrating["weight/position"] < 1 < calibrating["weight/kind"]
+    # Fixed: nothing measured at the trunk any more; the total is the weighted sum.
+    assert not any(key.startswith("grad_share/") for key in fixed)
+    weighted = sum(fixed[f"weight/{t}"] * fixed[f"loss/{t}"] for t in ("kind", "position"))
+    assert fixed["loss/total"] == pytest.approx(weighted, rel=1e-3)
+    assert fixed["weight/position"] < 1 < fixed["weight/kind"]
+    assert fixed["loss/sum"] > fixed["loss/position"]
+    assert first["weight/kind"] > 0
+
+
+@needs_examples
+def test_amp_loop_example_with_dbmtl_divides_by_the_loss(tmp_path):
+    *_, last = _amp_lines("--weighting", "dbmtl", tmp_path=tmp_path)
+    assert last["scale"] > 1
+    for task in ("kind", "position"):
+        assert last[f"weight/{task}"] > 0
+    # attach routed the heads' inputs: DBMTL saw both tasks' gradients at the trunk.
+    shares = [last[f"grad_share/{task}"] for task in ("kind", "position")]
+    assert all(0 < share < 1 for share in shares)
+    assert sum(shares) == pytest.approx(1.0, abs=1e-3)
+    assert last["loss/sum"] > last["loss/position"]
+    # DBMTL divides by the loss: the large-valued regression gets the smaller weight.
+    assert last["weight/position"] < last["weight/kind"]
+
+
+@needs_examples
+@pytest.mark.parametrize("weighting", ["calibrated", "dbmtl"])
 @pytest.mark.parametrize(
     "heads",
     [
@@ -238,7 +277,7 @@ def test_amp_loop_example_trains_with_float16_and_grad_scaler(tmp_path):
         pytest.param(None, id="measured"),
     ],
 )
-def test_amp_loop_attach_scales_the_trunk_gradient_like_the_heads(heads):
+def test_amp_loop_attach_scales_the_trunk_gradient_like_the_heads(weighting, heads):
     """Under float16 autocast + GradScaler, the unscaled trunk gradient equals the unscaled
     gradient of the same step without the scaler (the example's model and data)."""
     from torch.nn import functional as F
@@ -248,8 +287,8 @@ def test_amp_loop_attach_scales_the_trunk_gradient_like_the_heads(heads):
     def unscaled_grads(scale: float | None) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = example["TwoHeads"]()
-        dbmtl = balanced_losses.DBMTL(example["TASKS"])
-        dbmtl.attach(model, "trunk", heads)
+        balancer = example["make_weighting"](weighting)
+        balancer.attach(model, "trunk", heads)
         x, kind, position = example["make_batch"](torch.Generator().manual_seed(0), 64)
         with torch.autocast("cpu", dtype=torch.float16):
             out = model(x)
@@ -257,7 +296,7 @@ def test_amp_loop_attach_scales_the_trunk_gradient_like_the_heads(heads):
             "kind": F.cross_entropy(out["kind"].float(), kind),
             "position": F.mse_loss(out["position"].float(), position),
         }
-        total = dbmtl(losses)
+        total = balancer(losses)
         if scale is None:
             total.backward()
         else:
@@ -266,8 +305,12 @@ def test_amp_loop_attach_scales_the_trunk_gradient_like_the_heads(heads):
             scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
         return [model.trunk[0].weight.grad, model.kind.weight.grad]
 
-    # float16 rounds differently with and without the scale: compared as whole tensors.
-    for scaled, plain in zip(unscaled_grads(2.0**16), unscaled_grads(None), strict=True):
+    # float16 rounds differently with and without the scale: compared as whole tensors. DBMTL
+    # divides each gradient by its loss, so its scaled gradients stay finite at GradScaler's
+    # initial scale, 2^16; CalibratedBalancer's first step balances the raw gradients, whose
+    # regression part overflows float16 there (GradScaler backs off in training): 2^8.
+    scale = {"calibrated": 2.0**8, "dbmtl": 2.0**16}[weighting]
+    for scaled, plain in zip(unscaled_grads(scale), unscaled_grads(None), strict=True):
         assert (scaled - plain).norm() < 1e-2 * plain.norm()
 
 
@@ -276,8 +319,10 @@ def test_amp_loop_attach_scales_the_trunk_gradient_like_the_heads(heads):
 @needs_examples
 def test_fsdp2_example_trains_every_weighting_on_two_spawned_ranks(tmp_path):
     out = run_script(EXAMPLES / "fsdp2.py", "--smoke", cwd=tmp_path).stdout
-    for weighting in ("gradnorm", "uncertainty", "dbmtl"):
+    for weighting in ("calibrated", "gradnorm", "uncertainty"):
         assert f"{weighting}: weights after 4 steps" in out
+    # CalibratedBalancer fixed its weights after 2 steps, the same on both ranks.
+    assert "(fixed after 2 steps); identical on all ranks" in out
     assert out.count("identical on all ranks") == 3
 
 
@@ -288,11 +333,25 @@ def test_hf_trainer_example_resumes_the_weighting_from_its_checkpoint(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # the Trainer needs it
     out = run_script(EXAMPLES / "hf_trainer.py", "--smoke", cwd=tmp_path).stdout
-    assert "resume restored the weighting's state of step 2: ['_extra_state', " in out
-    assert "'balancer.ema'" in out  # DBMTL's statistics, not only its task names
+    # CalibratedBalancer's statistics, not only its task names.
+    assert (
+        "resume restored the weighting's state of step 2: "
+        "['_extra_state', 'count', 'ema', 'frozen_scale', 'steps_done']"
+    ) in out
+    # Resumed during the calibration (3 steps), it finished it and froze the same weights.
     assert "resumed run ends in the uninterrupted run's weighting state: True" in out
+    assert "after 4 steps, calibrated over 3: frozen True" in out
     assert "eval loss" in out
-    # The Trainer's training logs carry log_dict's keys, gradient shares included (attach).
-    (logs,) = [line for line in out.splitlines() if line.startswith("weighting logs at step 4:")]
-    for key in ("loss/sum", "weight/topic", "grad_share/topic", "grad_share/salience"):
-        assert f"'{key}'" in logs
+    # The Trainer's training logs carry log_dict's keys: gradient shares while it calibrates
+    # (attach measured them), none once the weights are fixed.
+    logs = {}
+    for line in out.splitlines():
+        if line.startswith("weighting logs at step "):
+            step, text = line.removeprefix("weighting logs at step ").split(": ", 1)
+            logs[int(step)] = ast.literal_eval(text)
+    assert sorted(logs) == [2, 4]
+    assert logs[2]["grad_share/topic"] + logs[2]["grad_share/salience"] == pytest.approx(1, 1e-3)
+    assert logs[2]["loss/total"] == pytest.approx(logs[2]["loss/sum"], rel=1e-3)
+    assert not any(key.startswith("grad_share/") for key in logs[4])
+    weighted = sum(logs[4][f"weight/{t}"] * logs[4][f"loss/{t}"] for t in ("topic", "salience"))
+    assert logs[4]["loss/total"] == pytest.approx(weighted, rel=1e-3)
