@@ -287,6 +287,22 @@ def block_held_out() -> str:
     )
 
 
+def block_method_list() -> str:
+    """Every method of the package by family, from its catalog (nothing typed by hand)."""
+
+    def names(level: str) -> str:
+        found = [f"`{m.name}`" for m in _catalog().methods(level) if not m.options]
+        return ", ".join(found[:-1]) + " and " + found[-1]
+
+    return (
+        f"Every feature-level method takes the same lines: {names('features')}, each computed "
+        "from the tasks' gradients at the features in the same single backward pass "
+        "(`docs/conflicts.md`). The loss-level methods need only the losses: "
+        f"{names('loss')} replace the sum in the same way "
+        "(`bl.catalog.methods()` lists them all, and builds any of them by key)."
+    )
+
+
 def block_round_two() -> str:
     rd = _default()
     return rd.round_two_text(rd.load((*rd.DEVELOPMENT, *rd.HELD_OUT)))
@@ -689,6 +705,7 @@ BLOCKS: dict[str, Block] = {
     "held-out": Block((*DEFAULT_SOURCES, "benchmarks/results/failure_modes.json"), block_held_out),
     "failure-modes": Block(FAILURE_SOURCES, block_failure_modes),
     "default-round-2": Block(DEFAULT_SOURCES, block_round_two),
+    "method-list": Block(("src/balanced_losses/catalog.py",), block_method_list),
     "suite-summary": Block((*SUITE, *DEFAULT_SOURCES[4:]), block_suite_summary),
     "suite-scaling": Block((*SCALING, "benchmarks/results/suite_speed.json"), block_suite_scaling),
     "demo-table": Block((DEMO,), block_demo_table),

@@ -114,7 +114,8 @@ def test_attached_model_trains_with_the_frozen_weights(heads: bool) -> None:
     s = balancer.frozen_weights
     losses = _losses(twin(xs[1]))
     (s[0] * losses["a"] + s[1] * losses["b"]).backward()
-    torch.testing.assert_close(total, s[0] * losses["a"] + s[1] * losses["b"])
+    # The value stays the plain sum's; the gradient above is the weighted sum's.
+    torch.testing.assert_close(total, losses["a"] + losses["b"])
     for p, q in zip(net.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
 
@@ -163,3 +164,21 @@ def test_evaluation_neither_counts_nor_freezes() -> None:
 def test_bad_steps_are_named(steps: object) -> None:
     with pytest.raises(ValueError, match=f"`steps` must be an integer >= 1, got {steps!r}"):
         bl.CalibratedBalancer(TASKS, steps=steps)  # type: ignore[arg-type]
+
+
+def test_a_frozen_weight_on_a_large_loss_cannot_overflow_the_total() -> None:
+    """Frozen weights of 1e29 (a task whose gradient was 1e-29 of the other's while
+    calibrating) on a loss of 1e10 give a finite total: the weights act on the gradient."""
+    balancer = bl.CalibratedBalancer(TASKS, steps=1)
+    with torch.no_grad():
+        balancer.steps_done.fill_(1)
+    balancer.load_state_dict(balancer.state_dict())  # frozen from the restored count
+    balancer.frozen_scale.copy_(torch.tensor([1e29, 1.0]))
+    assert balancer.frozen
+    a, b = torch.tensor(1e10, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    total = balancer({"a": a, "b": b})
+    assert torch.isfinite(total)
+    assert total.item() == pytest.approx(1e10 + 2.0)
+    total.backward()
+    assert a.grad.item() == pytest.approx(1e29)
+    assert b.grad.item() == pytest.approx(1.0)

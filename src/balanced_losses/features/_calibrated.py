@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from balanced_losses._autograd import scale_gradient
 from balanced_losses.features._gradient_balancer import GradientBalancer
 
 __all__ = ["CalibratedBalancer"]
@@ -24,9 +25,12 @@ class CalibratedBalancer(GradientBalancer):
     .. math::
         s_k = \frac{\operatorname{mean}_j \hat n_j}{\hat n_k},
 
-    are frozen, and every later step returns the fixed weighted sum
+    are frozen, and every later step trains on the fixed weighted sum
     :math:`\sum_k w_k s_k L_k`: a plain loss weighting, with nothing measured and no
-    autograd node at the features (:meth:`branch` and :meth:`attach` then route nothing).
+    autograd node at the features (:meth:`branch` and :meth:`attach` then route nothing). The
+    returned total keeps the value of the plain sum :math:`\sum_k L_k` throughout (the weights
+    act on its gradient, which is the weighted sum's), so a logged total does not jump at the
+    freeze.
 
     **When to use it.** As the default: it corrects the imbalance that the losses' reductions,
     regimes and scales put into the gradients at the shared layers (a mean over 2 outputs next
@@ -143,10 +147,10 @@ class CalibratedBalancer(GradientBalancer):
         return super().branch(feats)
 
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        r"""Return the total: the plain sum while calibrating, then the fixed weighted sum.
+        r"""Return the total: the plain sum's value, with the balanced gradient.
 
-        While calibrating the balancing acts in backward; once frozen the total is
-        :math:`\sum_k w_k s_k L_k`.
+        While calibrating the balancing acts in backward at the features; once frozen the
+        gradient of the total is that of :math:`\sum_k w_k s_k L_k`.
         """
         self._freeze_if_calibrated()
         if self._updating:
@@ -159,7 +163,10 @@ class CalibratedBalancer(GradientBalancer):
         values, present = self._stack(losses)
         scale = self.frozen_scale.to(values.device)
         self._record(scale, present)
-        return self._returned((scale.to(values.dtype) * values).sum())
+        # The fixed weights act on the gradients only: the value stays the plain sum, as while
+        # calibrating (a logged total does not jump at the freeze), and a large weight on a
+        # large loss cannot overflow it.
+        return self._returned(scale_gradient(values, scale.to(values.dtype)).sum())
 
     def _logged_per_task(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         # Once frozen nothing is measured at the features: no gradient shares to log.
