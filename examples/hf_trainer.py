@@ -34,8 +34,8 @@ Its checkpoint holds the training steps counted (`steps_done`), the gradient nor
 `count`) and the frozen multipliers (`frozen_scale`): a run resumed during the calibration
 continues it, one resumed after keeps its weights.
 
-What to log: the Trainer's own `loss` is the weighting's total: the plain sum of the losses while
-it calibrates, then their sum weighted by the frozen multipliers. `log` adds
+What to log: the Trainer's own `loss` is the weighting's total, which keeps the value of the
+plain sum of the losses (the frozen multipliers act on the gradient only). `log` adds
 `weighting.log_dict()` to the Trainer's training logs (every `logging_steps`): the raw losses,
 their plain sum `loss/sum` (comparable with a plain-sum run), the weights and, while it
 calibrates, each task's share of the gradient sent into the encoder.
