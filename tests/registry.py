@@ -199,6 +199,13 @@ CASES: list[Case] = [
         ),
         level=FEATURES,
     ),
+    Case(
+        "STCH-nowarmup",  # the nadir epoch first: the smooth maximum from the Driver's 4th step
+        lambda s: bl.STCH(
+            s.tasks, warmup_epochs=0, weights=s.weights, allow_missing=s.allow_missing
+        ),
+        positive=True,
+    ),
     # A user's rule through the public machinery.
     Case(
         "GramianWeighting",

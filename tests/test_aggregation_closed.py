@@ -20,6 +20,7 @@ from torch import Tensor
 from balanced_losses import _numerics
 from balanced_losses.aggregation import (
     aligned_mtl_weights,
+    config_weights,
     fairgrad_weights,
     imtlg_weights,
     nash_mtl_weights,
@@ -93,6 +94,32 @@ def test_imtlg_matches_torchjd(kind: str) -> None:
     jac = _jacobian(kind)
     theirs = _torchjd(torchjd_aggregation.IMTLG(), jac)
     _assert_vectors_close(imtlg_weights(jac @ jac.T) @ jac, theirs, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_config_matches_torchjd(kind: str) -> None:
+    jac = _jacobian(kind)
+    theirs = _torchjd(torchjd_aggregation.ConFIG(), jac)
+    _assert_vectors_close(config_weights(jac @ jac.T) @ jac, theirs, 1e-6)
+
+
+def test_config_equal_cosines_and_summed_projections() -> None:
+    """Eq. 2 of Liu et al. 2025, by hand: equal cosines, length = sum of projections."""
+    jac = _jacobian("K3", seed=3)
+    d = config_weights(jac @ jac.T) @ jac
+    unit = d / d.norm()
+    cosines = (jac @ unit) / jac.norm(dim=1)
+    torch.testing.assert_close(cosines, cosines.mean().expand(3), rtol=1e-10, atol=0)
+    torch.testing.assert_close(d.norm(), (jac @ unit).sum(), rtol=1e-10, atol=0)
+
+
+def test_config_k2_orthogonal_closed_form() -> None:
+    # g1 = (a, 0), g2 = (0, b): the bisector, of length (a + b) / sqrt(2), so
+    # d = ((a + b) / 2, (a + b) / 2) and w = ((a + b) / (2 a), (a + b) / (2 b)).
+    a, b = 3.0, 0.5
+    jac = torch.tensor([[a, 0.0], [0.0, b]], dtype=F64)
+    expected = torch.tensor([(a + b) / (2 * a), (a + b) / (2 * b)], dtype=F64)
+    torch.testing.assert_close(config_weights(jac @ jac.T), expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
@@ -400,6 +427,7 @@ def _pcgrad_fixed(gram: Tensor) -> Tensor:
 
 FUNCTIONS: dict[str, GramFn] = {
     "pcgrad": _pcgrad_fixed,
+    "config": config_weights,
     "imtlg": imtlg_weights,
     "aligned_mtl": aligned_mtl_weights,
     "nash_mtl": nash_mtl_weights,
@@ -409,6 +437,7 @@ FUNCTIONS: dict[str, GramFn] = {
 # How the weights change when G is scaled by s: w(s G) = s^power w(G).
 SCALE_POWER = {
     "pcgrad": 0.0,
+    "config": 0.0,
     "imtlg": 0.0,
     "aligned_mtl": 0.0,
     "nash_mtl": -0.5,
@@ -422,6 +451,7 @@ def test_k1(name: str) -> None:
     gram = torch.tensor([[4.0]], dtype=F64)
     expected = {
         "pcgrad": 1.0,
+        "config": 1.0,  # the one gradient, at its own length
         "imtlg": 1.0,
         "aligned_mtl": 1.0,
         "nash_mtl": 0.5,  # 4 a = 1 / a; ||J^T a|| = 1, not above max_norm

@@ -1,9 +1,9 @@
 """Our weightings against TorchJD 0.18's scalarizers: same losses, same calls, same weights.
 
 Compared: ``torchjd.scalarization.UW`` (UncertaintyWeighting), ``IMTLL``, ``DWA``, ``FAMO``,
-``GeometricMean`` and ``Random`` (RLW). Effective weights are d total / d L_k by autograd on
-both sides. Where the two differ by design, the comment says how and the part that must agree is
-compared.
+``GeometricMean``, ``Random`` (RLW) and ``STCH``. Effective weights are d total / d L_k by
+autograd on both sides. Where the two differ by design, the comment says how and the part that
+must agree is compared.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from balanced_losses import DWA, FAMO, IMTLL, RLW, GeometricMean, UncertaintyWeighting
+from balanced_losses import DWA, FAMO, IMTLL, RLW, STCH, GeometricMean, UncertaintyWeighting
 from balanced_losses._numerics import standard_normal as _standard_normal
 from tests.registry import TASKS, effective_weights, leaf_losses, losses_at
 
@@ -151,3 +151,40 @@ def test_imtll_is_twice_uw_at_minus_s_as_torchjd_documents() -> None:
     torch.testing.assert_close(total, imtl(values))
     torch.testing.assert_close(total, 2 * uw(values))
     assert math.isfinite(total.item())
+
+
+@pytest.mark.parametrize("mu", [0.1, 1.0])
+def test_stch_after_its_nadir_epoch_is_k_times_torchjd_on_log_ratios(mu: float) -> None:
+    """The authors' multi-task STCH: K * TorchJD's STCH (preferences 1) of log(L / nadir)."""
+    stch = STCH(TASKS, mu=mu, warmup_epochs=1)
+    epochs = ([4.0, 0.5, 2.0], [3.0, 0.25, 2.0]), ([2.0, 0.75, 1.0], [2.0, 0.25, 1.0])
+    for epoch in epochs:
+        for values in epoch:
+            stch(leaf_losses(values))
+        stch.epoch_end()
+    # The nadir is the mean over the second epoch (the first is warm-up only).
+    torch.testing.assert_close(
+        stch.nadir.double(), torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    )
+    values = [1.0, 0.6, 1.5]
+    mine = leaf_losses(values, dtype=torch.float64)
+    other = leaf_losses(values, dtype=torch.float64)
+    total = stch(mine)
+    reference = scalarization.STCH(mu, weights=torch.ones(K, dtype=torch.float64))
+    theirs = K * reference(torch.log(stacked(other) / stch.nadir.double()))
+    torch.testing.assert_close(total, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        effective_weights(total, mine), effective_weights(theirs, other), rtol=1e-10, atol=0
+    )
+    torch.testing.assert_close(stch.last_weights, effective_weights(total, mine).float())
+
+
+def test_stch_warm_up_is_the_sum_of_log_losses() -> None:
+    stch = STCH(TASKS)
+    values = [4.0, 0.5, 2.0]
+    mine = leaf_losses(values, dtype=torch.float64)
+    total = stch(mine)
+    torch.testing.assert_close(total, torch.tensor(math.log(4.0 * 0.5 * 2.0), dtype=total.dtype))
+    torch.testing.assert_close(
+        effective_weights(total, mine), torch.tensor([0.25, 2.0, 0.5], dtype=torch.float64)
+    )

@@ -17,6 +17,7 @@ from balanced_losses.features._aligned_mtl import AlignedMTL
 from balanced_losses.features._attach import Attachment
 from balanced_losses.features._cagrad import CAGrad
 from balanced_losses.features._calibrated import CalibratedBalancer
+from balanced_losses.features._config import ConFIG
 from balanced_losses.features._dbmtl import DBMTL
 from balanced_losses.features._fairgrad import FairGrad
 from balanced_losses.features._gradient_balancer import GradientBalancer
@@ -34,6 +35,7 @@ from balanced_losses.weighting._gradnorm import GradNorm
 from balanced_losses.weighting._imtll import IMTLL
 from balanced_losses.weighting._loss_normalizer import LossNormalizer
 from balanced_losses.weighting._rlw import RLW
+from balanced_losses.weighting._stch import STCH
 from balanced_losses.weighting._uncertainty import UncertaintyWeighting
 
 __version__ = "0.1.0"
@@ -46,10 +48,12 @@ __all__ = [
     "IMTLL",
     "MGDA",
     "RLW",
+    "STCH",
     "AlignedMTL",
     "Attachment",
     "CAGrad",
     "CalibratedBalancer",
+    "ConFIG",
     "FairGrad",
     "GeometricMean",
     "GradNorm",

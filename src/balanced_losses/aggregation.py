@@ -22,6 +22,7 @@ Example:
 
 from balanced_losses.features._aligned_mtl import aligned_mtl_weights
 from balanced_losses.features._cagrad import cagrad_weights
+from balanced_losses.features._config import config_weights
 from balanced_losses.features._fairgrad import fairgrad_weights
 from balanced_losses.features._imtlg import imtlg_weights
 from balanced_losses.features._mgda import mgda_weights
@@ -32,6 +33,7 @@ from balanced_losses.features._upgrad import upgrad_weights
 __all__ = [
     "aligned_mtl_weights",
     "cagrad_weights",
+    "config_weights",
     "fairgrad_weights",
     "imtlg_weights",
     "mgda_weights",
