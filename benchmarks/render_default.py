@@ -604,8 +604,13 @@ def why_not_default(method: str, records: Mapping[str, dict[str, Any]]) -> list[
         if c is None or c.holds:
             continue
         reasons.append(f"{shortfall(c)} on {problem}")
+    missing = [p for p, record in records.items() if check(record, method) is None]
+    if missing:
+        reasons.append(f"not run yet on {', '.join(missing)}")
     ratio = step_ratio(method)
-    if ratio > MAX_STEP_RATIO:
+    if math.isnan(ratio):
+        reasons.append("its step time not measured yet")
+    elif ratio > MAX_STEP_RATIO:
         reasons.append(f"a step costs up to {ratio:.2f}× a plain sum's")
     return reasons
 
