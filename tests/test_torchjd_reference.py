@@ -188,3 +188,20 @@ def test_stch_warm_up_is_the_sum_of_log_losses() -> None:
     torch.testing.assert_close(
         effective_weights(total, mine), torch.tensor([0.25, 2.0, 0.5], dtype=torch.float64)
     )
+
+
+def test_stch_far_above_a_tiny_nadir_stays_finite_in_float32() -> None:
+    """A loss of 3.4e8 over a nadir of 1e-30: the ratio is beyond float32, the total is not."""
+    stch = STCH(["a", "b"], warmup_epochs=0)
+    stch({"a": torch.tensor(1e-30), "b": torch.tensor(1.0)})
+    stch.epoch_end()
+    a = torch.tensor(3.4e8, requires_grad=True)
+    b = torch.tensor(1.0, requires_grad=True)
+    total = stch({"a": a, "b": b})
+    assert torch.isfinite(total)
+    total.backward()
+    # The smooth maximum puts all the weight on a: K / L_a, finite.
+    assert a.grad.item() == pytest.approx(2 / 3.4e8, rel=1e-5)
+    assert math.isfinite(b.grad.item())
+    # f_a = log(3.4e8 / 1e-30) = 87.4: the total is K mu (f_a + log(1 + e^(f_b - f_a))).
+    assert total.item() == pytest.approx(2 * math.log(3.4e8 / 1e-30), rel=1e-5)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_number
+from balanced_losses._numerics import wide_dtype
 
 __all__ = ["STCH"]
 
@@ -136,16 +137,20 @@ class STCH(Weighting):
             logs = torch.where(present, torch.log(safe + _FLOOR), zeros)
             weights = torch.where(present, 1.0 / (safe.detach() + _FLOOR), zeros)
             return logs.sum(), weights
-        nadir = self.nadir.to(values.dtype)
+        # In the wide dtype, as a difference of logarithms: log(L / nadir + eps) itself would
+        # overflow where a loss is far above a tiny nadir (3.4e8 over 1e-30 in float32).
+        wide = wide_dtype(values.device)
+        v = values.to(wide)
+        nadir = self.nadir.to(device=values.device, dtype=wide)
         usable = present & (nadir > 0)
-        ratio = torch.where(usable, values / torch.where(usable, nadir, 1.0), 1.0)
-        f = torch.log(ratio + _FLOOR)
+        safe_nadir = torch.where(usable, nadir, 1.0)
+        shifted = torch.where(usable, v, 1.0) + _FLOOR * safe_nadir
+        f = torch.log(shifted) - torch.log(safe_nadir)
         scaled = torch.where(usable, f / self.mu, torch.full_like(f, -torch.inf))
         k = len(self.tasks)
-        total = k * self.mu * torch.logsumexp(scaled, dim=0)
+        total = (k * self.mu * torch.logsumexp(scaled, dim=0)).to(values.dtype)
         soft = torch.softmax(scaled, dim=0)
-        denominator = torch.where(usable, values.detach() + _FLOOR * nadir, 1.0)
-        weights = torch.where(usable, k * soft / denominator, zeros)
+        weights = torch.where(usable, k * soft / shifted.detach(), 0.0).to(values.dtype)
         # No task usable (none present): a total of 0 that still depends on the losses.
         total = torch.where(usable.any(), total, (values * 0).sum())
         return total, weights.detach()
