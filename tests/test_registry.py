@@ -77,3 +77,17 @@ def test_the_driver_routes_features_through_branch(case):
     # Weights of a feature-level method are recorded in backward, at the branch: they are set.
     assert all(bool(w > 0) for w in weights.values()), weights
     assert torch.isfinite(torch.stack(list(weights.values()))).all()
+
+
+def test_the_catalog_names_what_a_build_lacks_and_an_unknown_key() -> None:
+    with pytest.raises(TypeError, match="`GradNorm` needs `shared_parameters`"):
+        bl.catalog.build("grad-norm", ["a", "b"])
+    with pytest.raises(KeyError, match=r"no method `gradnrom`.*'grad-norm'"):
+        bl.catalog.get("gradnrom")
+    # Each argument reaches only a class that takes it: the seed makes RLW reproducible and
+    # the output sizes reach LossNormalizer, while UPGrad takes neither.
+    rlw = bl.catalog.build("rlw", ["a", "b"], seed=3)
+    assert int(rlw.seed) == 3
+    normalizer = bl.catalog.build("loss-normalizer", ["a", "b"], output_sizes={"a": 2, "b": 8})
+    assert normalizer.correction == "sqrt"
+    assert isinstance(bl.catalog.build("upgrad", ["a", "b"], seed=3, output_sizes={}), bl.UPGrad)
