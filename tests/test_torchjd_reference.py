@@ -205,3 +205,16 @@ def test_stch_far_above_a_tiny_nadir_stays_finite_in_float32() -> None:
     assert math.isfinite(b.grad.item())
     # f_a = log(3.4e8 / 1e-30) = 87.4: the total is K mu (f_a + log(1 + e^(f_b - f_a))).
     assert total.item() == pytest.approx(2 * math.log(3.4e8 / 1e-30), rel=1e-5)
+
+
+def test_stch_a_task_absent_from_the_nadir_epoch_takes_its_first_loss_after_it() -> None:
+    stch = STCH(["a", "b"], warmup_epochs=0, allow_missing=True)
+    stch({"a": torch.tensor(2.0)})  # b has no loss in the nadir epoch
+    stch.epoch_end()
+    assert stch.nadir.tolist() == [2.0, 0.0]
+    b = torch.tensor(0.5, requires_grad=True)
+    total = stch({"a": torch.tensor(2.0), "b": b})
+    total.backward()
+    assert stch.nadir.tolist() == [2.0, 0.5]
+    # Both at their nadir: equal softmax shares, so b's weight is K * 1/2 / L_b = 2.
+    assert b.grad.item() == pytest.approx(2.0, rel=1e-6)

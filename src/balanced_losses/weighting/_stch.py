@@ -56,7 +56,8 @@ class STCH(Weighting):
         weights: Your fixed factor per task (default 1), applied after the method's
             balancing: see :class:`~balanced_losses.Weighting`.
         allow_missing: Accept mappings without some tasks; an absent task is left out of the
-            smooth maximum and of the nadir's mean.
+            smooth maximum and of the nadir's mean. A task with no loss in the nadir epoch takes
+            its first loss after it as its nadir.
         check_inputs: Raise ``ValueError`` on non-finite or non-positive losses (syncs).
         sync_dist: Average the losses that enter the nadir across ranks.
 
@@ -137,6 +138,13 @@ class STCH(Weighting):
             logs = torch.where(present, torch.log(safe + _FLOOR), zeros)
             weights = torch.where(present, 1.0 / (safe.detach() + _FLOOR), zeros)
             return logs.sum(), weights
+        if self._updating:
+            # A task with no loss in the nadir epoch takes its first loss after it as its nadir,
+            # so it is not left out of training for good.
+            with torch.no_grad():
+                mean, valid = self._stats_input(values, present)
+                unset = valid & (self.nadir <= 0)
+                self.nadir.copy_(torch.where(unset, mean.to(self.nadir.dtype), self.nadir))
         # In the wide dtype, as a difference of logarithms: log(L / nadir + eps) itself would
         # overflow where a loss is far above a tiny nadir (3.4e8 over 1e-30 in float32).
         wide = wide_dtype(values.device)
