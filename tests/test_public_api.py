@@ -151,3 +151,7 @@ def test_the_docs_nav_lists_every_method_of_the_catalog() -> None:
     expected = {m.name for m in balanced_losses.catalog.methods() if not m.options}
     assert set(listed) == expected | {"Weighting"}
     assert len(listed) == len(set(listed))
+    # The hook reads the source without importing it; it finds the catalog's methods and levels.
+    assert hook.methods() == {
+        m.name: m.level for m in balanced_losses.catalog.methods() if not m.options
+    }
