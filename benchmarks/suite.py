@@ -171,11 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         record["problem"] = problem_info(problem)
         done = {(r["method"], r["seed"]) for r in record["runs"]}
         wanted = args.methods or methods_of(problem)
-        unknown = sorted(set(wanted) - set(methods_of(problem)) - {*VARIANTS, *LR_VARIANTS})
+        # Any method of the package may run on any problem when named.
+        package = {*PACKAGE_LOSS, *PACKAGE_FEATURES}
+        unknown = sorted(
+            set(wanted) - set(methods_of(problem)) - {*VARIANTS, *LR_VARIANTS, *package}
+        )
         if unknown:
             parser.error(f"unknown method(s) {unknown} for `{name}`")
         # Baselines first: a run's Δm needs them.
-        ordered = [m for m in [*methods_of(problem), *VARIANTS, *LR_VARIANTS] if m in wanted]
+        named = [*methods_of(problem), *sorted(package), *VARIANTS, *LR_VARIANTS]
+        ordered = [m for m in dict.fromkeys(named) if m in wanted]
         jobs += [Job(name, m, s, args.smoke) for s in seeds for m in ordered if (m, s) not in done]
     print(f"{len(jobs)} runs, {args.jobs} at a time, 1 torch thread each", flush=True)
     started = time.perf_counter()

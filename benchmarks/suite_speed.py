@@ -81,6 +81,8 @@ def main(args: argparse.Namespace) -> int:
     path = out / "suite_speed.json"
     record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"problems": {}}
     command = " ".join(["python", "benchmarks/suite.py", "--speed", "--problems", *args.problems])
+    if args.methods:
+        command += " --methods " + " ".join(args.methods)
     for name in args.problems:
         problem = harness.load_problem(name)
         methods = [m for m in (args.methods or harness.methods_of(problem)) if ":" not in m]
@@ -99,6 +101,15 @@ def main(args: argparse.Namespace) -> int:
             "machine": harness.machine_info(),
             "threads": 1,
         }
+        previous = record["problems"].get(name)
+        if args.methods and previous is not None:
+            # Methods measured on their own join the problem's rows: each row's ratio is to the
+            # plain sum of its own interleaved rounds, and the earlier rows and sum stay.
+            measured = {row["method"] for row in entry["rows"]} - {"sum"}
+            kept = [row for row in previous["rows"] if row["method"] not in measured]
+            previous["rows"] = kept + [row for row in entry["rows"] if row["method"] in measured]
+            previous.setdefault("added", []).append({"methods": sorted(measured), **entry["call"]})
+            entry = previous
         record["problems"][name] = entry
     if not args.smoke or args.out is not None:
         out.mkdir(parents=True, exist_ok=True)
