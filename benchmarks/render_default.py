@@ -285,7 +285,11 @@ def shortfall(c: Check) -> str:
         return f"{len(c.diverged)} diverged seed{'s' * (len(c.diverged) > 1)}"
     if c.verdict == "worse":
         return "worse than a plain sum beyond seed noise"
-    return f"its worst seed ({c.worst:+.0f} %) worse than a plain sum's ({c.sum_worst:+.0f} %)"
+    digits = 0 if f"{c.worst:+.0f}" != f"{c.sum_worst:+.0f}" else 1  # apart once rounded
+    return (
+        f"its worst seed ({c.worst:+.{digits}f} %) worse than a plain sum's "
+        f"({c.sum_worst:+.{digits}f} %)"
+    )
 
 
 def failing_sentence(records: Mapping[str, dict[str, Any]], problem: str) -> str:
