@@ -112,18 +112,7 @@ def diverged_seeds(record: dict[str, Any], method: str) -> list[int]:
     per-step mean is a strong predictor there), ending near the constant is a task not learned,
     not one that training destroyed.
     """
-    constant = constant_metrics(record)
-    summary = rs.summarize(record)
-    if constant is None or method not in summary:
-        return []
-    alone = alone_metrics(record)
-    return sorted(
-        seed
-        for seed, metrics in summary[method]["metrics"].items()
-        if any(
-            metrics[t] > max(constant[t], alone.get(seed, {}).get(t, -math.inf)) for t in metrics
-        )
-    )
+    return sorted({seed for seeds in diverged_tasks(record, method).values() for seed in seeds})
 
 
 @dataclass(frozen=True)
@@ -683,16 +672,8 @@ def round_two_text(records: Mapping[str, dict[str, Any]]) -> str:
             f"default's {d.mean:+.0f} ± {d.se:.0f} % and a plain sum's {c.sum_mean:+.0f} ± "
             f"{c.sum_se:.0f} %."
         )
-    changed = not failing and default_failing
-    lines.append(
-        ""
-        if changed
-        else (
-            f"\nIt does not hold on every problem either, so the default stays {label_d}. "
-            if failing
-            else ""
-        )
-    )
+    if failing:
+        lines.append(f"\nIt does not hold on every problem either, so the default stays {label_d}.")
     for p in ROUND_2:
         if p not in records:
             lines.append(f"The round's held-out problem, {p}, has not run yet.")
@@ -727,4 +708,4 @@ def round_two_text(records: Mapping[str, dict[str, Any]]) -> str:
         f"{ROUND_2_CANDIDATE}` and `python benchmarks/suite.py --problems "
         f"{' '.join(ROUND_2)}` reproduce the runs."
     )
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines) + "\n"

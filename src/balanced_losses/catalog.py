@@ -17,6 +17,7 @@ import inspect
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -165,14 +166,10 @@ def methods(level: Level | None = None) -> tuple[Method, ...]:
         ['dwa', 'famo', 'geometric-mean']
     """
     classes = {cls.__name__: cls for cls in _public_classes()}
-    defaults = sorted((Method(key_of(cls), cls) for cls in classes.values()), key=_by_key)
+    defaults = sorted((Method(key_of(cls), cls) for cls in classes.values()), key=attrgetter("key"))
     named = [Method(key, classes[name], options) for key, name, options in _CONFIGURATIONS]
     every = (*defaults, *named)
     return tuple(m for m in every if level is None or m.level == level)
-
-
-def _by_key(method: Method) -> str:
-    return method.key
 
 
 def get(key: str) -> Method:

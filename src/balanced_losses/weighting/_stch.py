@@ -117,10 +117,13 @@ class STCH(Weighting):
         # The epoch count as a Python int, so that choosing the phase costs no host read
         # (``epochs_done`` mirrors it in the state_dict).
         self._epochs = 0
+        # Whether some task had no loss in the nadir epoch; read on the host once per epoch.
+        self._nadir_missing = False
 
     def _reset_python_state(self) -> None:
         super()._reset_python_state()
         self._epochs = 0
+        self._nadir_missing = False
 
     def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         """``sum log L`` during the warm-up and the nadir epoch, then the smooth maximum."""
@@ -138,9 +141,10 @@ class STCH(Weighting):
             logs = torch.where(present, torch.log(safe + _FLOOR), zeros)
             weights = torch.where(present, 1.0 / (safe.detach() + _FLOOR), zeros)
             return logs.sum(), weights
-        if self._updating:
+        if self._updating and self._nadir_missing:
             # A task with no loss in the nadir epoch takes its first loss after it as its nadir,
-            # so it is not left out of training for good.
+            # so it is not left out of training for good. Only while one is missing: the usual
+            # step pays no averaging across ranks for it.
             with torch.no_grad():
                 mean, valid = self._stats_input(values, present)
                 unset = valid & (self.nadir <= 0)
@@ -175,16 +179,23 @@ class STCH(Weighting):
                     self.nadir.copy_(torch.where(self.nadir_count > 0, self.nadir_sum / count, 0.0))
             self._epochs += 1
             self.epochs_done.add_(1)
+            self._nadir_missing = self._missing_after_warmup()
+
+    def _missing_after_warmup(self) -> bool:
+        """Past the nadir epoch, whether a task still has no nadir (one host read)."""
+        return self._epochs > self.warmup_epochs and bool((self.nadir <= 0).any())
 
     def reset_running_stats(self) -> None:
         """Forget the epochs and the nadir: the warm-up starts again."""
         super().reset_running_stats()
         self._epochs = 0
+        self._nadir_missing = False
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         # Loading is not a training step: reading the count on the host costs nothing here.
         self._epochs = int(self.epochs_done)
+        self._nadir_missing = self._missing_after_warmup()
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
