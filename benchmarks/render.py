@@ -649,6 +649,12 @@ def block_solver_timing() -> str:
 SOLVER_OPS = "benchmarks/results/solver_ops.json"
 
 
+def _listed(names: list[str]) -> str:
+    """``a``, ``b`` and ``c``, each in backticks."""
+    quoted = [f"`{name}`" for name in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
 def block_solver_ops() -> str:
     """Aten ops one solve dispatches on the accelerator path, per aggregator and K."""
     record = load(SOLVER_OPS)
@@ -670,17 +676,17 @@ def block_solver_ops() -> str:
         if any(cell[agg, k]["top_level_ops"] > goal for k in ks if k <= goal_k)
     ]
     worst = {agg: max(cell[agg, k]["top_level_ops"] for k in ks if k <= goal_k) for agg in over}
+    within = [agg for agg in aggregators if agg not in over]
+    goal_text = f"the goal of at most {goal} top-level operations at K ≤ {goal_k}"
     if not over:
-        verdict = f"Every aggregator dispatches at most {goal} top-level operations"
-        verdict += f" at K ≤ {goal_k}."
+        verdict = f"Every aggregator meets {goal_text}."
+    elif not within:
+        verdict = f"Every aggregator exceeds {goal_text}"
     else:
-        quoted = [f"`{a}`" for a in over]
-        listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
-        who = "Every aggregator" if len(over) == len(aggregators) else listed
-        verdict = (
-            f"{who} exceeds the goal of at most {goal} top-level operations at K ≤ {goal_k}"
-            f" (the most there: " + ", ".join(f"`{a}` {worst[a]}" for a in over) + ")."
-        )
+        verdict = f"{_listed(within)} meet{'s' * (len(within) == 1)} {goal_text}; {_listed(over)}"
+        verdict += f" exceed{'s' * (len(over) == 1)} it"
+    if over:
+        verdict += " (the most there: " + ", ".join(f"`{a}` {worst[a]}" for a in over) + ")."
     lines += [
         "",
         "Top-level aten operations of one call (all aten operations, nested ones included, in"

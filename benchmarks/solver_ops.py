@@ -5,7 +5,9 @@ a long chain of tiny ones, so the number of operations one solve dispatches is a
 GPU time that needs no GPU. This counts them with ``torch.profiler`` on the CPU, on the path a
 GPU takes: ``balanced_losses._numerics.HOST_SHORTCUTS`` is switched off for the measurement (as
 ``tests/test_aggregation_qp.py`` does), so the solvers run their fixed budget without the CPU's
-early exits and LAPACK calls.
+early exits and LAPACK calls. There ``UPGrad``, ``MGDA`` and ``CAGrad`` enumerate their programs'
+faces at K <= 10 (``balanced_losses.features._qp.ENUMERATION_MAX_K``) and run active-set sweeps
+above.
 
 For each rule and K in (2, 3, 5, 10, 20, 40), on a fixed-seed float32 Gramian of K gradients
 that share a direction, the rule runs once to warm up, then once under the profiler. Two counts:
@@ -81,6 +83,7 @@ RULES: dict[str, Callable[[Tensor], Tensor]] = {
     "NashMTL": lambda g: aggregation.nash_mtl_weights(g, max_norm=1.0),
     "FairGrad": lambda g: aggregation.fairgrad_weights(g, 1.0),
     "PCGrad": _pcgrad,
+    "ConFIG": aggregation.config_weights,
 }
 
 

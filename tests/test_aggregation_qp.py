@@ -12,6 +12,7 @@ from torch import Tensor
 
 from balanced_losses import _numerics
 from balanced_losses.aggregation import cagrad_weights, mgda_weights, upgrad_weights
+from balanced_losses.features import _qp
 from balanced_losses.features._qp import bound_qp, simplex_qp, simplex_soc, sweeps
 from tests.asserts import NoSync
 
@@ -230,7 +231,8 @@ def _random_psd(k: int, rank: int, rng: np.random.Generator) -> np.ndarray:
     return a @ a.T
 
 
-PSD_CASES = [(k, rank) for k in (2, 3, 5, 8, 12, 20) for rank in sorted({k, max(1, k // 2), 2})]
+# K <= ENUMERATION_MAX_K (10) runs the face enumeration, larger K the active-set sweeps.
+PSD_CASES = [(k, rank) for k in (2, 3, 5, 8, 10, 12, 20) for rank in sorted({k, max(1, k // 2), 2})]
 
 
 def test_bound_qp_matches_quadprog() -> None:
@@ -314,6 +316,42 @@ def test_simplex_soc_matches_clarabel() -> None:
         reference = objective(_onto_simplex(np.asarray(w.value)))
         assert ours.min() >= 0.0
         assert objective(ours) <= reference + 1e-11 * abs(reference) + 1e-14, (k, rank)
+
+
+# --- The two accelerator paths: face enumeration (K <= 10) and active-set sweeps ----------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 10])
+def test_all_faces_lists_every_subset_once(k: int) -> None:
+    for empty in (True, False):
+        faces = _qp._all_faces(k, torch.device("cpu"), empty=empty)
+        codes = {tuple(row.tolist()) for row in faces}
+        assert faces.dtype == torch.bool
+        assert faces.shape == (2**k - (not empty), k)
+        assert len(codes) == faces.shape[0]
+        assert ((False,) * k in codes) == empty
+
+
+@pytest.mark.parametrize("kind", ["random", "rank_deficient", "zero_row", "duplicate"])
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_enumeration_equals_the_sweeps(
+    name: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both accelerator paths give one aggregate for K = 3 ... 10 (the enumeration's range):
+    the weights themselves where the program is well conditioned (UPGrad's ridge of 1e-4), the
+    vector w^T J for MGDA and CAGrad (a ridge of 1e-12 leaves w loose along G's null space)."""
+    torch.manual_seed(3)
+    for k in range(3, _qp.ENUMERATION_MAX_K + 1):
+        jac = _jacobian(kind, k, 12)
+        gram = jac @ jac.T
+        enumerated = WEIGHTS[name](gram)
+        with monkeypatch.context() as patch:
+            patch.setattr(_qp, "ENUMERATION_MAX_K", 0)
+            swept = WEIGHTS[name](gram)
+        scale = float(jac.norm())
+        if name == "upgrad":
+            torch.testing.assert_close(enumerated, swept, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(enumerated @ jac, swept @ jac, rtol=0, atol=1e-7 * scale)
 
 
 # --- Edge cases, dtypes, scale -------------------------------------------------------------------

@@ -96,16 +96,18 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4) -> Tensor:
         raise ValueError(f"`c` must be a finite number >= 0, got {c!r}")
     dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
-    mean = torch.full((k,), 1.0 / k, dtype=dtype, device=g.device)
     if c == 0:
-        return mean.to(gramian.dtype)
-    b = g @ mean  # b_i = g_i^T g0
-    r = c * (mean @ b).clamp(min=0.0).sqrt()
-    w_star = simplex_soc(g + _RIDGE * torch.eye(k, dtype=dtype, device=g.device), b, r, sweeps(k))
-    gw_norm = (w_star @ g @ w_star).clamp(min=0.0).sqrt()
-    near_pareto = gw_norm < _NORM_EPS
-    weights = mean + (r / torch.where(near_pareto, 1.0, gw_norm)) * w_star
-    return torch.where(near_pareto, torch.zeros_like(weights), weights).to(gramian.dtype)
+        return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device)
+    b = g.mean(1)  # b_i = g_i^T g0, g0 the mean gradient
+    r = c * b.mean().clamp(min=0.0).sqrt()
+    ridged = torch.add(g, torch.eye(k, dtype=dtype, device=g.device), alpha=_RIDGE)
+    w_star = simplex_soc(ridged, b, r, sweeps(k))
+    gw_squared = torch.einsum("i,ij,j->", w_star, g, w_star)  # ||g_w||^2
+    # Near a Pareto-stationary point the weights are 0. So they are with a zero mean gradient
+    # (r = 0), where the enumerated faces all give NaN: 0 is in the hull, so d = 0 either way.
+    moving = gw_squared >= _NORM_EPS**2  # False for NaN
+    weights = (r * torch.where(moving, gw_squared, 1.0).rsqrt()) * w_star + 1.0 / k
+    return torch.where(moving, weights, 0.0).to(gramian.dtype)
 
 
 class CAGrad(GramianWeighting):

@@ -73,7 +73,7 @@ def mgda_weights(gramian: Tensor) -> Tensor:
     k = check_gramian(gramian)
     dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
-    g = g + _RIDGE * torch.eye(k, dtype=dtype, device=g.device)
+    g = torch.add(g, torch.eye(k, dtype=dtype, device=g.device), alpha=_RIDGE)
     return simplex_qp(g, sweeps(k)).to(gramian.dtype)
 
 

@@ -26,6 +26,21 @@ ran, unlike a first-order method whose error shrinks with the iteration count: w
 Gramian's condition number up to :math:`10^4` (UPGrad's regularization) accelerated projected
 gradient would need thousands of steps to reach :math:`10^{-7}`.
 
+**Small programs on an accelerator.** Each sweep above is some twenty tensor operations, and on a
+GPU each is a kernel launch of a few microseconds that does almost no work: at :math:`K = 10` the
+:math:`2K + 4` sweeps dispatch over a thousand operations. Where :math:`K \le`
+:data:`ENUMERATION_MAX_K` and the host cannot read the device for free (see
+:func:`~balanced_losses._numerics.host_shortcuts`), the solvers instead build the face system of
+*every* face at once (:math:`2^K` masked systems, one batched ``solve_ex``), make each face's
+minimizer feasible, and keep the one with the least objective (:func:`_least`): some forty
+operations whatever :math:`K`. This is exact for the same reason the active-set method is: the
+optimum lies in the relative interior of one face (its support), where it is that face's
+minimizer; every other candidate, once made feasible, is a feasible point, so its objective is at
+least the optimum's. The programs here are strictly convex (the callers add a ridge), so the least
+objective is attained at the optimum alone, and no tolerance decides anything. On the CPU the
+sweeps with their early exit stay cheaper (0.3 ms against 2.4 ms for UPGrad's ten programs at
+:math:`K = 10`), so the CPU keeps them.
+
 All solves use ``torch.linalg.solve_ex`` (no error check, hence no sync) in the working dtype
 of :func:`~balanced_losses._numerics.wide_dtype` (float64; float32 on MPS, which has none):
 the systems are :math:`K \times K`, so float64 costs nothing measurable even on a GPU, and
@@ -45,9 +60,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from balanced_losses._numerics import settled
+from balanced_losses._numerics import host_shortcuts, settled
 
 __all__ = [
+    "ENUMERATION_MAX_K",
     "bound_qp",
     "normalize_gramian",
     "simplex_qp",
@@ -72,16 +88,54 @@ def sweeps(k: int) -> int:
 
 
 def normalize_gramian(gramian: Tensor) -> Tensor:
-    r"""Divide a PSD Gramian by its trace :math:`\operatorname{tr} G = \lVert J \rVert_F^2`.
+    r"""Divide a ``(K, K)`` PSD Gramian by its trace, :math:`\lVert J \rVert_F^2`.
 
     Every entry of a PSD matrix is bounded by its trace (:math:`|G_{ij}| \le
     \sqrt{G_{ii} G_{jj}}`), so the quotient cannot overflow; a zero trace (all gradients zero)
-    gives the zero matrix instead of NaN. The methods here are invariant to this scale, and a
-    trace of 1 lets the solvers' tolerances be absolute.
+    gives the zero matrix instead of NaN (a division by infinity). The methods here are
+    invariant to this scale, and a trace of 1 lets the solvers' tolerances be absolute.
     """
-    trace = gramian.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    safe = torch.where(trace > 0, trace, torch.ones_like(trace))
-    return torch.where(trace > 0, gramian / safe, torch.zeros_like(gramian))
+    trace = gramian.trace()
+    return gramian / torch.where(trace > 0, trace, torch.inf)
+
+
+#: The accelerator path solves programs in at most this many weights by enumerating their faces:
+#: :math:`2^{10}` systems of :math:`10 \times 10` (for UPGrad's ten programs, 8 MB in float64) are
+#: one small batched solve; beyond that the count doubles with each task and the sweeps win.
+ENUMERATION_MAX_K = 10
+
+
+def _enumerates(q: Tensor) -> bool:
+    """Whether the solvers take the face enumeration for this ``(K, K)`` matrix (see above)."""
+    return q.shape[-1] <= ENUMERATION_MAX_K and not host_shortcuts(q)
+
+
+def _all_faces(k: int, device: torch.device, *, empty: bool) -> Tensor:
+    """Every subset of ``range(k)``: a ``(2**k, k)`` bool mask, the empty set first.
+
+    Without the empty set (``empty=False``) it is ``(2**k - 1, k)``.
+    """
+    bit = torch.arange(2, device=device)
+    faces = torch.cartesian_prod(*[bit] * k).bool()
+    if k == 1:  # cartesian_prod of one tensor is that tensor
+        faces = faces[:, None]
+    return faces if empty else faces[1:]
+
+
+def _least(candidates: Tensor, objective: Tensor) -> Tensor:
+    """The row of ``candidates`` ``(..., M, K)`` whose ``objective`` ``(..., M)`` is least.
+
+    A NaN objective (a singular face system's, or a candidate with nothing left once made
+    feasible) never wins over a number.
+    """
+    best = objective.nan_to_num(nan=torch.inf).argmin(-1, keepdim=True)
+    return torch.take_along_dim(candidates, best[..., None], dim=-2).squeeze(-2)
+
+
+def _onto_simplex(w: Tensor) -> Tensor:
+    """``w`` clamped at 0 and rescaled to sum 1: a feasible point (NaN if nothing is left)."""
+    clamped = w.clamp(min=0.0)
+    return clamped / clamped.sum(-1, keepdim=True)
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -119,7 +173,7 @@ def _active_set(x: Tensor, free: Tensor, face: _Face, num_sweeps: int) -> Tensor
 def _masked_matrix(q: Tensor, free: Tensor) -> Tensor:
     """``q`` restricted to ``free`` x ``free``, with an identity row for each fixed coordinate."""
     both = free[..., :, None] & free[..., None, :]
-    return torch.where(both, q, 0.0) + torch.diag_embed((~free).to(q.dtype))
+    return torch.where(both, q, torch.eye(q.shape[-1], dtype=q.dtype, device=q.device))
 
 
 def bound_qp(q: Tensor, c: Tensor, num_sweeps: int) -> Tensor:
@@ -140,6 +194,12 @@ def bound_qp(q: Tensor, c: Tensor, num_sweeps: int) -> Tensor:
         # The gradient Qz + c is the multiplier of each bound x_i >= 0 held active.
         return z, z @ q + c
 
+    if _enumerates(q):
+        # Face F: Q_FF x_F = -c_F, x = 0 elsewhere; made feasible by clamping at 0.
+        free = _all_faces(q.shape[-1], q.device, empty=True)
+        rhs = torch.where(free[..., None], -c[..., None, :, None], 0.0)
+        x = torch.linalg.solve_ex(_masked_matrix(q, free), rhs)[0].squeeze(-1).clamp(min=0.0)
+        return _least(x, ((0.5 * x @ q + c[..., None, :]) * x).sum(-1))
     # Start at x = 0 with every coordinate free: the first sweeps drop, at no cost in
     # objective, the coordinates that the unconstrained minimizer would push below 0.
     x = torch.zeros_like(c)
@@ -168,6 +228,13 @@ def simplex_qp(q: Tensor, num_sweeps: int) -> Tensor:
         The minimizer, ``(K,)``.
     """
     k = q.shape[-1]
+    if _enumerates(q):
+        # Face F: w_F is proportional to y = Q_FF^{-1} 1_F, whose entries sum to 1^T Q_FF^{-1}
+        # 1_F > 0 (Q_FF is positive definite), so making y feasible also normalizes it.
+        free = _all_faces(k, q.device, empty=False)
+        y = torch.linalg.solve_ex(_masked_matrix(q, free), free[..., None].to(q.dtype))[0]
+        w = _onto_simplex(y.squeeze(-1))
+        return _least(w, torch.einsum("mi,ij,mj->m", w, q, w))
     rhs = torch.zeros(k + 1, 1, dtype=q.dtype, device=q.device)
     rhs[k] = 1.0
 
@@ -214,6 +281,23 @@ def simplex_soc(q: Tensor, b: Tensor, r: Tensor, num_sweeps: int) -> Tensor:
         The minimizer, ``(K,)``.
     """
     k = q.shape[-1]
+    if _enumerates(q):
+        # Face F, without the KKT system: with y = Q_FF^{-1} 1_F and z = Q_FF^{-1} b_F,
+        # w0 = y / 1^T y and w1 = (1^T z / 1^T y) y - z; then Q w0 = 1_F / 1^T y and
+        # Q w1 = (1^T z / 1^T y) 1_F - b_F on F give w0^T Q w0 = 1 / 1^T y and
+        # w1^T Q w1 = -b^T w1 (as 1^T w1 = 0). An unbounded face (r^2 <= w1^T Q w1) gets NaN
+        # and never wins: the optimum lies on a bounded one.
+        free = _all_faces(k, q.device, empty=False)
+        rhs = torch.where(free[..., None], torch.stack([torch.ones_like(b), b], dim=-1), 0.0)
+        sol = torch.linalg.solve_ex(_masked_matrix(q, free), rhs)[0]
+        y, z = sol.unbind(-1)
+        sum_y, sum_z = sol.sum(-2, keepdim=True).unbind(-1)
+        w0 = y / sum_y
+        w1 = sum_z * w0 - z
+        s = (sum_y * (r * r + w1 @ b[:, None])).rsqrt()  # sqrt(n0 / (r^2 - n1))
+        w = _onto_simplex(torch.addcmul(w0, s, w1))
+        norm = torch.einsum("mi,ij,mj->m", w, q, w).sqrt()
+        return _least(w, torch.addcmul(w @ b, r, norm))
     zero = torch.zeros(1, dtype=q.dtype, device=q.device)
     one = torch.ones(1, dtype=q.dtype, device=q.device)
     kink_mu = b + r * q.diagonal().clamp(min=0.0).sqrt()

@@ -90,7 +90,7 @@ def upgrad_weights(gramian: Tensor, pref: Tensor | None = None) -> Tensor:
         )
     dtype = wide_dtype(gramian.device)
     g = normalize_gramian(gramian.to(dtype))
-    g = g + _REG_EPS * torch.eye(k, dtype=dtype, device=g.device)
+    g = torch.add(g, torch.eye(k, dtype=dtype, device=g.device), alpha=_REG_EPS)
     p = (
         torch.full((k,), 1.0 / k, dtype=dtype, device=g.device)
         if pref is None
