@@ -621,22 +621,34 @@ SOLVER_TIMING = (
 
 
 def block_solver_timing() -> str:
-    """Milliseconds per call of each aggregator's weight solver, on the CPU and on a GPU."""
+    """Milliseconds per call of each aggregator's weight solver (ours and TorchJD's), per device.
+
+    Rows written before TorchJD's were timed have no ``impl``: they are ours. A K or a solver a
+    record did not time shows as ``-``.
+    """
     records = [load(path) for path in SOLVER_TIMING]
+    ks = sorted({row["k"] for r in records for row in r["rows"]})
+    cell = {
+        (i, row["solver"], row.get("impl", "ours"), row["k"]): row["ms"]
+        for i, r in enumerate(records)
+        for row in r["rows"]
+    }
     lines = [
-        "| solver | "
-        + " | ".join(f"{r['device']}, K = {k}" for r in records for k in (3, 10))
-        + " |",
-        "|---|" + "---:|" * (2 * len(records)),
+        "| solver | " + " | ".join(f"{r['device']}, K = {k}" for r in records for k in ks) + " |",
+        "|---|" + "---:|" * (len(ks) * len(records)),
     ]
-    solvers = list(dict.fromkeys(row["solver"] for row in records[0]["rows"]))
+    solvers = list(dict.fromkeys(row["solver"] for r in records for row in r["rows"]))
     for solver in solvers:
-        cells = []
-        for r in records:
-            for k in (3, 10):
-                row = next(x for x in r["rows"] if x["solver"] == solver and x["k"] == k)
-                cells.append(f"{row['ms']:.2f}")
-        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+        for impl in ("ours", "torchjd"):
+            cells = [
+                "-" if (i, solver, impl, k) not in cell else f"{cell[i, solver, impl, k]:.2f}"
+                for i in range(len(records))
+                for k in ks
+            ]
+            if all(c == "-" for c in cells):
+                continue
+            label = solver if impl == "ours" else f"TorchJD `{solver}Weighting`"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Median milliseconds per call over "
@@ -696,6 +708,43 @@ def block_solver_ops() -> str:
     return "\n".join(lines)
 
 
+END_TO_END = "benchmarks/results/end_to_end_cpu.json"
+_MODEL_TITLES = {"nyuv2": "NYUv2 shape", "celeba": "CelebA shape", "gru": "demo GRU"}
+
+
+def block_end_to_end() -> str:
+    """Whole training steps of three models, each method against a plain sum, and memory."""
+    record = load(END_TO_END)
+    configs = record["configs"]
+    heads = [
+        f"{_MODEL_TITLES[c['model']]}, K = {c['shape']['tasks']}"
+        + f" ({'x'.join(str(n) for n in c['shape']['input'])})"
+        for c in configs
+    ]
+    lines = [
+        "| method | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(heads),
+    ]
+    methods = list(dict.fromkeys(r["method"] for c in configs for r in c["rows"]))
+    for method in methods:
+        cells = []
+        for c in configs:
+            row = next((r for r in c["rows"] if r["method"] == method), None)
+            cells.append("-" if row is None else f"{row['ratio']:.2f} ({row['peak_ratio']:.2f})")
+        label = f"TorchJD `{method[8:]}`" if method.startswith("torchjd.") else f"`{method}`"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Step time as a ratio to a plain sum's (median over {record['rounds']} interleaved"
+        f" rounds after {record['warmup']} warm-up rounds) and, in brackets, peak memory above"
+        f" the step's start as a ratio to the sum's; {record['device']}, {record['threads']}"
+        f" threads, torch {record['torch']}, TorchJD {record['torchjd']},"
+        f" {record['configs'][0]['size']} sizes, random inputs and targets of the models'"
+        f" shapes. `{command_text(record)}` writes them.",
+    ]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ the machinery
 
 
@@ -721,6 +770,7 @@ BLOCKS: dict[str, Block] = {
     "aggregators-cost": Block((AGGREGATORS_SPEED,), block_aggregators_cost),
     "solver-timing": Block(SOLVER_TIMING, block_solver_timing),
     "solver-ops": Block((SOLVER_OPS,), block_solver_ops),
+    "end-to-end": Block((END_TO_END,), block_end_to_end),
 }
 #: Files made whole from one JSON each.
 FILES: dict[str, tuple[str, Callable[[], str]]] = {

@@ -106,6 +106,31 @@ def test_demo_reference_run_uses_keys_the_demo_accepts() -> None:
 
 
 @pytest.mark.slow
+def test_end_to_end_smoke(tmp_path: Path) -> None:
+    """The three models at tiny sizes, one round: every row ran and measured something."""
+    _run("benchmarks/end_to_end.py", "--smoke", "--out", tmp_path)
+    record = json.loads((tmp_path / "end_to_end_cpu_smoke.json").read_text())
+    assert record["smoke"] is True
+    assert record["device_type"] == "cpu"
+    assert [c["model"] for c in record["configs"]] == ["nyuv2", "celeba", "gru"]
+    assert [c["shape"]["tasks"] for c in record["configs"]] == [3, 40, 3]
+    # By default the balancers at the features and every aggregator of the catalog.
+    aggregators = {m.key for m in bl.catalog.methods("features") if m.options == {}}
+    assert aggregators - {"gradient-balancer", "calibrated-balancer", "dbmtl"} < set(
+        record["methods"]
+    )
+    ours = [bl.catalog.get(key).label.strip("`") for key in record["methods"]]
+    theirs = ["torchjd.autojac UPGrad", "torchjd.autogram UPGrad"] if record["torchjd"] else []
+    for config in record["configs"]:
+        rows = {row["method"]: row for row in config["rows"]}
+        assert list(rows) == ["sum", *ours, *theirs]
+        for row in rows.values():
+            assert math.isfinite(row["ratio"])
+            assert row["ratio"] > 0
+            assert row["peak"] > 0
+
+
+@pytest.mark.slow
 def test_aggregators_speed_smoke(tmp_path: Path) -> None:
     _run("benchmarks/aggregators_speed.py", "--smoke", "--out", tmp_path)
     table = (tmp_path / "aggregators_speed_smoke.md").read_text()
