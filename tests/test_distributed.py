@@ -245,7 +245,18 @@ _SPLIT = pytest.mark.skip(
 )
 
 
-@pytest.mark.parametrize("case", params(UPGrad_balanced=_SPLIT, NashMTL=_SPLIT, FairGrad=_SPLIT))
+_LOG_OF_SCALED = pytest.mark.skip(
+    reason="its learned weights' gradient goes through log(L / L0), so DDP's average over the "
+    "ranks' loss-scaled copies is the mean of their logs, not the log of the mean loss fed to "
+    "the reference (each rank's learned weights see its own losses, as a data-parallel copy of "
+    "the authors' code would)"
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    params(UPGrad_balanced=_SPLIT, NashMTL=_SPLIT, FairGrad=_SPLIT, LDCMTL=_LOG_OF_SCALED),
+)
 def test_every_weighting_under_ddp_equals_one_process_fed_the_mean(ranks, case):
     reference = _train_case(case, sum(ALPHA) / len(ALPHA), ddp=False)
     # Otherwise equal states below would prove nothing.

@@ -31,8 +31,10 @@ from balanced_losses.losses import HuberLoss
 from balanced_losses.weighting._dwa import DWA
 from balanced_losses.weighting._famo import FAMO
 from balanced_losses.weighting._geometric_mean import GeometricMean
+from balanced_losses.weighting._go4align import GO4Align
 from balanced_losses.weighting._gradnorm import GradNorm
 from balanced_losses.weighting._imtll import IMTLL
+from balanced_losses.weighting._ldc_mtl import LDCMTL
 from balanced_losses.weighting._loss_normalizer import LossNormalizer
 from balanced_losses.weighting._rlw import RLW
 from balanced_losses.weighting._stch import STCH
@@ -46,6 +48,7 @@ __all__ = [
     "FAMO",
     "IMTLG",
     "IMTLL",
+    "LDCMTL",
     "MGDA",
     "RLW",
     "STCH",
@@ -55,6 +58,7 @@ __all__ = [
     "CalibratedBalancer",
     "ConFIG",
     "FairGrad",
+    "GO4Align",
     "GeometricMean",
     "GradNorm",
     "GradientBalancer",
