@@ -132,7 +132,7 @@ class Weighted(Trainer):
         self, problem: Problem, model: TaskModel, lr: float, weighting: bl.Weighting
     ) -> None:
         super().__init__(problem, model, lr)
-        self.weighting = weighting
+        self.weighting = weighting.to(next(model.parameters()).device)
         # DBMTL(balance_features=False) is loss-level: nothing to attach.
         if callable(getattr(weighting, "attach", None)) and getattr(
             weighting, "balance_features", True
@@ -343,6 +343,8 @@ class Job:
     method: str
     seed: int
     smoke: bool
+    #: Where the run trains: ``"cpu"`` (the suite's results) or an accelerator (``qm9_paper``).
+    device: str = "cpu"
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -354,7 +356,8 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Ten
 def start(problem: Problem, method: str, train: Split, seed: int) -> Trainer:
     """The seed's initial model (the same for every method) and the method's trainer on it."""
     torch.manual_seed(seed)
-    model = problem.model()
+    # Initialized on the CPU whatever the device, so every device starts from the same weights.
+    model = problem.model().to(train.x.device)
     with torch.no_grad():
         # The losses at initialization, for the static weights of the ``tuned`` baseline.
         probe = train.take(torch.arange(min(len(train), 256)))
@@ -369,18 +372,25 @@ def init_gradient_norms(problem: Problem, train: Split, seed: int) -> dict[str, 
     first 256 training samples: the imbalance that the decision path's check reads.
     """
     torch.manual_seed(seed)
-    model = problem.model()
+    model = problem.model().to(train.x.device)
     probe = train.take(torch.arange(min(len(train), 256)))
     losses = problem.losses(model(probe.x), probe)
     norms = bl.diagnostics.task_gradient_norms(losses, model.trunk.parameters())
     return {task: float(norm) for task, norm in norms.items()}
 
 
+def _on(split: Split, device: str) -> Split:
+    """``split`` with its tensors on ``device`` (the same split where it is already there)."""
+    if split.x.device == torch.device(device):
+        return split
+    return Split(split.x.to(device), {t: y.to(device) for t, y in split.targets.items()})
+
+
 def run(job: Job) -> dict[str, Any]:
     """Train one method for one seed; the run's record."""
     torch.set_num_threads(1)
     problem = load_problem(job.problem)
-    train, val = problem.data(smoke=job.smoke)
+    train, val = (_on(split, job.device) for split in problem.data(smoke=job.smoke))
     if job.method == CONSTANT:
         metrics = problem.evaluate(ConstantModel(problem.constant_outputs(train)), val)
         return {
@@ -419,6 +429,7 @@ def run(job: Job) -> dict[str, Any]:
         "method": job.method,
         "seed": job.seed,
         "smoke": job.smoke,
+        **({"device": job.device} if job.device != "cpu" else {}),
         "epochs": epochs,
         "steps": steps,
         "metrics": {t: values[-1] for t, values in curves.items()},

@@ -43,6 +43,7 @@ Usage (from the repository root)::
     python benchmarks/suite.py --smoke                 # every problem and method, a few steps
     python benchmarks/suite.py --speed                 # step time and memory vs a plain sum
     python benchmarks/suite.py --problems many_tasks_k10 many_tasks_k40   # scaling with K
+    python benchmarks/suite.py --problems qm9_paper --device cuda --jobs 1  # QM9, papers' budget
 
 Runs go to ``benchmarks/results/<problem>.json`` (``--smoke``: a temporary folder unless
 ``--out`` is given). ``--jobs`` worker processes (2 by default) run in parallel, one torch thread
@@ -160,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="skip runs already in the results")
     parser.add_argument("--smoke", action="store_true", help="a few steps of everything (CI)")
     parser.add_argument("--speed", action="store_true", help="step time and memory instead")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where each run trains (e.g. cuda for qm9_paper; the committed results: cpu)",
+    )
     args = parser.parse_args(argv)
     if args.speed:
         import suite_speed
@@ -189,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         # Baselines first: a run's Δm needs them.
         named = [*methods_of(problem), *sorted(package), *VARIANTS, *LR_VARIANTS]
         ordered = [m for m in dict.fromkeys(named) if m in wanted]
-        jobs += [Job(name, m, s, args.smoke) for s in seeds for m in ordered if (m, s) not in done]
+        jobs += [
+            Job(name, m, s, args.smoke, args.device)
+            for s in seeds
+            for m in ordered
+            if (m, s) not in done
+        ]
     print(f"{len(jobs)} runs, {args.jobs} at a time, 1 torch thread each", flush=True)
     started = time.perf_counter()
     finished: list[dict[str, Any]] = []
