@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
 import statistics
 import sys
@@ -745,6 +746,97 @@ def block_end_to_end() -> str:
     return "\n".join(lines)
 
 
+QM9 = "benchmarks/results/qm9.json"
+QM9_PUBLISHED = "benchmarks/results/qm9_published.json"
+
+
+def _spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long lists without ties."""
+    rx = {i: r for r, i in enumerate(sorted(range(len(xs)), key=xs.__getitem__))}
+    ry = {i: r for r, i in enumerate(sorted(range(len(ys)), key=ys.__getitem__))}
+    n = len(xs)
+    d2 = sum((rx[i] - ry[i]) ** 2 for i in range(n))
+    return 1.0 - 6.0 * d2 / (n * (n * n - 1))
+
+
+def _qm9() -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, int], dict[str, Any]]:
+    """The QM9 record, its per-method summary, the ranks and the published table."""
+    rs = _suite()
+    record = load(QM9)
+    summary = {m: v for m, v in rs.summarize(record).items() if m in rs.LABELS}
+    return record, summary, rs.ranks(summary), load(QM9_PUBLISHED)
+
+
+def block_qm9_table() -> str:
+    """Every method's Δm on QM9 at the CPU budget, next to the papers' published Δm."""
+    rs = _suite()
+    record, summary, rank, published = _qm9()
+    info = record["problem"]
+    theirs = {row["method"]: row for row in published["rows"]}
+    seeds = sorted({s for v in summary.values() for s in v["delta"]})
+    lines = [
+        "| method | Δm (%), this budget | worst seed | rank | published Δm (%) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method in sorted(summary, key=rank.__getitem__):
+        d, se = rs.mean_se(list(summary[method]["delta"].values()))
+        worst = max(summary[method]["delta"].values())
+        paper = theirs.get(method)
+        cells = [
+            rs.label(method),
+            f"{d:+.1f} ± {se:.1f}",
+            f"{worst:+.1f}",
+            str(rank[method]),
+            "-" if paper is None else f"{paper['delta_m']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    common = [m for m in theirs if m in summary]
+    ours = [statistics.fmean(summary[m]["delta"].values()) for m in common]
+    rho = _spearman(ours, [theirs[m]["delta_m"] for m in common]) if len(common) > 2 else math.nan
+    budget = info["budget"]
+    cpu = sum(r["seconds"] for r in record["runs"] if not r["smoke"]) / 3600
+    default = _default().DEFAULT
+    d, se = rs.mean_se(list(summary[default]["delta"].values())) if default in summary else (0, 0)
+    s_mean, s_se = rs.mean_se(list(summary["sum"]["delta"].values()))
+    return "\n".join(
+        [
+            f"**{info['title']}.** Δm against each task trained alone, mean ± standard error over"
+            f" seeds {seeds_text(seeds)}; lower is better. Budget: Adam, lr {budget['lr']}, batch"
+            f" {budget['batch_size']}, {budget['epochs']} epochs; {cpu:.1f} h of CPU time, one"
+            " thread per run. `python benchmarks/suite.py --problems qm9 --seeds 0 1 2`"
+            " reproduces it; `benchmarks/results/qm9.md` has the verdicts against a plain sum.",
+            "",
+            *lines,
+            "",
+            f"The default, {rs.label(default)}, ranks {rank.get(default, '-')} of {len(rank)}"
+            f" ({d:+.1f} ± {se:.1f} against a plain sum's {s_mean:+.1f} ± {s_se:.1f}).",
+            f"On the {len(common)} methods both tables have, the rank correlation (Spearman)"
+            f" between the orders is {rho:+.2f}. The published column is at the papers' budget"
+            f" ({published['budget']}), from `{QM9_PUBLISHED}`.",
+        ]
+    )
+
+
+def block_qm9_summary() -> str:
+    """One line for the README: where the default and a plain sum land on QM9."""
+    rs = _suite()
+    _, summary, rank, _ = _qm9()
+    default = _default().DEFAULT
+    best = min(rank, key=rank.__getitem__)
+    parts = {}
+    for method in (default, "sum", best):
+        d, se = rs.mean_se(list(summary[method]["delta"].values()))
+        parts[method] = f"Δm {d:+.1f} ± {se:.1f} %"
+    seeds = sorted({s for v in summary.values() for s in v["delta"]})
+    return (
+        f"On QM9, the field's 11-task benchmark, which the default was not chosen on ({len(seeds)}"
+        f" seeds at a CPU budget, {len(rank)} methods): {rs.label(default)} ranks"
+        f" {rank[default]} ({parts[default]}), a plain sum {rank['sum']} ({parts['sum']}), the"
+        f" best is {rs.label(best)} ({parts[best]}); the table is in [choosing a method]"
+        "(docs/choosing.md#qm9-the-fields-benchmark)."
+    )
+
+
 # ------------------------------------------------------------------------------ the machinery
 
 
@@ -771,6 +863,8 @@ BLOCKS: dict[str, Block] = {
     "solver-timing": Block(SOLVER_TIMING, block_solver_timing),
     "solver-ops": Block((SOLVER_OPS,), block_solver_ops),
     "end-to-end": Block((END_TO_END,), block_end_to_end),
+    "qm9-table": Block((QM9, QM9_PUBLISHED), block_qm9_table),
+    "qm9-summary": Block((QM9,), block_qm9_summary),
 }
 #: Files made whole from one JSON each.
 FILES: dict[str, tuple[str, Callable[[], str]]] = {

@@ -31,6 +31,8 @@ PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
 #: Problems outside the mean ranks that get a table of their own: the development problem of
 #: the default study and the held-out problems (``benchmarks/render_default.py``).
 OTHER_PROBLEMS = ("user_regime", "newcomer_digits", "blood_pressure", "power_demand", "gait")
+#: The field's benchmarks: every method runs, outside the four problems' mean ranks.
+FIELD_PROBLEMS = ("qm9",)
 #: The scaling study: ``many_tasks`` with K tasks (``benchmarks/suite.py``'s ``SCALING``).
 SCALING = {10: "many_tasks_k10", 20: "many_tasks", 40: "many_tasks_k40"}
 
@@ -573,7 +575,8 @@ def outputs() -> dict[Path, str]:
     records = {p: r for p in PROBLEMS if (r := load(p)) is not None}
     speed_path = RESULTS / "suite_speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
-    tabled = {**records, **{p: r for p in OTHER_PROBLEMS if (r := load(p)) is not None}}
+    others = (*OTHER_PROBLEMS, *FIELD_PROBLEMS)
+    tabled = {**records, **{p: r for p in others if (r := load(p)) is not None}}
     out = {RESULTS / f"{p}.md": f"# {p}\n\n{problem_table(r)}" for p, r in tabled.items()}
     out[RESULTS / "suite.md"] = (
         "# Benchmark suite: summary\n\nMean rank over the problems (by mean Δm), Δm per problem "
@@ -608,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stale: {stale}; run python benchmarks/render_suite.py")
             return 1
         return 0
-    figures({p: r for p in PROBLEMS if (r := load(p)) is not None})
+    figures({p: r for p in (*PROBLEMS, *FIELD_PROBLEMS) if (r := load(p)) is not None})
     failure_figure(FIGURES / "suite_failure_modes.png")
     scaling = load_scaling()
     if scaling:
