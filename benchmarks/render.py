@@ -804,7 +804,9 @@ def block_qm9_table() -> str:
             f" seeds {seeds_text(seeds)}; lower is better. Budget: Adam, lr {budget['lr']}, batch"
             f" {budget['batch_size']}, {budget['epochs']} epochs; {cpu:.1f} h of CPU time, one"
             " thread per run. `python benchmarks/suite.py --problems qm9 --seeds 0 1 2`"
-            " reproduces it; `benchmarks/results/qm9.md` has the verdicts against a plain sum.",
+            " reproduces it and adds TorchJD's peers, which these runs lack (the command that"
+            " ran them, with its `--methods` list, is in the results file);"
+            " `benchmarks/results/qm9.md` has the verdicts against a plain sum.",
             "",
             *lines,
             "",
