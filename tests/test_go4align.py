@@ -109,3 +109,14 @@ def test_bad_arguments_name_the_argument() -> None:
         GO4Align(TASKS5, num_groups=0)
     with pytest.raises(ValueError, match="step_size"):
         GO4Align(TASKS5, step_size=-1.0)
+
+
+def test_large_losses_do_not_underflow_the_risk_distribution() -> None:
+    """exp(-1e-4 * 7.4e6) is 0 in float64: the update is shifted by the least loss."""
+    go = GO4Align(TASKS5, step_size=1e-4)
+    total = go({t: torch.tensor(7440347.0) for t in TASKS5})
+    assert torch.isfinite(total)
+    torch.testing.assert_close(go.probs, torch.full((5,), 0.2))
+    go({t: torch.tensor(v) for t, v in zip(TASKS5, [7e6, 8e6, 9e6, 1e7, 2e7], strict=True)})
+    assert torch.isfinite(go.probs).all()
+    assert float(go.probs[0]) == 1.0  # the others move by exp(-100) and less

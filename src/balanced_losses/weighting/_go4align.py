@@ -149,9 +149,15 @@ class GO4Align(Weighting):
         if self._updating:
             with torch.no_grad():
                 mean, valid = self._stats_input(values, present)
-                decay = torch.exp(-self.step_size * torch.where(valid, mean, 0.0).double())
-                moved = self.probs * decay
-                self.probs.copy_(moved / moved.sum())
+                # Shifted by the least loss, which cancels in the normalization: the largest
+                # factor is 1, so large losses cannot underflow every factor to 0 (1e7 * 1e-4).
+                loss = torch.where(valid, mean, torch.inf).double()
+                shift = torch.where(valid, loss - loss.min(), 0.0)
+                moved = self.probs * torch.exp(-self.step_size * shift)
+                total = moved.sum()
+                uniform = torch.full_like(moved, 1.0 / moved.numel())
+                # Every probability underflowed to 0 over the steps: start again from uniform.
+                self.probs.copy_(torch.where(total > 0, moved / total, uniform))
         losses = torch.where(present, values.detach(), torch.ones_like(values)).double()
         summed = torch.where(present, losses, 0.0).sum()
         indicator = torch.where(present, summed / losses * self.probs.to(values.device), 0.0)
