@@ -9,6 +9,7 @@ from torch import Tensor
 
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_number
+from balanced_losses._numerics import wide_dtype
 
 __all__ = ["GO4Align", "group_means"]
 
@@ -27,8 +28,9 @@ def group_means(values: Tensor, present: Tensor, groups: int) -> Tensor:
     k = values.shape[0]
     x = torch.where(present, values, torch.full_like(values, torch.inf))
     order = torch.argsort(x, stable=True)
-    xs = torch.where(present[order], values[order], 0.0).to(torch.float64)
-    ms = present[order].to(torch.float64)
+    wide = wide_dtype(values.device)
+    xs = torch.where(present[order], values[order], 0.0).to(wide)
+    ms = present[order].to(wide)
     zero = xs.new_zeros(1)
     s1 = torch.cat([zero, xs.cumsum(0)])
     s2 = torch.cat([zero, (xs * xs).cumsum(0)])
@@ -56,7 +58,7 @@ def group_means(values: Tensor, present: Tensor, groups: int) -> Tensor:
     boundaries = torch.cat(starts) if starts else end.new_zeros(0)
     position = torch.arange(k, device=values.device)
     group = (position[:, None] >= boundaries[None, :]).sum(1)
-    sums = torch.zeros(groups, dtype=torch.float64, device=values.device)
+    sums = torch.zeros(groups, dtype=wide, device=values.device)
     sizes = torch.zeros_like(sums)
     sums.scatter_add_(0, group, xs)
     sizes.scatter_add_(0, group, ms)
@@ -151,23 +153,26 @@ class GO4Align(Weighting):
                 mean, valid = self._stats_input(values, present)
                 # Shifted by the least loss, which cancels in the normalization: the largest
                 # factor is 1, so large losses cannot underflow every factor to 0 (1e7 * 1e-4).
-                loss = torch.where(valid, mean, torch.inf).double()
+                loss = torch.where(valid, mean, torch.inf).to(wide_dtype(values.device))
                 shift = torch.where(valid, loss - loss.min(), 0.0)
                 moved = self.probs * torch.exp(-self.step_size * shift)
                 total = moved.sum()
                 uniform = torch.full_like(moved, 1.0 / moved.numel())
                 # Every probability underflowed to 0 over the steps: start again from uniform.
                 self.probs.copy_(torch.where(total > 0, moved / total, uniform))
-        losses = torch.where(present, values.detach(), torch.ones_like(values)).double()
+        wide = wide_dtype(values.device)
+        losses = torch.where(present, values.detach(), torch.ones_like(values)).to(wide)
         summed = torch.where(present, losses, 0.0).sum()
-        indicator = torch.where(present, summed / losses * self.probs.to(values.device), 0.0)
+        probs = self.probs.to(values.device, wide)
+        indicator = torch.where(present, summed / losses * probs, 0.0)
         groups = min(self.num_groups, len(self.tasks))
         # A weight beyond the losses' dtype (the summed loss over a loss of 1e-30) is clamped to
-        # its largest finite value; the total is summed in float64, so w_k L_k stays finite.
+        # its largest finite value; the total is summed in the wide dtype, so w_k L_k stays
+        # finite.
         limit = torch.finfo(values.dtype).max
         weights = group_means(indicator, present, groups).clamp(max=limit)
         kept = torch.where(present, values, torch.zeros_like(values))
-        total = (weights * kept.double()).sum().to(values.dtype)
+        total = (weights * kept.to(wide)).sum().to(values.dtype)
         return total, weights.to(values.dtype)
 
     def extra_repr(self) -> str:
