@@ -24,9 +24,13 @@ set -euo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
+    # A wheel for another Python stops nothing: the TorchJD rows are then skipped.
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH=/tmp/site
+    else
+        echo "the wheels in .whl did not install: no TorchJD rows"
+    fi
 fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 {
