@@ -120,3 +120,14 @@ def test_large_losses_do_not_underflow_the_risk_distribution() -> None:
     go({t: torch.tensor(v) for t, v in zip(TASKS5, [7e6, 8e6, 9e6, 1e7, 2e7], strict=True)})
     assert torch.isfinite(go.probs).all()
     assert float(go.probs[0]) == 1.0  # the others move by exp(-100) and less
+
+
+def test_a_huge_loss_grouped_with_a_huge_indicator_keeps_the_total_finite() -> None:
+    """Found by the fuzz suite: in float32, losses (1, 3.7e19, 0.5) put the huge loss in a group
+    with an indicator of 1e19; the weights are capped so that the total stays finite."""
+    go = GO4Align(("a", "b", "c"))
+    total = go(
+        {"a": torch.tensor(1.0), "b": torch.tensor(3.689394774327952e19), "c": torch.tensor(0.5)}
+    )
+    assert torch.isfinite(total)
+    assert torch.isfinite(go.last_weights).all()

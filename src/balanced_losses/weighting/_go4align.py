@@ -166,11 +166,12 @@ class GO4Align(Weighting):
         probs = self.probs.to(values.device, wide)
         indicator = torch.where(present, summed / losses * probs, 0.0)
         groups = min(self.num_groups, len(self.tasks))
-        # A weight beyond the losses' dtype (the summed loss over a loss of 1e-30) is clamped to
-        # its largest finite value; the total is summed in the wide dtype, so w_k L_k stays
-        # finite.
-        limit = torch.finfo(values.dtype).max
-        weights = group_means(indicator, present, groups).clamp(max=limit)
+        # Grouping can put a task with a huge loss next to one whose indicator is huge (the
+        # summed loss over a loss of 1e-30): each weight is capped so that no w_k L_k, and so
+        # not the total (summed in the wide dtype), leaves the losses' dtype. The cap is far
+        # above any weight of a loss between 1e-30 and 1e3 at 40 tasks.
+        cap = torch.finfo(values.dtype).max / (len(self.tasks) * losses.max().clamp(min=1.0))
+        weights = group_means(indicator, present, groups).clamp(max=cap)
         kept = torch.where(present, values, torch.zeros_like(values))
         total = (weights * kept.to(wide)).sum().to(values.dtype)
         return total, weights.to(values.dtype)
