@@ -226,8 +226,17 @@ def test_weighting_under_fsdp2_equals_one_process(fast_ranks, case):
     check(fast_ranks, case)
 
 
+# LDC-MTL's learned weights take their gradient through log(L / L0) of each rank's losses: in
+# neither scheme is the mean over ranks of that gradient the one-process gradient (the scaled
+# scheme averages log(alpha_r L), the split scheme the logs of the ranks' batch losses).
+_LOG_PER_RANK = pytest.mark.skip(
+    reason="its learned weights' gradient is a log of each rank's losses: no scheme makes the "
+    "mean over ranks equal one process (tests/test_distributed.py skips it for the same reason)"
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", params(REST))
+@pytest.mark.parametrize("case", params(REST, LDCMTL=_LOG_PER_RANK))
 def test_every_other_weighting_under_fsdp2_equals_one_process(rest_ranks, case):
     check(rest_ranks, case)
 
