@@ -53,7 +53,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -356,7 +355,7 @@ def to_json(
         "targets": {str(k): v for k, v in TARGETS.items()},
         "cagrad_c": CAGRAD_C,
         "fairgrad_alpha": FAIRGRAD_ALPHA,
-        "torchjd": _version("torchjd"),
+        "torchjd": timing.package_version("torchjd"),
         "balanced_losses": bl.__version__,
         "notes": notes,
         "wall_seconds": seconds,
@@ -364,13 +363,6 @@ def to_json(
         "machine": lib.machine_info(),
         "configs": results,
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -395,13 +394,17 @@ def method_plan(keys: list[str]) -> tuple[list[Row], list[str]]:
     return plan, notes
 
 
-def cuda_peak_bytes(runner: Runner) -> int:
-    """Peak allocated bytes above the step's starting level, in one step on the GPU."""
+def cuda_peak_bytes(runner: Runner) -> tuple[int, int]:
+    """Peak allocated bytes above the step's starting level, and all bytes allocated, in one
+    step on the GPU (the caching allocator's counters: what ``timing.peak_step_bytes`` reads
+    from the profiler on the CPU)."""
     torch.cuda.synchronize(runner.device)
     torch.cuda.reset_peak_memory_stats(runner.device)
     start = torch.cuda.memory_allocated(runner.device)
+    before = torch.cuda.memory_stats(runner.device)["allocated_bytes.all.allocated"]
     runner.step()
-    return torch.cuda.max_memory_allocated(runner.device) - start
+    after = torch.cuda.memory_stats(runner.device)["allocated_bytes.all.allocated"]
+    return torch.cuda.max_memory_allocated(runner.device) - start, after - before
 
 
 def measure(
@@ -415,34 +418,11 @@ def measure(
         backward, weighting, engine = row.make(tasks)
         runners[row.name] = Runner(config, device, batches, backward, weighting, engine)
     times = timing.interleave(runners, rounds=rounds, warmup=warmup)
-    if device.type == "cuda":
-        peaks = {name: cuda_peak_bytes(r) for name, r in runners.items()}
-        rows = []
-        for name in runners:
-            per_round = zip(times[name], times["sum"], strict=True)
-            ratio, iqr = timing.median_iqr([t / s for t, s in per_round])
-            rows.append(
-                {
-                    "method": name,
-                    "ms": 1e3 * sorted(times[name])[len(times[name]) // 2],
-                    "ratio": ratio,
-                    "iqr": iqr,
-                    "peak": peaks[name],
-                    "peak_ratio": peaks[name] / max(peaks["sum"], 1),
-                }
-            )
-    else:
-        rows = timing.cost_rows(runners, times)
+    memory_of = cuda_peak_bytes if device.type == "cuda" else timing.peak_step_bytes
+    rows = timing.cost_rows(runners, times, memory_of=memory_of)
     for row, spec in zip(rows, plan, strict=True):
         row["family"] = spec.family
     return rows, notes
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _device_name(device: torch.device) -> str:
@@ -500,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "sets_own_threads": True,
         "torch": torch.__version__,
-        "torchjd": None if Engine is None else _version("torchjd"),
+        "torchjd": None if Engine is None else timing.package_version("torchjd"),
         "goals": GOALS,
         "notes": notes,
         "wall_seconds": time.perf_counter() - started,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import timing
 import torch
 from torch import Tensor
 
@@ -66,15 +67,6 @@ def torchjd_solvers() -> dict[str, Callable[[Tensor], Tensor]]:
     return out
 
 
-def _torchjd_version() -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version("torchjd")
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -113,7 +105,7 @@ def main() -> None:
     result = {
         "device": name,
         "torch": torch.__version__,
-        "torchjd": None if tja is None else getattr(tja, "__version__", None) or _torchjd_version(),
+        "torchjd": None if tja is None else timing.package_version("torchjd"),
         "repeats": args.repeats,
         "rows": rows,
     }

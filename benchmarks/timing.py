@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
 from typing import Any, Protocol
 
 
@@ -63,13 +64,18 @@ def peak_step_bytes(runner: Stepper) -> tuple[int, int]:
 
 
 def cost_rows(
-    runners: Mapping[str, Stepper], times: Mapping[str, list[float]], baseline: str = "sum"
+    runners: Mapping[str, Stepper],
+    times: Mapping[str, list[float]],
+    baseline: str = "sum",
+    *,
+    memory_of: Callable[[Any], tuple[int, int]] = peak_step_bytes,
 ) -> list[dict[str, Any]]:
     """Per runner: median step time, per-round time ratio to ``baseline``, memory and ratios.
 
-    The memory is measured here, one more step of each runner under the profiler.
+    The memory is measured here, one more step of each runner: ``memory_of(runner)`` gives its
+    ``(peak, allocated)`` bytes (under the profiler by default; a GPU has its own counters).
     """
-    memory = {m: peak_step_bytes(runner) for m, runner in runners.items()}
+    memory = {m: memory_of(runner) for m, runner in runners.items()}
     rows = []
     for m in runners:
         ratio, iqr = median_iqr([t / s for t, s in zip(times[m], times[baseline], strict=True)])
@@ -86,3 +92,11 @@ def cost_rows(
             }
         )
     return rows
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``, None where it is not installed."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
