@@ -75,6 +75,20 @@ SPECS: dict[str, dict[str, Any]] = {
         },
         "binary": ("high_demand",),
     },
+    "vowels": {
+        "needs": ("aeon",),
+        "sizes": ((480, 160), (32, 24)),
+        "x": (29, 13),
+        "targets": {
+            "speaker": ((), torch.long, 9),
+            "next_frame": ((28, 12), torch.float32, None),
+            "remaining": ((29,), torch.float32, None),
+            "denoise": ((29, 12), torch.float32, None),
+            "profile": ((12,), torch.float32, None),
+            "long": ((1,), torch.float32, None),
+        },
+        "binary": ("long",),
+    },
 }
 NAMES = tuple(SPECS)
 _DATA: dict[str, tuple[Split, Split]] = {}
@@ -168,6 +182,9 @@ def test_training_and_validation_do_not_overlap(name):
     if name == "newcomer_digits":  # load_digits holds no two identical images
         assert _rows(train.x).isdisjoint(_rows(val.x))
         assert len(_rows(train.x)) == len(train)
+    elif name == "vowels":  # the clean utterances; the archive holds no two identical ones
+        assert _rows(train.targets["denoise"]).isdisjoint(_rows(val.targets["denoise"]))
+        assert len(_rows(train.targets["denoise"])) == len(train)
     elif name == "power_demand":  # the clean days; the archive holds no two identical days
         train_days = torch.cat([train.targets["denoise"], train.targets["forecast"]], 1)
         val_days = torch.cat([val.targets["denoise"], val.targets["forecast"]], 1)
@@ -178,6 +195,18 @@ def test_training_and_validation_do_not_overlap(name):
 
         assert int(train.targets["start"].max()) + T <= int(val.targets["start"].min())
         assert int(val.targets["start"].min()) == _problem(name).counts["training steps"]  # type: ignore[attr-defined]
+
+
+def _head_input(name: str, task: str, features: Tensor, x: Tensor) -> Tensor:
+    """What task's head reads of the trunk's output: all of it, but on ``vowels``."""
+    if name != "vowels":
+        return features
+    if task == "next_frame":
+        return features[:, :-1]  # frame t predicts frame t + 1
+    if task in ("speaker", "profile", "long"):  # each utterance's last frame
+        last = x[..., 12].sum(1).long() - 1
+        return features[torch.arange(len(x)), last]
+    return features
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -196,7 +225,11 @@ def test_untrained_model_shapes_heads_and_finite_losses(name):
         assert outputs[task].shape == expected, task
         # Each task's head is the submodule of its name, and it takes the trunk's output as is.
         assert task in modules, task
-        torch.testing.assert_close(modules[task](features), outputs[task], rtol=0, atol=0)
+        head_input = _head_input(name, task, features, train.x)
+        expected_out = modules[task](head_input)
+        if name == "vowels" and task == "remaining":
+            expected_out = expected_out.squeeze(-1)
+        torch.testing.assert_close(expected_out, outputs[task], rtol=0, atol=0)
         assert losses[task].ndim == 0
         assert torch.isfinite(losses[task]), task
     assert set(losses) == set(problem.tasks)
@@ -245,3 +278,46 @@ def test_the_windows_dropped_are_the_ones_declared(name):
     assert counts["beats"] == counts["peaks"] - dropped["peaks without an onset (the first)"]
     # One validation window of the phase's error rate: the floor Δm uses when alone scores 0.
     assert problem.metric_floor["phase"] == pytest.approx(100 / len(val))
+
+
+def test_vowels_targets_and_constants_by_hand():
+    """The mask channel, the per-frame targets and their constant rows, from the clean frames."""
+    problem: Any = _problem("vowels")
+    train, val = _data("vowels")
+    for split in (train, val):
+        mask = split.x[..., 12]
+        lengths = mask.sum(1).long()
+        assert set(mask.unique().tolist()) == {0.0, 1.0}
+        assert int(lengths.min()) >= 7
+        assert int(lengths.max()) <= 29
+        # The mask is a prefix of ones: frames, then padding.
+        assert torch.equal(mask, (torch.arange(29) < lengths.unsqueeze(1)).float())
+        clean = split.targets["denoise"]
+        assert (clean[mask == 0] == 0).all()
+        assert (split.x[..., :12][mask == 0] == 0).all()
+        # The next frame is the clean frames shifted by one; remaining counts down to 0.
+        torch.testing.assert_close(split.targets["next_frame"], clean[:, 1:], rtol=0, atol=0)
+        i = int(lengths.argmin())
+        n = int(lengths[i])
+        expected = torch.cat([torch.arange(n - 1, -1, -1).float(), torch.zeros(29 - n)])
+        torch.testing.assert_close(split.targets["remaining"][i], expected, rtol=0, atol=0)
+        torch.testing.assert_close(
+            split.targets["profile"],
+            clean.sum(1) / lengths.unsqueeze(1).float(),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+        assert torch.equal(split.targets["long"].squeeze(1), (lengths > 15).float())
+    # The training frames are standardized per channel; the noise is about 0.3 there.
+    frames = train.targets["denoise"][train.x[..., 12] == 1]
+    torch.testing.assert_close(frames.mean(0), torch.zeros(12), rtol=0, atol=1e-5)
+    torch.testing.assert_close(frames.std(0), torch.ones(12), rtol=0, atol=1e-4)
+    noise = train.x[..., :12][train.x[..., 12] == 1] - frames
+    assert 0.28 < float(noise.std()) < 0.32
+    # The constant for ``remaining`` at frame 0 is the mean length minus 1.
+    rows = problem.constant_outputs(train)
+    lengths = train.x[..., 12].sum(1)
+    assert float(rows["remaining"][0]) == pytest.approx(float(lengths.mean()) - 1, rel=1e-6)
+    assert int(lengths.max()) == 29
+    last = rows["remaining"][28]
+    assert float(last) == pytest.approx(0.0, abs=1e-6)  # only 29-frame utterances reach it
