@@ -15,6 +15,8 @@ package. The suite runs them by name (``suite.VARIANTS``) on the development pro
   *parameters* (one ``autograd.grad`` per task on the calibration steps) instead of at the
   features: where heads read the features differently (a mean over time next to one step), the
   norm at the features is not what reaches the shared weights (round 2 of the study).
+  ``params-100-sqrt`` raises each multiplier to 1/2 (partial equalization at the parameters)
+  and ``params-20`` calibrates over 20 steps (round 3).
 - ``dbmtl-smoothed``: DB-MTL with its log transform's division by the batch loss replaced by a
   division by the loss's running mean (the gradient of :math:`\\log L` is :math:`\\nabla L / L`;
   here :math:`\\nabla L / \\hat m`), then the gradient half as in ``DBMTL``.
@@ -104,9 +106,10 @@ class ParamsFrozen(bl.Weighting):
     afterwards it is a fixed weighted sum.
     """
 
-    def __init__(self, tasks: Sequence[str], *, steps: int) -> None:
+    def __init__(self, tasks: Sequence[str], *, steps: int, alpha: float = 1.0) -> None:
         super().__init__(tasks)
         self.steps = steps
+        self.alpha = alpha
         k = len(self.tasks)
         self._add_state("ema", torch.zeros(k, dtype=torch.float64))
         self._add_state("count", torch.zeros(k, dtype=torch.long))
@@ -121,7 +124,8 @@ class ParamsFrozen(bl.Weighting):
         seen = self.count > 0
         norms = torch.where(seen, self.ema, torch.ones_like(self.ema))
         target = norms[seen].mean() if bool(seen.any()) else torch.ones((), dtype=norms.dtype)
-        return torch.where(seen & (norms > 0), target / norms.clamp_min(1e-30), 1.0)
+        ratio = (target / norms.clamp_min(1e-30)).pow(self.alpha)
+        return torch.where(seen & (norms > 0), ratio, 1.0)
 
     def combine(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         if self._updating and int(self.steps_done) < self.steps and self._params:
@@ -160,6 +164,8 @@ CANDIDATES = {
     "clamped-4": lambda tasks: Clamped(tasks, limit=4.0),
     "dbmtl-smoothed": SmoothedDBMTL,
     "params-100": lambda tasks: ParamsFrozen(tasks, steps=100),
+    "params-100-sqrt": lambda tasks: ParamsFrozen(tasks, steps=100, alpha=0.5),
+    "params-20": lambda tasks: ParamsFrozen(tasks, steps=20),
 }
 
 __all__ = ["CANDIDATES", "Clamped", "Frozen", "Lift", "ParamsFrozen", "Partial", "SmoothedDBMTL"]
