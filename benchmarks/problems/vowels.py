@@ -170,26 +170,29 @@ class _Encoder(nn.Module):
 
 
 class _Model(TaskModel):
+    # The heads are named ``<task>_head``, not ``<task>``: three of them read one frame of the
+    # trunk's output, not all of it, so ``attach`` must not be given them as heads (the suite
+    # names a submodule ``<task>`` as a head); it measures each task's gradient through them.
     def __init__(self) -> None:
         super().__init__()
         self.trunk = _Encoder()
-        self.speaker = nn.Linear(_WIDTH, _SPEAKERS)
-        self.next_frame = nn.Linear(_WIDTH, _CHANNELS)
-        self.remaining = nn.Linear(_WIDTH, 1)
-        self.denoise = nn.Linear(_WIDTH, _CHANNELS)
-        self.profile = nn.Linear(_WIDTH, _CHANNELS)
-        self.long = nn.Linear(_WIDTH, 1)
+        self.speaker_head = nn.Linear(_WIDTH, _SPEAKERS)
+        self.next_frame_head = nn.Linear(_WIDTH, _CHANNELS)
+        self.remaining_head = nn.Linear(_WIDTH, 1)
+        self.denoise_head = nn.Linear(_WIDTH, _CHANNELS)
+        self.profile_head = nn.Linear(_WIDTH, _CHANNELS)
+        self.long_head = nn.Linear(_WIDTH, 1)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         features = self.trunk(x)  # (n, frames, width)
         last = _last(features, _mask(x))
         return {
-            "speaker": self.speaker(last),
-            "next_frame": self.next_frame(features[:, :-1]),  # frame t predicts frame t + 1
-            "remaining": self.remaining(features).squeeze(-1),
-            "denoise": self.denoise(features),
-            "profile": self.profile(last),
-            "long": self.long(last),
+            "speaker": self.speaker_head(last),
+            "next_frame": self.next_frame_head(features[:, :-1]),  # frame t predicts frame t + 1
+            "remaining": self.remaining_head(features).squeeze(-1),
+            "denoise": self.denoise_head(features),
+            "profile": self.profile_head(last),
+            "long": self.long_head(last),
         }
 
 
