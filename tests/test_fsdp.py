@@ -65,11 +65,12 @@ def _nonlinear_per_rank(case: Case) -> bool:
 
     Two kinds, read from the class: a method of positive losses takes their logarithms or
     ratios per rank (FAMO, GeometricMean, GradNorm, DBMTL, STCH); a feature-level method that is
-    not a Gramian rule averages per-rank gradient norms (GradientBalancer, CalibratedBalancer).
-    A Gramian rule sums the Gramian over ranks, which is exact under the split scheme.
+    not a Gramian rule averages per-rank gradient norms (GradientBalancer, CalibratedBalancer),
+    and so does CalibratedWeighting at the shared parameters. A Gramian rule sums the Gramian
+    over ranks, which is exact under the split scheme.
     """
     weighting = case.make(TASKS, shared=[torch.zeros(1, requires_grad=True)])
-    if case.positive:
+    if case.positive or isinstance(weighting, bl.CalibratedWeighting):
         return True
     return case.level == "features" and not isinstance(weighting, bl.GramianWeighting)
 

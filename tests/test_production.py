@@ -109,7 +109,7 @@ def _compile_params() -> list:
     out += [
         pytest.param(case, "eager", id=f"{case.name}-eager")
         for case in CASES
-        if case.name.startswith("GradNorm")
+        if case.name.startswith(("GradNorm", "CalibratedWeighting"))
     ]
     return out
 

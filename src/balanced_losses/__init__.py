@@ -28,6 +28,7 @@ from balanced_losses.features._nash_mtl import NashMTL
 from balanced_losses.features._pcgrad import PCGrad
 from balanced_losses.features._upgrad import UPGrad
 from balanced_losses.losses import HuberLoss
+from balanced_losses.weighting._calibrated_weighting import CalibratedWeighting
 from balanced_losses.weighting._dwa import DWA
 from balanced_losses.weighting._famo import FAMO
 from balanced_losses.weighting._geometric_mean import GeometricMean
@@ -56,6 +57,7 @@ __all__ = [
     "Attachment",
     "CAGrad",
     "CalibratedBalancer",
+    "CalibratedWeighting",
     "ConFIG",
     "FairGrad",
     "GO4Align",

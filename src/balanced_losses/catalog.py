@@ -109,7 +109,8 @@ class Method:
             output_sizes: Each task's output size, for methods that correct for the
                 reduction (``LossNormalizer``); ignored by the others.
             shared_parameters: The shared trunk's parameters, for methods that differentiate
-                through them (``GradNorm``, which requires them); ignored by the others.
+                through them (``GradNorm``, which requires them; ``CalibratedWeighting``, which
+                otherwise finds them in the graph); ignored by the others.
             seed: Seed of a method that draws random numbers (``RLW``, ``PCGrad``); ignored by
                 the others.
             **options: Constructor options on top of this configuration's.
@@ -121,12 +122,14 @@ class Method:
         kwargs: dict[str, Any] = {**self.options, **options}
         args: list[Any] = [tasks]
         if "shared_parameters" in accepted:
-            if shared_parameters is None:
+            required = accepted["shared_parameters"].default is inspect.Parameter.empty
+            if required and shared_parameters is None:
                 raise TypeError(
                     f"`{self.name}` needs `shared_parameters`: the parameters of the shared "
                     "trunk it differentiates through"
                 )
-            args.append(shared_parameters)
+            if shared_parameters is not None:
+                args.append(shared_parameters)
         if "output_sizes" in accepted and output_sizes is not None:
             kwargs.setdefault("output_sizes", dict(output_sizes))
         if "seed" in accepted and seed is not None:
@@ -163,7 +166,7 @@ def methods(level: Level | None = None) -> tuple[Method, ...]:
 
     Example:
         >>> [m.key for m in methods("loss")][:3]
-        ['dwa', 'famo', 'geometric-mean']
+        ['calibrated-weighting', 'dwa', 'famo']
     """
     classes = {cls.__name__: cls for cls in _public_classes()}
     defaults = sorted((Method(key_of(cls), cls) for cls in classes.values()), key=attrgetter("key"))
