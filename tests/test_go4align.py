@@ -131,3 +131,17 @@ def test_a_huge_loss_grouped_with_a_huge_indicator_keeps_the_total_finite() -> N
     )
     assert torch.isfinite(total)
     assert torch.isfinite(go.last_weights).all()
+
+
+def test_a_task_whose_probability_underflows_keeps_a_positive_weight_and_recovers() -> None:
+    """Found by the fuzz suite: losses (1, 1, 1032791) moved task c's probability by
+    exp(-1e6), 0 in any dtype, and a probability of 0 never moves again: its weight would stay
+    0 for the rest of training. It is floored at float32's least normal number instead."""
+    go = GO4Align(("a", "b", "c"), step_size=1.0)
+    go({"a": torch.tensor(1.0), "b": torch.tensor(1.0), "c": torch.tensor(1032791.0)})
+    assert (go.last_weights > 0).all()
+    assert float(go.probs[2]) == torch.finfo(torch.float32).tiny
+    # Once c's loss is the least, the update lifts it back by exp(step_size * gap) against the
+    # others: exp(99) from 1.2e-38 is above 1.
+    go({"a": torch.tensor(100.0), "b": torch.tensor(100.0), "c": torch.tensor(1.0)})
+    assert float(go.probs[2]) > 0.5

@@ -159,7 +159,11 @@ class GO4Align(Weighting):
                 total = moved.sum()
                 uniform = torch.full_like(moved, 1.0 / moved.numel())
                 # Every probability underflowed to 0 over the steps: start again from uniform.
-                self.probs.copy_(torch.where(total > 0, moved / total, uniform))
+                # One that alone underflowed (a loss far above the others once) is kept at the
+                # losses' dtype's least normal number instead: a probability of 0 would never
+                # move again, and its task would keep a weight of 0 for the rest of training.
+                floor = torch.finfo(values.dtype).tiny
+                self.probs.copy_(torch.where(total > 0, moved / total, uniform).clamp_min(floor))
         wide = wide_dtype(values.device)
         losses = torch.where(present, values.detach(), torch.ones_like(values)).to(wide)
         summed = torch.where(present, losses, 0.0).sum()
