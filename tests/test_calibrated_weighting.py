@@ -235,3 +235,21 @@ def test_repr_names_the_settings():
     text = repr(bl.CalibratedWeighting(TASKS, steps=7))
     assert "steps=7" in text
     assert "found in the graph" in text
+
+
+def test_log_dict_gives_the_shares_at_the_shared_parameters_while_calibrating():
+    torch.manual_seed(8)
+    net = _Net()
+    weighting = bl.CalibratedWeighting(TASKS, steps=2)
+    x1, x2 = _batches(2)
+    weighting(net.losses(x1)).backward()
+    logs = weighting.log_dict()
+    norms = _norms_by_hand(net, x1)
+    scale = norms.mean() / norms
+    shares = scale * norms / (scale * norms).sum()  # equalized: a third each
+    for i, task in enumerate(TASKS):
+        assert logs[f"grad_share/{task}"] == pytest.approx(float(shares[i]), rel=1e-5)
+        assert logs[f"grad_share/{task}"] == pytest.approx(1 / 3, rel=1e-5)
+    weighting(net.losses(x2)).backward()
+    weighting(net.losses(x2))  # frozen from this call on
+    assert not any(key.startswith("grad_share/") for key in weighting.log_dict())

@@ -29,12 +29,13 @@ LAYERS = {
     "_lifecycle": 0,
     "_base": 1,
     "losses": 1,
-    "weighting": 2,
-    "features": 3,
-    "aggregation": 4,
-    "catalog": 4,
-    "diagnostics": 4,
-    "__init__": 5,
+    "_calibration": 2,  # the calibrate-then-freeze base of one method in each family
+    "weighting": 3,
+    "features": 4,
+    "aggregation": 5,
+    "catalog": 5,
+    "diagnostics": 5,
+    "__init__": 6,
 }
 
 

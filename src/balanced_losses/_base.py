@@ -242,8 +242,9 @@ class Weighting(Lifecycle, TaskState):
         - ``weight/<task>``: the effective weight of :attr:`last_weights`;
         - ``grad_share/<task>``: for the feature-level methods, each task's part of the gradient
           sent into the shared features, :math:`|c_k|\,\lVert g_k\rVert / \sum_j |c_j|\,\lVert
-          g_j\rVert` (the loss-level methods do not see gradients: use
-          :class:`~balanced_losses.diagnostics.GradientMonitor` there).
+          g_j\rVert`; for :class:`~balanced_losses.CalibratedWeighting` while it calibrates,
+          the same at the shared parameters (the other loss-level methods do not see gradients:
+          use :class:`~balanced_losses.diagnostics.GradientMonitor` there).
 
         Args:
             every: Return the dict on every this many calls (an integer >= 1).

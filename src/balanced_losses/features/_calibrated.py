@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from balanced_losses._autograd import scale_gradient
+from balanced_losses._calibration import FreezeAfterCalibration, check_steps
 from balanced_losses.features._gradient_balancer import GradientBalancer
 
 __all__ = ["CalibratedBalancer"]
 
 
-class CalibratedBalancer(GradientBalancer):
+class CalibratedBalancer(FreezeAfterCalibration, GradientBalancer):
     r"""Balance the tasks' gradients at the shared features for a while, then freeze the weights.
 
     For the first ``steps`` training steps this is a :class:`GradientBalancer`: each task's
@@ -82,9 +83,6 @@ class CalibratedBalancer(GradientBalancer):
         True
     """
 
-    steps_done: Tensor
-    frozen_scale: Tensor
-
     def __init__(
         self,
         tasks: Sequence[str],
@@ -95,49 +93,21 @@ class CalibratedBalancer(GradientBalancer):
         allow_missing: bool = False,
         sync_dist: bool = True,
     ) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
         # An EMA of momentum 1 - 1/steps, bias-corrected, weighs the calibration steps nearly
         # alike (with steps = 1, the one step's norms).
         super().__init__(
             tasks,
-            momentum=1.0 - 1.0 / steps,
+            momentum=1.0 - 1.0 / check_steps(steps),
             weights=weights,
             eps=eps,
             allow_missing=allow_missing,
             sync_dist=sync_dist,
         )
-        self.steps = steps
-        self._add_state("steps_done", torch.zeros((), dtype=torch.long), task_axis=None)
-        self._add_state("frozen_scale", torch.ones(len(self.tasks)))
-
-    @property
-    def frozen(self) -> bool:
-        """Whether the calibration is over and the weights are fixed."""
-        return self._frozen
-
-    @property
-    def frozen_weights(self) -> Tensor:
-        r"""The multipliers :math:`s_k` frozen at the end of the calibration (1 before it)."""
-        return self.frozen_scale.clone()
+        self._declare_calibration(steps)
 
     def multipliers(self) -> Tensor:
         r"""The factors :math:`w_k s_k` applied now: the frozen ones after the calibration."""
         return self._fixed_weights * self.frozen_scale if self._frozen else super().multipliers()
-
-    def _reset_python_state(self) -> None:
-        super()._reset_python_state()
-        # Training steps counted so far, and whether they reached ``steps``: Python values, so
-        # that deciding costs no host-device sync (``steps_done`` mirrors the count).
-        self._python_steps = 0
-        self._frozen = False
-
-    def _freeze_if_calibrated(self) -> None:
-        """At the first training call after ``steps`` measured steps, fix the multipliers."""
-        if not self._frozen and self._updating and self._python_steps >= self.steps:
-            with torch.no_grad():
-                self.frozen_scale.copy_(self._scales())
-            self._frozen = True
 
     def branch(self, feats: Any) -> dict[str, Any]:
         """One view of ``feats`` per task while calibrating; ``feats`` itself once frozen."""
@@ -153,11 +123,7 @@ class CalibratedBalancer(GradientBalancer):
         gradient of the total is that of :math:`\sum_k w_k s_k L_k`.
         """
         self._freeze_if_calibrated()
-        if self._updating:
-            # Every training step counts, after the calibration too (the checkpoint says where
-            # in training the weights were fixed).
-            self._python_steps += 1
-            self.steps_done.add_(1)
+        self._count_step()
         if not self._frozen:
             return super().forward(losses)
         values, present = self._stack(losses)
@@ -171,23 +137,6 @@ class CalibratedBalancer(GradientBalancer):
     def _logged_per_task(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         # Once frozen nothing is measured at the features: no gradient shares to log.
         return {} if self._frozen else super()._logged_per_task(device, dtype)
-
-    def reset_running_stats(self) -> None:
-        """Forget the norms and the frozen weights: the next steps calibrate again."""
-        super().reset_running_stats()
-        self._python_steps = 0
-        self._frozen = False
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        # Loading is not a training step: reading the count on the host costs nothing here.
-        self._python_steps = int(self.steps_done)
-        self._frozen = self._python_steps >= self.steps
-        if self._frozen:
-            # Saved between the last calibration step and the freeze, the stored multipliers
-            # are still the initial ones; the norms, which no longer move, give the frozen ones.
-            with torch.no_grad():
-                self.frozen_scale.copy_(self._scales())
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from balanced_losses._autograd import as_tensors, scale_gradient, task_gradients
-from balanced_losses._base import Weighting
+from balanced_losses._calibration import FreezeAfterCalibration
 from balanced_losses._checks import check_number
 from balanced_losses._numerics import gradient_norm, wide_dtype
 from balanced_losses.distributed import autograd_targets
@@ -45,7 +45,7 @@ def shared_leaves(losses: Sequence[Tensor]) -> list[Tensor]:
     return [tensor for key, tensor in reached[0].items() if key in common]
 
 
-class CalibratedWeighting(Weighting):
+class CalibratedWeighting(FreezeAfterCalibration):
     r"""Measure each task's gradient at the shared parameters for a while, then fix the weights.
 
     For the first ``steps`` training steps, each task's gradient with respect to the shared
@@ -122,8 +122,6 @@ class CalibratedWeighting(Weighting):
 
     norm_mean: Tensor
     norm_count: Tensor
-    steps_done: Tensor
-    frozen_scale: Tensor
     grad_norms: Tensor
 
     def __init__(
@@ -138,9 +136,7 @@ class CalibratedWeighting(Weighting):
         sync_dist: bool = True,
     ) -> None:
         super().__init__(tasks, weights=weights, allow_missing=allow_missing, sync_dist=sync_dist)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
-        self.steps = steps
+        self._declare_calibration(steps)
         self.eps = check_number("eps", eps, low=0.0, strict=True)
         # The model's tensors, not this module's state: a plain list keeps them out of
         # parameters() and state_dict().
@@ -152,30 +148,14 @@ class CalibratedWeighting(Weighting):
         k = len(self.tasks)
         self._add_state("norm_mean", torch.zeros(k, dtype=torch.float64))
         self._add_state("norm_count", torch.zeros(k, dtype=torch.long))
-        self._add_state("steps_done", torch.zeros((), dtype=torch.long), task_axis=None)
-        self._add_state("frozen_scale", torch.ones(k, dtype=torch.float64))
         # Output only, overwritten every calibration step: not needed to resume.
         self._add_state("grad_norms", torch.zeros(k), kind="output")
         self._reset_python_state()
 
     def _reset_python_state(self) -> None:
         super()._reset_python_state()
-        # Steps counted, and whether they reached ``steps``: Python values, so that deciding
-        # costs no host-device sync (``steps_done`` mirrors the count).
-        self._python_steps = 0
-        self._frozen = False
         # The shared parameters found in the graph (None: not looked for yet).
         self._found: list[Tensor] | None = None
-
-    @property
-    def frozen(self) -> bool:
-        """Whether the calibration is over and the weights are fixed."""
-        return self._frozen
-
-    @property
-    def frozen_weights(self) -> Tensor:
-        r"""The multipliers :math:`s_k` frozen at the end of the calibration (1 before it)."""
-        return self.frozen_scale.clone()
 
     @property
     def running_norm(self) -> Tensor:
@@ -247,41 +227,26 @@ class CalibratedWeighting(Weighting):
     def forward(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         r"""The plain sum's value, with the gradient of :math:`\sum_k w_k s_k L_k`."""
         values, present = self._stack(losses)
+        self._freeze_if_calibrated()
         if self._updating and not self._frozen:
-            if self._python_steps >= self.steps:
-                with torch.no_grad():
-                    self.frozen_scale.copy_(self._scales())
-                self._frozen = True
-            else:
-                self._measure(losses)
-        if self._updating:
-            # Every training step counts, after the calibration too (the checkpoint says where
-            # in training the weights were fixed).
-            self._python_steps += 1
-            self.steps_done.add_(1)
+            self._measure(losses)
+        self._count_step()
         scale = (self.frozen_scale if self._frozen else self._scales()).to(values.device)
         self._record(scale, present)
         # The weights act on the gradients only: the value stays the plain sum, and a large
         # weight on a large loss cannot overflow it.
         return self._returned(scale_gradient(values, scale.to(values.dtype)).sum())
 
-    def reset_running_stats(self) -> None:
-        """Forget the norms and the frozen weights: the next steps calibrate again."""
-        super().reset_running_stats()
-        self._python_steps = 0
-        self._frozen = False
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        # Loading is not a training step: reading the count on the host costs nothing here.
-        self._python_steps = int(self.steps_done)
-        self._frozen = self._python_steps >= self.steps
+    def _logged_per_task(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        # While calibrating: each task's part of the gradient at the shared parameters,
+        # |s_k| n_k / sum_j |s_j| n_j. Once frozen nothing is measured: nothing to log.
         if self._frozen:
-            # Saved between the last calibration step and the freeze, the stored multipliers
-            # are still the initial ones; the averages, which no longer move, give the frozen
-            # ones.
-            with torch.no_grad():
-                self.frozen_scale.copy_(self._scales())
+            return {}
+        parts = self.last_weights.detach().to(device, dtype).abs() * self.grad_norms.to(
+            device, dtype
+        )
+        total = parts.sum()
+        return {"grad_share": torch.where(total > 0, parts / total, torch.zeros_like(parts))}
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
