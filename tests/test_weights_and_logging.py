@@ -176,6 +176,13 @@ def test_log_dict_reports_the_trained_step(case: Case) -> None:
     for task, value in by_task(weighting).items():
         assert logged[f"train/weight/{task}"] == pytest.approx(value.item(), rel=1e-6)
     shares = {key: v for key, v in logged.items() if "grad_share" in key}
+    if isinstance(weighting, bl.CalibratedWeighting):
+        # Loss-level, but it measures each task's gradient at the shared parameters while it
+        # calibrates (tests/test_calibrated_weighting.py checks those norms by hand).
+        sent = (weighting.last_weights * weighting.grad_norms).abs().tolist()
+        for task, value in zip(TASKS, sent, strict=True):
+            assert shares[f"train/grad_share/{task}"] == pytest.approx(value / sum(sent), rel=1e-5)
+        return
     if case.level != FEATURES:
         assert shares == {}
         return

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from balanced_losses._autograd import as_tensors, scale_gradient, task_gradients
 from balanced_losses._calibration import FreezeAfterCalibration
 from balanced_losses._checks import check_number
-from balanced_losses._numerics import gradient_norm, wide_dtype
+from balanced_losses._numerics import gradient_norm, norm_scales, wide_dtype
 from balanced_losses.distributed import autograd_targets
 
 __all__ = ["CalibratedWeighting"]
@@ -168,12 +168,12 @@ class CalibratedWeighting(FreezeAfterCalibration):
         return self._fixed_weights * scale.to(self._fixed_weights.dtype)
 
     def _scales(self) -> Tensor:
-        """mean_j n_j / n_k over the tasks measured so far; 1 for a task not measured yet."""
-        seen = self.norm_count > 0
-        norms = torch.where(seen, self.norm_mean, torch.ones_like(self.norm_mean))
-        count = seen.sum().clamp_min(1).to(norms.dtype)
-        target = torch.where(seen, norms, 0.0).sum() / count
-        return torch.where(seen, target / norms.clamp_min(self.eps), 1.0)
+        """mean_j n_j / n_k over the tasks measured so far; 1 for a task not measured yet.
+
+        A factor beyond the statistics' dtype (a norm of 1e-30 next to one of 1e28) is clamped
+        there, so the weights stay finite.
+        """
+        return norm_scales(self.running_norm, self.norm_count, "mean", self.eps)
 
     def _shared(self, losses: list[Tensor]) -> list[Tensor] | None:
         """The tensors to measure at; None where they cannot be told on this step."""
