@@ -231,6 +231,14 @@ VARIANTS: dict[str, Callable[[list[str]], bl.Weighting]] = {
     # Speed only: CalibratedBalancer frozen after one step, what every step after the
     # calibration costs (suite_speed.py measures it next to the calibrating phase).
     "calibrated-balancer-frozen": lambda tasks: bl.CalibratedBalancer(tasks, steps=1),
+    # The same for CalibratedWeighting: a fixed weighted sum once its calibration is over.
+    "calibrated-weighting-frozen": lambda tasks: bl.CalibratedWeighting(tasks, steps=1),
+}
+#: Methods whose cost changes during a run: the speed row of the steps after the calibration,
+#: and the steps the calibration lasts (``--speed`` measures both phases).
+PHASES = {
+    "calibrated-balancer": ("calibrated-balancer-frozen", 100),
+    "calibrated-weighting": ("calibrated-weighting-frozen", 100),
 }
 #: Variants of the study that change the learning rate alone: name -> (method, learning rate).
 #: The single-task baselines keep the budget's rate, so Δm shows what the change costs.

@@ -30,7 +30,14 @@ FIGURES = ROOT / "docs" / "figures"
 PROBLEMS = ("pointer_countdown", "digits", "ucr", "many_tasks")
 #: Problems outside the mean ranks that get a table of their own: the development problem of
 #: the default study and the held-out problems (``benchmarks/render_default.py``).
-OTHER_PROBLEMS = ("user_regime", "newcomer_digits", "blood_pressure", "power_demand", "gait")
+OTHER_PROBLEMS = (
+    "user_regime",
+    "newcomer_digits",
+    "blood_pressure",
+    "power_demand",
+    "gait",
+    "vowels",
+)
 #: The field's benchmarks: every method runs, outside the four problems' mean ranks.
 FIELD_PROBLEMS = ("qm9",)
 #: The scaling study: ``many_tasks`` with K tasks (``benchmarks/suite.py``'s ``SCALING``).

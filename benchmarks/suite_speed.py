@@ -87,9 +87,8 @@ def main(args: argparse.Namespace) -> int:
         problem = harness.load_problem(name)
         methods = [m for m in (args.methods or harness.methods_of(problem)) if ":" not in m]
         methods = [m for m in methods if m != harness.CONSTANT]
-        if "calibrated-balancer" in methods:
-            # The steps after the calibration, measured apart (the warm-up freezes it).
-            methods.append("calibrated-balancer-frozen")
+        # The steps after a calibration, measured apart (the warm-up freezes it).
+        methods += [harness.PHASES[m][0] for m in methods if m in harness.PHASES]
         print(f"{name}: {len(methods)} methods, {rounds} interleaved rounds", flush=True)
         begun = time.perf_counter()
         entry = measure(problem, methods, rounds, warmup, smoke=args.smoke)
