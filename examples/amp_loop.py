@@ -1,5 +1,5 @@
-"""A plain training loop with torch.autocast (float16) and torch.amp.GradScaler, balanced by the
-package's default, CalibratedBalancer.
+"""A plain training loop with torch.autocast (float16) and torch.amp.GradScaler, balanced by
+CalibratedBalancer, the package's calibrate-then-freeze method at the shared features.
 
 CalibratedBalancer is a feature-level method, attached to the model's trunk; the model's forward
 is unchanged. Both heads take the trunk's output as it is, so they are named

@@ -7,7 +7,7 @@ model and the weighting and returns the weighting's total from its forward, and 
   with the model, its gradients reduced over the ranks, its parameters stepped by the optimizer,
   and it must be called inside the root's forward (where FSDP has gathered its parameters);
 - GradNorm is built after `fully_shard(trunk)`, on the trunk's parameters as FSDP registered them;
-- a feature-level method (CalibratedBalancer, the package's default) routes the trunk's output
+- a feature-level method (CalibratedBalancer here) routes the trunk's output
   through `branch` in the forward; once it has fixed its weights, `branch` routes nothing;
 - the weighting's buffers are synchronized by the weighting itself (`sync_dist=True`), so all
   ranks hold the same statistics and weights.

@@ -14,7 +14,7 @@ the weighting is also not part of the model one ships. So:
   Hugging Face restores the rest;
 - `compute_loss` puts it in the model's mode (`Trainer.evaluate` switches the model to eval,
   and an eval-mode weighting applies its weights without updating its statistics);
-- CalibratedBalancer, the package's default, has no learned parameters; with
+- CalibratedBalancer, like the default CalibratedWeighting, has no learned parameters; with
   UncertaintyWeighting or IMTLL, override `create_optimizer` to add `weighting.parameters()` to
   the optimizer.
 

@@ -19,12 +19,13 @@ Lightning writes a metric's last value again on the steps after it was logged: o
 CalibratedBalancer has frozen its weights (and logs no shares any more), the `grad_share`
 columns repeat the last shares it measured.
 
-The default, `--weighting calibrated`, is the package's recommended method, CalibratedBalancer:
-a feature-level method, attached to the encoder in `__init__` (`self.weighting.attach(self,
-"encoder")`), so `losses` stays as it is. No heads are named, since the pointer head takes the
-time-pooled features: each task's gradient at the encoder's output is measured through its own
-head when the weighting is called. For its first `--calibration-steps` steps it balances those
-gradients (and logs each task's share), then fixes the multipliers it reached as loss weights.
+The default, `--weighting calibrated`, is CalibratedBalancer, the package's calibrate-then-freeze
+method at the shared features: a feature-level method, attached to the encoder in `__init__`
+(`self.weighting.attach(self, "encoder")`), so `losses` stays as it is. No heads are named,
+since the pointer head takes the time-pooled features: each task's gradient at the encoder's
+output is measured through its own head when the weighting is called. For its first
+`--calibration-steps` steps it balances those gradients (and logs each task's share), then fixes
+the multipliers it reached as loss weights.
 
 Run::
 
