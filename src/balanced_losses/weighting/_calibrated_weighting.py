@@ -81,8 +81,10 @@ class CalibratedWeighting(FreezeAfterCalibration):
     present (then kept). Pass ``shared_parameters`` (a module, such as ``model.encoder``, or
     tensors) to name them. Under FSDP2 (``fully_shard``) the norms are taken at the unsharded
     parameters the forward used; under ``sync_dist`` they are averaged over the ranks, so every
-    rank freezes the same weights. ``torch.compile``: compile the model, not this module (it
-    calls ``torch.autograd.grad``).
+    rank freezes the same weights. ``torch.compile``: its calibration steps call
+    ``torch.autograd.grad``; compile the model and keep this module outside, or compile the whole
+    step with ``torch._dynamo.config.trace_autograd_ops = True`` (tested with ``fullgraph=True``
+    against eager).
 
     **Checkpoints**: the steps counted, the averaged norms and the frozen multipliers are in the
     ``state_dict``: a run resumed after the calibration keeps its weights; one resumed during it
