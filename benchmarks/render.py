@@ -200,8 +200,8 @@ def block_default_answer() -> str:
     n, held = len(checks), len(report["held_out"])
     measured = (
         f"{n} problems we measured ({n - held} where it was chosen, {held} held out and run "
-        "once after the choice; every one of them registered before any method ran on it but "
-        "the suite's four)"
+        "once after the choice; all but the five of round 1 registered before any method ran "
+        "on them)"
     )
     criteria = (
         "not worse than a plain sum beyond seed noise, no seed diverged (a task worse than a "
