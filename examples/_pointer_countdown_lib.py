@@ -362,17 +362,22 @@ def make_strategy(key: str, model: PointerCountdownNet, seed: int) -> Strategy:
 
     The catalog's methods (and the demo's configurations) are built by
     :meth:`balanced_losses.catalog.Method.build` with the demo's output sizes, the encoder's
-    last layer as the shared parameters (``GradNorm``'s choice of W) and the run's seed (the
-    methods with a random stream: ``RLW``, ``PCGrad``).
+    last layer as ``GradNorm``'s shared parameters W (``CalibratedWeighting`` finds its own,
+    the whole encoder) and the run's seed (the methods with a random stream: ``RLW``,
+    ``PCGrad``).
     """
     if key == "sum":
         return Strategy(TASKS)
     if key.startswith("alone:"):
         return Strategy(TASKS, only=key.split(":", 1)[1])
-    weighting = methods()[key].build(
+    method = methods()[key]
+    # GradNorm needs its W; CalibratedWeighting finds the shared parameters itself, as in a
+    # user's script (the whole encoder: every task's loss reaches it).
+    needs_w = method.cls is bl.GradNorm
+    weighting = method.build(
         list(TASKS),
         output_sizes=OUTPUT_SIZES,
-        shared_parameters=model.last_shared_parameters(),
+        shared_parameters=model.last_shared_parameters() if needs_w else None,
         seed=seed,
     )
     return Strategy(TASKS, weighting)

@@ -14,11 +14,11 @@ The same model (same initialization, same batches) is trained under each method:
 (``sum``), a running-mean normalizer that divides each loss by its value
 (``demo-normalizer-none``: ``correction="none"``, fixed weights 0.7/0.1, momentum 0.95), the same
 with ``correction="sqrt"`` (``demo-normalizer-sqrt``), uncertainty weighting
-(``uncertainty-weighting``) and ``CalibratedBalancer`` (``calibrated-balancer``), the
-calibrate-then-freeze method at the shared features. ``--methods`` takes any of these keys,
-``alone:pointer`` and ``alone:countdown`` (one task alone) and every key of
-:mod:`balanced_losses.catalog` (``gradient-balancer``, ``famo``, ``upgrad``,
-``calibrated-weighting``, ...); ``--methods all`` trains all but the single-task ones.
+(``uncertainty-weighting``) and the package's default, ``CalibratedWeighting``
+(``calibrated-weighting``). ``--methods`` takes any of these keys, ``alone:pointer`` and
+``alone:countdown`` (one task alone) and every key of :mod:`balanced_losses.catalog`
+(``gradient-balancer``, ``calibrated-balancer``, ``famo``, ``upgrad``, ...); ``--methods all``
+trains all but the single-task ones.
 
 The script prints the validation MAE in bars of each head after the last epoch and the
 countdown/pointer ratio of the gradient norms that each task's *weighted* term sends into the
@@ -92,7 +92,7 @@ DEFAULT_METHODS = [
     "demo-normalizer-none",
     "demo-normalizer-sqrt",
     "uncertainty-weighting",
-    "calibrated-balancer",
+    "calibrated-weighting",
 ]
 
 

@@ -58,7 +58,7 @@ DEMO_DEFAULTS = [
     "demo-normalizer-none",
     "demo-normalizer-sqrt",
     "uncertainty-weighting",
-    "calibrated-balancer",
+    "calibrated-weighting",
 ]
 
 
@@ -77,7 +77,7 @@ def test_demo_smoke(tmp_path: Path) -> None:
     assert all(re.search(r" elapsed, ETA \d+ (s|min)", line) for line in progress), progress
     assert progress[0].lstrip().startswith("[sum] epoch 1/1  val MAE pointer ")
     # Each method says what it builds: the catalog's label, or the demo's configuration.
-    assert "training `calibrated-balancer`: CalibratedBalancer" in out
+    assert "training `calibrated-weighting`: CalibratedWeighting" in out
     assert "training `demo-normalizer-none`: LossNormalizer(correction='none'" in out
     for method in DEMO_DEFAULTS:
         assert f"| {method} |" in out
