@@ -17,6 +17,9 @@ package. The suite runs them by name (``suite.VARIANTS``) on the development pro
   norm at the features is not what reaches the shared weights (round 2 of the study).
   ``params-100-sqrt`` raises each multiplier to 1/2 (partial equalization at the parameters)
   and ``params-20`` calibrates over 20 steps (round 3).
+- ``every``: the default, ``CalibratedWeighting``, measuring on every 4th or 10th of its 100
+  calibration steps (25 or 10 measurements), for a tenth to a quarter of its extra backward
+  passes (after round 3).
 - ``dbmtl-smoothed``: DB-MTL with its log transform's division by the batch loss replaced by a
   division by the loss's running mean (the gradient of :math:`\\log L` is :math:`\\nabla L / L`;
   here :math:`\\nabla L / \\hat m`), then the gradient half as in ``DBMTL``.
@@ -156,6 +159,21 @@ class ParamsFrozen(bl.Weighting):
         return (scale.detach() * values).sum(), scale.detach()
 
 
+class Every(bl.CalibratedWeighting):
+    """``CalibratedWeighting`` measuring on every ``every``-th calibration step, at the trunk.
+
+    ``attach`` names the trunk's parameters, in the order the suite gives the package's
+    ``calibrated-weighting`` runs, so that only ``every`` differs from them.
+    """
+
+    def __init__(self, tasks: Sequence[str], *, every: int) -> None:
+        super().__init__(tasks, every=every)
+
+    def attach(self, model: nn.Module, trunk: str, heads: Any = None) -> Every:
+        self._given = [p for p in model.get_submodule(trunk).parameters() if p.requires_grad]
+        return self
+
+
 #: Candidate name -> factory of the task names.
 CANDIDATES = {
     "partial-0.5": lambda tasks: Partial(tasks, alpha=0.5),
@@ -166,6 +184,17 @@ CANDIDATES = {
     "params-100": lambda tasks: ParamsFrozen(tasks, steps=100),
     "params-100-sqrt": lambda tasks: ParamsFrozen(tasks, steps=100, alpha=0.5),
     "params-20": lambda tasks: ParamsFrozen(tasks, steps=20),
+    "every-4": lambda tasks: Every(tasks, every=4),
+    "every-10": lambda tasks: Every(tasks, every=10),
 }
 
-__all__ = ["CANDIDATES", "Clamped", "Frozen", "Lift", "ParamsFrozen", "Partial", "SmoothedDBMTL"]
+__all__ = [
+    "CANDIDATES",
+    "Clamped",
+    "Every",
+    "Frozen",
+    "Lift",
+    "ParamsFrozen",
+    "Partial",
+    "SmoothedDBMTL",
+]

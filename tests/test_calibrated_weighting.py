@@ -229,11 +229,49 @@ def test_losses_that_share_nothing_warn_and_keep_weights_of_one():
 def test_bad_steps_are_rejected_with_the_value(steps):
     with pytest.raises(ValueError, match=f"`steps` must be an integer >= 1, got {steps!r}"):
         bl.CalibratedWeighting(TASKS, steps=steps)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"`every` must be an integer >= 1, got {steps!r}"):
+        bl.CalibratedWeighting(TASKS, every=steps)  # type: ignore[arg-type]
+
+
+def test_every_measures_one_step_in_every_and_averages_those():
+    """every=2, steps=5: steps 0, 2 and 4 measured (3 x 3 autograd.grad calls), then frozen."""
+    torch.manual_seed(9)
+    net = _Net()
+    reference = copy.deepcopy(net)
+    batches = _batches(7)
+    weighting = bl.CalibratedWeighting(TASKS, steps=5, every=2)
+    calls = []
+    original = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = counting  # type: ignore[assignment]
+    try:
+        applied = _train(weighting, net, batches)
+    finally:
+        torch.autograd.grad = original
+    assert len(calls) == 3 * len(TASKS)
+    assert weighting.norm_count.tolist() == [3, 3, 3]
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    measured = []
+    for step, x in enumerate(batches):
+        if step in (0, 2, 4):
+            measured.append(_norms_by_hand(reference, x))
+        mean = torch.stack(measured).mean(0)
+        expected = mean.mean() / mean
+        torch.testing.assert_close(applied[step].double(), expected, rtol=1e-5, atol=0)
+        optimizer.zero_grad()
+        losses = reference.losses(x)
+        sum(float(expected[i]) * losses[t] for i, t in enumerate(TASKS)).backward()
+        optimizer.step()
+    assert weighting.frozen
 
 
 def test_repr_names_the_settings():
-    text = repr(bl.CalibratedWeighting(TASKS, steps=7))
-    assert "steps=7" in text
+    text = repr(bl.CalibratedWeighting(TASKS, steps=7, every=3))
+    assert "steps=7, every=3" in text
     assert "found in the graph" in text
 
 

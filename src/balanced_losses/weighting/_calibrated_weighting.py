@@ -72,9 +72,9 @@ class CalibratedWeighting(FreezeAfterCalibration):
     training (a task learned, a batch whose loss happens to be small) can move the weights.
     ``docs/choosing.md`` has the measurements behind the default and where it loses.
 
-    **Cost**: on each of the ``steps`` calibration steps, one extra backward pass per task
-    through the model (``retain_graph``); afterwards none. In eval mode or without gradients the
-    weights are only applied.
+    **Cost**: on each measured step (every ``every``-th of the first ``steps``), one extra
+    backward pass per task through the model (``retain_graph``); afterwards none. In eval mode or
+    without gradients the weights are only applied.
 
     **The shared parameters**: by default, those that every task's loss reaches, found by
     walking the autograd graph of the first calibration step on which two or more tasks are
@@ -96,6 +96,8 @@ class CalibratedWeighting(FreezeAfterCalibration):
         shared_parameters: The shared parameters to measure at (a module or tensors); None
             (default) finds them in the autograd graph.
         steps: Training steps to calibrate over.
+        every: Measure on every this many of those steps (1: all of them); the steps between
+            use the averages so far. Fewer measurements cost fewer extra backward passes.
         weights: Your fixed factor per task (default 1), applied on top of :math:`s_k`.
         eps: Lower bound on :math:`\hat n_k` in the division.
         allow_missing: Accept loss mappings without some tasks (see :class:`Weighting`); an
@@ -132,6 +134,7 @@ class CalibratedWeighting(FreezeAfterCalibration):
         shared_parameters: nn.Module | Tensor | Iterable[Tensor] | None = None,
         *,
         steps: int = 100,
+        every: int = 1,
         weights: Mapping[str, float] | None = None,
         eps: float = 1e-12,
         allow_missing: bool = False,
@@ -139,6 +142,9 @@ class CalibratedWeighting(FreezeAfterCalibration):
     ) -> None:
         super().__init__(tasks, weights=weights, allow_missing=allow_missing, sync_dist=sync_dist)
         self._declare_calibration(steps)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"`every` must be an integer >= 1, got {every!r}")
+        self.every = every
         self.eps = check_number("eps", eps, low=0.0, strict=True)
         # The model's tensors, not this module's state: a plain list keeps them out of
         # parameters() and state_dict().
@@ -230,7 +236,7 @@ class CalibratedWeighting(FreezeAfterCalibration):
         r"""The plain sum's value, with the gradient of :math:`\sum_k w_k s_k L_k`."""
         values, present = self._stack(losses)
         self._freeze_if_calibrated()
-        if self._updating and not self._frozen:
+        if self._updating and not self._frozen and self._python_steps % self.every == 0:
             self._measure(losses)
         self._count_step()
         scale = (self.frozen_scale if self._frozen else self._scales()).to(values.device)
@@ -253,4 +259,7 @@ class CalibratedWeighting(FreezeAfterCalibration):
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""
         shared = "found in the graph" if self._given is None else f"{len(self._given)} tensors"
-        return f"tasks={list(self.tasks)}, steps={self.steps}, shared={shared}, eps={self.eps}"
+        return (
+            f"tasks={list(self.tasks)}, steps={self.steps}, every={self.every}, "
+            f"shared={shared}, eps={self.eps}"
+        )
