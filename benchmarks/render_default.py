@@ -69,6 +69,8 @@ STUDY = (
     "params-100-sqrt",
     "params-20",
     "calibrated-weighting",
+    "every-4",
+    "every-10",
     "clamped-4",
     "dbmtl-smoothed",
     "upgrad-balanced",
@@ -183,23 +185,33 @@ def _budget_steps(problem: str) -> int | None:
     return max(steps) if steps else None
 
 
+#: Candidates that measure on every k-th of CalibratedWeighting's 100 calibration steps. A
+#: median over interleaved steps would hide the one measured step in k, so their cost over a
+#: budget follows from CalibratedWeighting's rows: a measured step costs what its calibrating
+#: step does, any other what its frozen step does.
+EVERY = {"every-4": 4, "every-10": 10}
+
+
 def step_ratios(method: str) -> dict[str, float]:
     """Per problem measured, the step-time ratio to a plain sum (over the budget, see PHASES)."""
-    path = rs.RESULTS / "suite_speed.json"
-    if not path.is_file():
-        return {}
-    wanted = "static-size" if method == "tuned" else method
+    if method in EVERY:
+        # A measured step costs CalibratedWeighting's calibrating step, any other its frozen one.
+        wanted = "calibrated-weighting"
+        rest = PHASES[wanted][0]
+        first = -(-PHASES[wanted][1] // EVERY[method])  # the measured steps, rounded up
+    else:
+        wanted = "static-size" if method == "tuned" else method
+        rest, first = PHASES.get(wanted, ("", 0))
+    raw, frozen = _raw_ratios(wanted), _raw_ratios(rest) if rest else {}
     out = {}
-    for problem, entry in json.loads(path.read_text())["problems"].items():
-        rows = {row["method"]: row["ratio"] for row in entry["rows"]}
-        if wanted not in rows:
-            continue
-        out[problem] = rows[wanted]
-        later, first = PHASES.get(wanted, ("", 0))
+    for problem, ratio in raw.items():
         total = _budget_steps(problem)
-        if later in rows and total:
+        if problem in frozen and total:
             early = min(first, total)
-            out[problem] = (early * rows[wanted] + (total - early) * rows[later]) / total
+            ratio = (early * ratio + (total - early) * frozen[problem]) / total
+        elif method in EVERY:
+            continue
+        out[problem] = ratio
     return out
 
 
@@ -844,3 +856,16 @@ def _check_text(c: Check) -> str:
     """A method's figures on one problem, and whether it holds."""
     verdict = "holds" if c.holds else f"does not hold: {shortfall(c)}"
     return f"{c.mean:+.0f} ± {c.se:.0f} % (worst {c.worst:+.0f} %), {verdict}"
+
+
+def _raw_ratios(method: str) -> dict[str, float]:
+    """Per problem, ``method``'s measured step-time ratio to a plain sum (no budget weighing)."""
+    path = rs.RESULTS / "suite_speed.json"
+    if not path.is_file():
+        return {}
+    out = {}
+    for problem, entry in json.loads(path.read_text())["problems"].items():
+        rows = {row["method"]: row["ratio"] for row in entry["rows"]}
+        if method in rows:
+            out[problem] = rows[method]
+    return out
