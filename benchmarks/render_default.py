@@ -775,7 +775,8 @@ def round_three_text(records: Mapping[str, dict[str, Any]]) -> str:
     label_n, label_o = f"`{DEFAULT_CLASS}`", label(PREVIOUS_DEFAULT)
     lines = [
         f"**Round 3.** On the {len(chosen_on)} problems of rounds 1 and 2, the candidate "
-        f"{label(ROUND_3_CHOICE)} was the one candidate worse than a plain sum beyond seed noise "
+        f"`{ROUND_3_CHOICE}` ({label(ROUND_3_CHOICE)}) was the one worse than a plain sum "
+        "beyond seed noise "
         f"on none of them, so it was chosen before the round's held-out problem ran; in the "
         f"package it is {label_n}. It is worse than a plain sum beyond noise on "
         f"{len(worse_new)} of the {len(new)} ({_listed_or_none(worse_new)}), the previous "
