@@ -89,6 +89,20 @@ SPECS: dict[str, dict[str, Any]] = {
         },
         "binary": ("long",),
     },
+    "leaves": {
+        "needs": ("aeon",),
+        "sizes": ((332, 110), (32, 24)),
+        "x": (427, 1),
+        "targets": {
+            "species": ((), torch.long, 6),
+            "denoise": ((427,), torch.float32, None),
+            "peak": ((1,), torch.float32, None),
+            "roughness": ((1,), torch.float32, None),
+            "first_half": ((1,), torch.float32, None),
+            "tail": ((1,), torch.float32, None),
+        },
+        "binary": ("first_half",),
+    },
 }
 NAMES = tuple(SPECS)
 _DATA: dict[str, tuple[Split, Split]] = {}
@@ -182,7 +196,7 @@ def test_training_and_validation_do_not_overlap(name):
     if name == "newcomer_digits":  # load_digits holds no two identical images
         assert _rows(train.x).isdisjoint(_rows(val.x))
         assert len(_rows(train.x)) == len(train)
-    elif name == "vowels":  # the clean utterances; the archive holds no two identical ones
+    elif name in ("vowels", "leaves"):  # the clean series; no two identical in the archive
         assert _rows(train.targets["denoise"]).isdisjoint(_rows(val.targets["denoise"]))
         assert len(_rows(train.targets["denoise"])) == len(train)
     elif name == "power_demand":  # the clean days; the archive holds no two identical days
@@ -323,3 +337,25 @@ def test_vowels_targets_and_constants_by_hand():
     assert int(lengths.max()) == 29
     last = rows["remaining"][28]
     assert float(last) == pytest.approx(0.0, abs=1e-6)  # only 29-frame utterances reach it
+
+
+def test_leaves_targets_by_hand():
+    """Each target from the clean outline: its peak, the half it lies in, its tail and
+    roughness; the input is that outline plus noise of about 0.3."""
+    train, val = _data("leaves")
+    for split in (train, val):
+        clean = split.targets["denoise"]
+        peak = clean.argmax(1)
+        torch.testing.assert_close(split.targets["peak"].squeeze(1), peak.float() / 427)
+        assert torch.equal(split.targets["first_half"].squeeze(1), (peak < 213).float())
+        torch.testing.assert_close(
+            split.targets["tail"].squeeze(1), clean[:, -32:].mean(1), rtol=1e-5, atol=1e-6
+        )
+        noise = split.x.squeeze(-1) - clean
+        assert 0.28 < float(noise.std()) < 0.32
+    # Roughness is standardized on the training outlines; it ranks them as the raw std does.
+    rough = train.targets["roughness"].squeeze(1)
+    assert abs(float(rough.mean())) < 1e-5
+    assert abs(float(rough.std()) - 1.0) < 1e-4
+    raw = train.targets["denoise"].double().diff(dim=1).std(1)
+    assert torch.equal(rough.argsort(), raw.float().argsort())
