@@ -182,7 +182,7 @@ DEVELOPMENT_SOURCES = tuple(
 )
 HELD_OUT_SOURCES = tuple(
     f"benchmarks/results/{p}.json"
-    for p in ("newcomer_digits", "blood_pressure", "power_demand", "gait", "vowels")
+    for p in ("newcomer_digits", "blood_pressure", "power_demand", "gait", "vowels", "leaves")
 )
 DEFAULT_SOURCES = (*DEVELOPMENT_SOURCES, *HELD_OUT_SOURCES, "benchmarks/results/suite_speed.json")
 
@@ -312,7 +312,14 @@ def block_round_two() -> str:
 
 def block_round_three() -> str:
     rd = _default()
-    return rd.round_three_text(rd.load((*rd.DEVELOPMENT, *rd.HELD_OUT)))
+    return rd.round_three_text(
+        rd.load(tuple(p for p in (*rd.DEVELOPMENT, *rd.HELD_OUT) if p not in rd.ROUND_4))
+    )
+
+
+def block_round_four() -> str:
+    rd = _default()
+    return rd.round_four_text(rd.load((*rd.DEVELOPMENT, *rd.HELD_OUT)))
 
 
 def block_demo_table() -> str:
@@ -861,6 +868,7 @@ BLOCKS: dict[str, Block] = {
     "failure-modes": Block(FAILURE_SOURCES, block_failure_modes),
     "default-round-2": Block(DEFAULT_SOURCES, block_round_two),
     "default-round-3": Block(DEFAULT_SOURCES, block_round_three),
+    "default-round-4": Block(DEFAULT_SOURCES, block_round_four),
     "method-list": Block(("src/balanced_losses/catalog.py",), block_method_list),
     "suite-summary": Block((*SUITE, *DEFAULT_SOURCES[4:]), block_suite_summary),
     "suite-scaling": Block((*SCALING, "benchmarks/results/suite_speed.json"), block_suite_scaling),

@@ -35,7 +35,7 @@ DEVELOPMENT = ("pointer_countdown", "digits", "ucr", "many_tasks", "user_regime"
 #: Problems committed before any method ran on them (see each docstring), in the order they
 #: were registered: three in round 1, ``gait`` in round 2 (registered after round 1's results),
 #: ``vowels`` in round 3 (registered after round 2's).
-HELD_OUT = ("newcomer_digits", "blood_pressure", "power_demand", "gait", "vowels")
+HELD_OUT = ("newcomer_digits", "blood_pressure", "power_demand", "gait", "vowels", "leaves")
 #: The problems held out in round 2 (the candidate of that round did not run on them).
 ROUND_2 = ("gait",)
 #: Round 3: the problems held out (registered before any method ran on them, after round 2's
@@ -347,7 +347,7 @@ def failing_sentence(records: Mapping[str, dict[str, Any]], problem: str) -> str
     """Why the default does not hold on ``problem``, with the figures."""
     c = check(records[problem], DEFAULT)
     assert c is not None
-    held = " (held out)" if problem in ROUND_3 else ""
+    held = " (held out)" if problem in (*ROUND_3, *ROUND_4) else ""
     text = (
         f"{problem}{held}: {shortfall(c)}, Δm {c.mean:+.0f} ± {c.se:.0f} % against a plain sum's "
         f"{c.sum_mean:+.0f} ± {c.sum_se:.0f} %"
@@ -373,7 +373,8 @@ def default_report(records: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
         "checks": checks,
         "better": better,
         "failing": failing,
-        "held_out": [p for p in checks if p in ROUND_3],
+        # Registered after the default was chosen (round 3): held out from its choice.
+        "held_out": [p for p in checks if p in (*ROUND_3, *ROUND_4)],
         "imbalances": imbalances,
         "ratio": step_ratio(DEFAULT),
     }
@@ -703,7 +704,7 @@ ROUND_2_CANDIDATE = "params-100"
 
 def round_two_text(records: Mapping[str, dict[str, Any]]) -> str:
     """What round 2 measured: its candidate on round 1's problems, the default on ``ROUND_2``."""
-    seen = [p for p in records if p not in (*ROUND_2, *ROUND_3)]
+    seen = [p for p in records if p not in (*ROUND_2, *ROUND_3, *ROUND_4)]
     cand = {p: c for p in seen if (c := check(records[p], ROUND_2_CANDIDATE)) is not None}
     ours = {p: c for p in seen if (c := check(records[p], PREVIOUS_DEFAULT)) is not None}
     if not cand:
@@ -879,4 +880,75 @@ def _raw_ratios(method: str) -> dict[str, float]:
         rows = {row["method"]: row["ratio"] for row in entry["rows"]}
         if method in rows:
             out[problem] = rows[method]
+    return out
+
+
+def round_four_text(records: Mapping[str, dict[str, Any]]) -> str:
+    """Round 4: the cheaper calibration chosen on ten problems, then run on ``ROUND_4``."""
+    chosen_on = [p for p in records if p not in ROUND_4]
+    picked = {p: c for p in chosen_on if (c := check(records[p], ROUND_4_CHOICE)) is not None}
+    if not picked:
+        return "Round 4 has not run yet.\n"
+    label_c, label_d = label(ROUND_4_CHOICE), f"`{DEFAULT_CLASS}`"
+    worse = [p for p, c in picked.items() if c.verdict == "worse"]
+    lines = [
+        f"**Round 4.** On the {len(picked)} problems of rounds 1 to 3, {label_c} is worse than a "
+        f"plain sum beyond seed noise on {len(worse)} ({_listed_or_none(worse)}) and holds on "
+        f"{sum(c.holds for c in picked.values())}; over each budget a step costs up to "
+        f"{step_ratio(ROUND_4_CHOICE, chosen_on):.2f}× a plain sum's, against "
+        f"{step_ratio(DEFAULT, chosen_on):.2f}× for {label_d} measuring every step. It was "
+        "chosen before the round's held-out problem ran."
+    ]
+    for p in ROUND_4:
+        record = records.get(p)
+        c = check(record, ROUND_4_CHOICE) if record is not None else None
+        if c is None:
+            lines.append(f"\nThe round's held-out problem, {p}, has not run yet.")
+            continue
+        text = (
+            f"\nThe round's held-out problem, {p}, registered before any method ran on it, ran "
+            f"once after the choice: {label_c} {_check_text(c)}; a plain sum {c.sum_mean:+.0f} "
+            f"± {c.sum_se:.0f} % (worst {c.sum_worst:+.0f} %)"
+        )
+        for other in (DEFAULT, PREVIOUS_DEFAULT):
+            o = check(record, other)  # type: ignore[arg-type]
+            if o is not None:
+                text += f"; {label(other) if other != DEFAULT else label_d} {_check_text(o)}"
+        weak = weak_tasks(record)  # type: ignore[arg-type]
+        if weak:
+            text += ". Trained alone, " + "; ".join(
+                f"its {task} ends worse than a constant prediction on {k} of {n} seeds (on "
+                f"average {alone:.4g} against {constant:.4g})"
+                for task, (k, n, alone, constant) in weak.items()
+            )
+        if c.holds:
+            text += f". It holds there: the default's constructor can move to {label_c}."
+        else:
+            text += (
+                f". It does not hold there, so the default stays as round 3 left it, and {p} "
+                "joins the development problems of any later round."
+            )
+        lines.append(text)
+    lines.append(
+        f"\n`python benchmarks/suite.py --reuse --problems {' '.join(chosen_on)} --methods "
+        f"every-4 {ROUND_4_CHOICE}` and `python benchmarks/suite.py --problems "
+        f"{' '.join(ROUND_4)}` then `--reuse --methods {DEFAULT} {ROUND_4_CHOICE}` reproduce "
+        "the runs."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def weak_tasks(record: dict[str, Any]) -> dict[str, tuple[int, int, float, float]]:
+    """Tasks that, trained alone, end worse than a constant prediction on some seed.
+
+    Per task: the seeds where it does, the seeds run, its mean metric alone and the constant's.
+    """
+    constant = constant_metrics(record) or {}
+    alone = alone_metrics(record)
+    out = {}
+    for task, value in constant.items():
+        values = [m[task] for m in alone.values() if task in m]
+        worse = sum(v > value for v in values)
+        if worse:
+            out[task] = (worse, len(values), statistics.fmean(values), value)
     return out

@@ -151,8 +151,8 @@ CANDIDATE_LABELS = {
     "params-100": "calibrate 100 steps at the trunk's parameters, then freeze",
     "params-100-sqrt": "the same, each multiplier raised to 1/2",
     "params-20": "the same over 20 steps",
-    "every-4": "`CalibratedWeighting(every=4)`: 25 of the 100 steps measured",
-    "every-10": "`CalibratedWeighting(every=10)`: 10 of the 100 steps measured",
+    "every-4": "`CalibratedWeighting(every=4)`",
+    "every-10": "`CalibratedWeighting(every=10)`",
     "clamped-4": "equalization clamped to [1/4, 4]",
     "dbmtl-smoothed": "DB-MTL on running-mean losses",
 }
