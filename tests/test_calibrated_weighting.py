@@ -8,9 +8,11 @@ and the multipliers mean_j n_j / n_k. The benchmark's candidate that chose this 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,23 @@ def _norms_by_hand(net: _Net, x: Tensor) -> Tensor:
         grads = torch.autograd.grad(losses[task], params, retain_graph=True)
         norms.append(torch.sqrt(sum(g.double().square().sum() for g in grads)))
     return torch.stack(norms)
+
+
+@contextlib.contextmanager
+def _counting_grad() -> Iterator[list[int]]:
+    """Count the calls to ``torch.autograd.grad`` inside the block (one entry per call)."""
+    calls: list[int] = []
+    original = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = counting  # type: ignore[assignment]
+    try:
+        yield calls
+    finally:
+        torch.autograd.grad = original
 
 
 def _train(
@@ -158,20 +177,10 @@ def test_nothing_is_measured_after_the_freeze_nor_outside_training():
     applied = _train(weighting, net, _batches(2))
     frozen = applied[-1]  # the last calibration step's multipliers are the ones frozen
     norms = weighting.running_norm.clone()
-    calls = []
-    original = torch.autograd.grad
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    torch.autograd.grad = counting  # type: ignore[assignment]
-    try:
+    with _counting_grad() as calls:
         _train(weighting, net, _batches(3))
         weighting.eval()
         weighting(net.losses(_batches(1)[0]))
-    finally:
-        torch.autograd.grad = original
     assert not calls
     torch.testing.assert_close(weighting.running_norm, norms)
     torch.testing.assert_close(weighting.frozen_weights.to(frozen.dtype), frozen)
@@ -240,18 +249,8 @@ def test_every_measures_one_step_in_every_and_averages_those():
     reference = copy.deepcopy(net)
     batches = _batches(7)
     weighting = bl.CalibratedWeighting(TASKS, steps=5, every=2)
-    calls = []
-    original = torch.autograd.grad
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    torch.autograd.grad = counting  # type: ignore[assignment]
-    try:
+    with _counting_grad() as calls:
         applied = _train(weighting, net, batches)
-    finally:
-        torch.autograd.grad = original
     assert len(calls) == 3 * len(TASKS)
     assert weighting.norm_count.tolist() == [3, 3, 3]
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
