@@ -842,13 +842,13 @@ def round_three_text(records: Mapping[str, dict[str, Any]]) -> str:
         if o is not None:
             text += f"; {label_o} {_check_text(o)}"
         lines.append(text + ".")
-    ratios = step_ratios(DEFAULT)
+    ratios = {p: r for p, r in step_ratios(DEFAULT).items() if p in records}
     if ratios:
         top = max(ratios, key=ratios.__getitem__)
         lines.append(
             f"\nIts cost: on each calibration step one extra backward pass per task; over each "
             f"problem's budget a step costs up to {ratios[top]:.2f}× a plain sum's ({top}), "
-            f"against up to {step_ratio(PREVIOUS_DEFAULT):.2f}× for {label_o}."
+            f"against up to {step_ratio(PREVIOUS_DEFAULT, tuple(records)):.2f}× for {label_o}."
         )
     problems = " ".join(chosen_on)
     lines.append(
