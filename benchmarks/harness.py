@@ -234,12 +234,6 @@ VARIANTS: dict[str, Callable[[list[str]], bl.Weighting]] = {
     # The same for CalibratedWeighting: a fixed weighted sum once its calibration is over.
     "calibrated-weighting-frozen": lambda tasks: bl.CalibratedWeighting(tasks, steps=1),
 }
-#: Methods whose cost changes during a run: the speed row of the steps after the calibration,
-#: and the steps the calibration lasts (``--speed`` measures both phases).
-PHASES = {
-    "calibrated-balancer": ("calibrated-balancer-frozen", 100),
-    "calibrated-weighting": ("calibrated-weighting-frozen", 100),
-}
 #: Variants of the study that change the learning rate alone: name -> (method, learning rate).
 #: The single-task baselines keep the budget's rate, so Δm shows what the change costs.
 LR_VARIANTS: dict[str, tuple[str, float]] = {

@@ -181,12 +181,9 @@ def check(record: dict[str, Any], method: str) -> Check | None:
     )
 
 
-#: Methods whose cost changes during a run: the speed row of the later phase, and the number of
-#: steps the first phase lasts. Their ratio is the mean over each problem's budget.
-PHASES = {
-    "calibrated-balancer": ("calibrated-balancer-frozen", 100),
-    "calibrated-weighting": ("calibrated-weighting-frozen", 100),
-}
+#: Methods whose cost changes during a run (``render_suite.PHASES``): their ratio is the mean
+#: over each problem's budget.
+PHASES = rs.PHASES
 
 
 def _budget_steps(problem: str) -> int | None:
@@ -303,10 +300,13 @@ def cost_sentence(records: Mapping[str, dict[str, Any]]) -> str:
             f" and at most {ratios[worst]:.2f}× ({worst}, where a plain sum's step takes "
             f"{sum_step_ms(worst):.1f} ms"
         )
-        if worst in _budget_lengths():
-            steps, tasks = _budget_lengths()[worst]
-            first = PHASES.get(DEFAULT, ("", 0))[1]
-            text += f" and the calibration is {first} of its {steps} steps, with {tasks} tasks"
+        steps = _budget_steps(worst)
+        if DEFAULT in PHASES and steps:
+            tasks = len(records[worst]["problem"]["tasks"])
+            text += (
+                f" and the calibration is {PHASES[DEFAULT][1]} of its {steps} steps, with "
+                f"{tasks} tasks"
+            )
         text += ")"
     if DEFAULT in PHASES:
         later = step_ratios(PHASES[DEFAULT][0])
@@ -317,17 +317,6 @@ def cost_sentence(records: Mapping[str, dict[str, Any]]) -> str:
                 "plain sum's: the longer the training, the less the calibration weighs."
             )
     return text + "."
-
-
-def _budget_lengths() -> dict[str, tuple[int, int]]:
-    """Per problem with results: the budget's training steps and the number of tasks."""
-    out = {}
-    for problem in (*DEVELOPMENT, *HELD_OUT):
-        record = rs.load(problem)
-        steps = _budget_steps(problem)
-        if record is not None and steps:
-            out[problem] = (steps, len(record["problem"]["tasks"]))
-    return out
 
 
 def shortfall(c: Check) -> str:

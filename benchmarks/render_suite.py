@@ -143,6 +143,13 @@ def ranks(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
     return {m: i + 1 for i, m in enumerate(order)}
 
 
+#: Methods whose cost changes during a run: the speed row of the steps after the calibration
+#: (the harness builds it), and the steps the calibration lasts. ``--speed`` measures both.
+PHASES = {
+    "calibrated-balancer": ("calibrated-balancer-frozen", 100),
+    "calibrated-weighting": ("calibrated-weighting-frozen", 100),
+}
+
 #: The candidate defaults of ``benchmarks/candidates.py``, shown in the default study only.
 CANDIDATE_LABELS = {
     "partial-0.5": "partial equalization, α = 0.5",

@@ -23,6 +23,7 @@ import harness
 import timing
 import torch
 from problems import Problem, Split
+from render_suite import PHASES
 
 
 class Stepper:
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         methods = [m for m in (args.methods or harness.methods_of(problem)) if ":" not in m]
         methods = [m for m in methods if m != harness.CONSTANT]
         # The steps after a calibration, measured apart (the warm-up freezes it).
-        methods += [harness.PHASES[m][0] for m in methods if m in harness.PHASES]
+        methods += [PHASES[m][0] for m in methods if m in PHASES]
         print(f"{name}: {len(methods)} methods, {rounds} interleaved rounds", flush=True)
         begun = time.perf_counter()
         entry = measure(problem, methods, rounds, warmup, smoke=args.smoke)

@@ -89,6 +89,23 @@ def _train(
     return applied
 
 
+def _train_by_hand(reference: _Net, batches: list[Tensor], measured_on: set[int]) -> list[Tensor]:
+    """The same SGD steps as ``_train``, with each step's multipliers mean_j n_j / n_k of the
+    norms measured by hand on the steps ``measured_on`` so far; returns those multipliers."""
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    measured, expected = [], []
+    for step, x in enumerate(batches):
+        if step in measured_on:
+            measured.append(_norms_by_hand(reference, x))
+        mean = torch.stack(measured).mean(0)
+        expected.append(mean.mean() / mean)
+        optimizer.zero_grad()
+        losses = reference.losses(x)
+        sum(float(expected[-1][i]) * losses[t] for i, t in enumerate(TASKS)).backward()
+        optimizer.step()
+    return expected
+
+
 def test_multipliers_are_the_mean_norm_over_each_tasks_averaged_norm():
     torch.manual_seed(0)
     net = _Net()
@@ -98,18 +115,9 @@ def test_multipliers_are_the_mean_norm_over_each_tasks_averaged_norm():
     applied = _train(weighting, net, batches)
 
     # By hand: the same SGD steps with the multipliers of the norms averaged so far.
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
-    measured = []
-    for step, x in enumerate(batches):
-        if step < 4:
-            measured.append(_norms_by_hand(reference, x))
-        mean = torch.stack(measured).mean(0)
-        expected = mean.mean() / mean
-        torch.testing.assert_close(applied[step].double(), expected, rtol=1e-5, atol=0)
-        optimizer.zero_grad()
-        losses = reference.losses(x)
-        sum(float(expected[i]) * losses[t] for i, t in enumerate(TASKS)).backward()
-        optimizer.step()
+    by_hand = _train_by_hand(reference, batches, measured_on={0, 1, 2, 3})
+    for got, expected in zip(applied, by_hand, strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
     for mine, theirs in zip(net.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     assert weighting.frozen
@@ -253,18 +261,9 @@ def test_every_measures_one_step_in_every_and_averages_those():
         applied = _train(weighting, net, batches)
     assert len(calls) == 3 * len(TASKS)
     assert weighting.norm_count.tolist() == [3, 3, 3]
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
-    measured = []
-    for step, x in enumerate(batches):
-        if step in (0, 2, 4):
-            measured.append(_norms_by_hand(reference, x))
-        mean = torch.stack(measured).mean(0)
-        expected = mean.mean() / mean
-        torch.testing.assert_close(applied[step].double(), expected, rtol=1e-5, atol=0)
-        optimizer.zero_grad()
-        losses = reference.losses(x)
-        sum(float(expected[i]) * losses[t] for i, t in enumerate(TASKS)).backward()
-        optimizer.step()
+    by_hand = _train_by_hand(reference, batches, measured_on={0, 2, 4})
+    for got, expected in zip(applied, by_hand, strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
     assert weighting.frozen
 
 

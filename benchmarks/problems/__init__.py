@@ -13,12 +13,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Budget", "ConstantModel", "Problem", "Split", "TaskModel", "constant_row", "predict"]
+__all__ = [
+    "Budget",
+    "ConstantModel",
+    "Problem",
+    "Split",
+    "TaskModel",
+    "aeon_data",
+    "constant_row",
+    "predict",
+]
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,22 @@ class TaskModel(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def aeon_data(problem: str, what: str, folder: str) -> Path:
+    """The folder of one data set that aeon ships in its wheel, for ``problem`` to read.
+
+    ``what`` names the files in the error raised when aeon is not installed. Nothing is
+    downloaded: aeon's wheel holds the files.
+    """
+    try:
+        import aeon  # type: ignore[import-untyped, unused-ignore]
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            f"{problem} reads the {what} aeon ships in its wheel (aeon/datasets/data/{folder}/): "
+            "install aeon"
+        ) from error
+    return Path(aeon.__file__).resolve().parent / "datasets" / "data" / folder
 
 
 def predict(model: nn.Module, x: Tensor) -> dict[str, Tensor]:

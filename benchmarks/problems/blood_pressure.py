@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import Budget, Split, TaskModel, predict
+from . import Budget, Split, TaskModel, aeon_data, predict
 
 __all__ = ["PROBLEM", "BloodPressure"]
 
@@ -80,14 +80,7 @@ _SMOKE = (48, 24)
 
 
 def _data_dir() -> Path:
-    try:
-        import aeon  # type: ignore[import-untyped, unused-ignore]
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            "blood_pressure reads the KDD-TSAD 135 files aeon ships in its wheel "
-            "(aeon/datasets/data/KDD-TSAD_135/): install aeon"
-        ) from error
-    return Path(aeon.__file__).resolve().parent / "datasets" / "data" / "KDD-TSAD_135"
+    return aeon_data("blood_pressure", "KDD-TSAD 135 files", "KDD-TSAD_135")
 
 
 def _read_values(path: Path) -> np.ndarray:

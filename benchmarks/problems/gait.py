@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import Budget
+from . import Budget, aeon_data
 from .blood_pressure import BloodPressure, _events
 
 __all__ = ["PROBLEM", "Gait"]
@@ -63,20 +63,7 @@ _VERTICAL_ANKLE = 1  # the channel the strides are found on
 
 
 def _data_file() -> Path:
-    try:
-        import aeon  # type: ignore[import-untyped, unused-ignore]
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            "gait reads the Daphnet S06R02E0 file aeon ships in its wheel "
-            "(aeon/datasets/data/Daphnet_S06R02E0/): install aeon"
-        ) from error
-    return (
-        Path(aeon.__file__).resolve().parent
-        / "datasets"
-        / "data"
-        / "Daphnet_S06R02E0"
-        / "S06R02E0.csv"
-    )
+    return aeon_data("gait", "Daphnet S06R02E0 file", "Daphnet_S06R02E0") / "S06R02E0.csv"
 
 
 def _load_recording() -> np.ndarray:

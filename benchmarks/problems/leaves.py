@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import Budget, Split, TaskModel, constant_row, predict
+from . import Budget, Split, TaskModel, aeon_data, constant_row, predict
 from .blood_pressure import _Encoder, _LastStep, _MeanOverTime
 
 __all__ = ["PROBLEM", "Leaves"]
@@ -66,14 +66,7 @@ _REGRESSION = ("denoise", "peak", "roughness", "tail")
 
 
 def _data_dir() -> Path:
-    try:
-        import aeon  # type: ignore[import-untyped, unused-ignore]
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            "leaves reads the OSULeaf files aeon ships in its wheel "
-            "(aeon/datasets/data/OSULeaf/): install aeon"
-        ) from error
-    return Path(aeon.__file__).resolve().parent / "datasets" / "data" / "OSULeaf"
+    return aeon_data("leaves", "OSULeaf files", "OSULeaf")
 
 
 def _read(path: Path) -> tuple[list[list[float]], list[int]]:

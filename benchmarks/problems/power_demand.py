@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import Budget, Split, TaskModel, predict
+from . import Budget, Split, TaskModel, aeon_data, predict
 
 __all__ = ["PROBLEM", "PowerDemand"]
 
@@ -63,14 +63,7 @@ _CLASSES = {"season": 2, "peak_hour": _HOURS}
 
 
 def _data_dir() -> Path:
-    try:
-        import aeon  # type: ignore[import-untyped, unused-ignore]
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            "power_demand reads the ItalyPowerDemand files aeon ships in its wheel "
-            "(aeon/datasets/data/ItalyPowerDemand/): install aeon"
-        ) from error
-    return Path(aeon.__file__).resolve().parent / "datasets" / "data" / "ItalyPowerDemand"
+    return aeon_data("power_demand", "ItalyPowerDemand files", "ItalyPowerDemand")
 
 
 def _read_ts(path: Path) -> tuple[list[list[float]], list[int]]:

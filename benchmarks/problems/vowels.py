@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import Budget, Split, TaskModel, constant_row, predict
+from . import Budget, Split, TaskModel, aeon_data, constant_row, predict
 
 __all__ = ["PROBLEM", "Vowels"]
 
@@ -70,14 +70,7 @@ _PER_FRAME = ("next_frame", "remaining", "denoise")
 
 
 def _data_dir() -> Path:
-    try:
-        import aeon  # type: ignore[import-untyped, unused-ignore]
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            "vowels reads the JapaneseVowels files aeon ships in its wheel "
-            "(aeon/datasets/data/JapaneseVowels/): install aeon"
-        ) from error
-    return Path(aeon.__file__).resolve().parent / "datasets" / "data" / "JapaneseVowels"
+    return aeon_data("vowels", "JapaneseVowels files", "JapaneseVowels")
 
 
 def _read_ts(path: Path) -> tuple[list[list[list[float]]], list[int]]:

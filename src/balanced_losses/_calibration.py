@@ -15,15 +15,9 @@ import torch
 from torch import Tensor
 
 from balanced_losses._base import Weighting
+from balanced_losses._checks import check_count
 
-__all__ = ["FreezeAfterCalibration", "check_steps"]
-
-
-def check_steps(steps: object) -> int:
-    """``steps`` as given, if it is an integer >= 1; otherwise a ValueError naming it."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
-    return steps
+__all__ = ["FreezeAfterCalibration"]
 
 
 class FreezeAfterCalibration(Weighting):
@@ -39,7 +33,7 @@ class FreezeAfterCalibration(Weighting):
     frozen_scale: Tensor
 
     def _declare_calibration(self, steps: int) -> None:
-        self.steps = check_steps(steps)
+        self.steps = check_count("steps", steps)
         self._add_state("steps_done", torch.zeros((), dtype=torch.long), task_axis=None)
         self._add_state("frozen_scale", torch.ones(len(self.tasks)))
 

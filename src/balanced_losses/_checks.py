@@ -10,6 +10,7 @@ from torch import Tensor
 
 __all__ = [
     "check_betas",
+    "check_count",
     "check_loss",
     "check_loss_mapping",
     "check_loss_values",
@@ -100,6 +101,13 @@ def check_betas(betas: object) -> tuple[float, float]:
     if not ok:
         raise ValueError(f"`betas` must be a pair of numbers in [0, 1), got {betas!r}")
     return float(betas[0]), float(betas[1])  # type: ignore[index]
+
+
+def check_count(name: str, value: object) -> int:
+    """Return ``value`` if it is an integer >= 1 (not a bool); otherwise a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    return value
 
 
 def check_momentum(momentum: float) -> float:

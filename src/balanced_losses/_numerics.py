@@ -12,6 +12,7 @@ __all__ = [
     "adam_update",
     "debiased",
     "ema_step",
+    "grad_shares",
     "gradient_norm",
     "host_shortcuts",
     "norm_scales",
@@ -64,6 +65,19 @@ def gradient_norm(grads: list[Tensor | None]) -> Tensor | None:
         return parts[0]
     norm: Tensor = torch.linalg.vector_norm(torch.stack([p.to(parts[0].device) for p in parts]))
     return norm
+
+
+def grad_shares(
+    multipliers: Tensor, norms: Tensor, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    r"""Each task's part of what reaches the shared tensors, :math:`|c_k| n_k / \sum_j |c_j| n_j`.
+
+    NaN everywhere when nothing was sent; in ``dtype`` on ``device``, for :meth:`log_dict`.
+    """
+    sent = multipliers.detach().to(device, dtype).abs() * norms.detach().to(device, dtype)
+    total = sent.sum()
+    tiny = torch.finfo(dtype).tiny
+    return torch.where(total > 0, sent / total.clamp_min(tiny), math.nan)
 
 
 def debiased(ema: Tensor, count: Tensor, momentum: float) -> Tensor:

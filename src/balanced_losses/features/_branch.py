@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 
 from balanced_losses._autograd import is_measuring
 from balanced_losses._base import Weighting
+from balanced_losses._numerics import grad_shares
 from balanced_losses.features._attach import (
     Attachment,
     ModuleRef,
@@ -20,7 +20,7 @@ from balanced_losses.features._attach import (
     route_measured,
 )
 
-__all__ = ["FeatureWeighting", "flatten", "grad_shares"]
+__all__ = ["FeatureWeighting", "flatten"]
 
 
 def flatten(feats: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
@@ -45,19 +45,6 @@ def flatten(feats: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
         if not isinstance(leaf, Tensor):
             raise TypeError(f"every element of `feats` must be a Tensor, got {type(leaf)} at {i}")
     return leaves, rebuild
-
-
-def grad_shares(
-    multipliers: Tensor, norms: Tensor, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    r"""Each task's part of what reaches the shared features, :math:`|c_k| n_k / \sum_j |c_j| n_j`.
-
-    NaN everywhere when nothing was sent; in ``dtype`` on ``device``, for :meth:`log_dict`.
-    """
-    sent = multipliers.detach().to(device, dtype).abs() * norms.detach().to(device, dtype)
-    total = sent.sum()
-    tiny = torch.finfo(dtype).tiny
-    return torch.where(total > 0, sent / total.clamp_min(tiny), math.nan)
 
 
 def per_task_dtype(per_task: Sequence[Sequence[Tensor | None]], j: int) -> torch.dtype:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from balanced_losses._autograd import scale_gradient
-from balanced_losses._calibration import FreezeAfterCalibration, check_steps
+from balanced_losses._calibration import FreezeAfterCalibration
+from balanced_losses._checks import check_count
 from balanced_losses.features._gradient_balancer import GradientBalancer
 
 __all__ = ["CalibratedBalancer"]
@@ -97,7 +98,7 @@ class CalibratedBalancer(FreezeAfterCalibration, GradientBalancer):
         # alike (with steps = 1, the one step's norms).
         super().__init__(
             tasks,
-            momentum=1.0 - 1.0 / check_steps(steps),
+            momentum=1.0 - 1.0 / check_count("steps", steps),
             weights=weights,
             eps=eps,
             allow_missing=allow_missing,

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from balanced_losses._base import Weighting
 from balanced_losses._checks import check_number
+from balanced_losses._numerics import grad_shares
 from balanced_losses.features._attach import Attachment, ModuleRef
-from balanced_losses.features._branch import grad_shares
 from balanced_losses.features._gradient_balancer import GradientBalancer
 
 __all__ = ["DBMTL"]

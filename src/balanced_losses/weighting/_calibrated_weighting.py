@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from balanced_losses._autograd import as_tensors, scale_gradient, task_gradients
 from balanced_losses._calibration import FreezeAfterCalibration
-from balanced_losses._checks import check_number
-from balanced_losses._numerics import gradient_norm, norm_scales, wide_dtype
+from balanced_losses._checks import check_count, check_number
+from balanced_losses._numerics import grad_shares, gradient_norm, norm_scales, wide_dtype
 from balanced_losses.distributed import autograd_targets
 
 __all__ = ["CalibratedWeighting"]
@@ -142,9 +142,7 @@ class CalibratedWeighting(FreezeAfterCalibration):
     ) -> None:
         super().__init__(tasks, weights=weights, allow_missing=allow_missing, sync_dist=sync_dist)
         self._declare_calibration(steps)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"`every` must be an integer >= 1, got {every!r}")
-        self.every = every
+        self.every = check_count("every", every)
         self.eps = check_number("eps", eps, low=0.0, strict=True)
         # The model's tensors, not this module's state: a plain list keeps them out of
         # parameters() and state_dict().
@@ -250,11 +248,7 @@ class CalibratedWeighting(FreezeAfterCalibration):
         # |s_k| n_k / sum_j |s_j| n_j. Once frozen nothing is measured: nothing to log.
         if self._frozen:
             return {}
-        parts = self.last_weights.detach().to(device, dtype).abs() * self.grad_norms.to(
-            device, dtype
-        )
-        total = parts.sum()
-        return {"grad_share": torch.where(total > 0, parts / total, torch.zeros_like(parts))}
+        return {"grad_share": grad_shares(self.last_weights, self.grad_norms, device, dtype)}
 
     def extra_repr(self) -> str:
         """Hyperparameters shown in the module's repr."""

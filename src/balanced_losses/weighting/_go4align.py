@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from balanced_losses._base import Weighting
-from balanced_losses._checks import check_number
+from balanced_losses._checks import check_count, check_number
 from balanced_losses._numerics import wide_dtype
 
 __all__ = ["GO4Align", "group_means"]
@@ -139,9 +139,7 @@ class GO4Align(Weighting):
             check_inputs=check_inputs,
             sync_dist=sync_dist,
         )
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"`num_groups` must be an integer >= 1, got {num_groups!r}")
-        self.num_groups = num_groups
+        self.num_groups = check_count("num_groups", num_groups)
         self.step_size = check_number("step_size", step_size, low=0.0, strict=False)
         k = len(self.tasks)
         self._add_state("probs", torch.full((k,), 1.0 / k, dtype=torch.float64))
